@@ -1,1 +1,233 @@
+"""ControlNet for Stage C: build from a recipe, export in the official layout (what ComfyUI loads for the big
+model), import our exports and the published canny / inpainting / super-resolution files, and the control
+hints the encode cache stores.
 
+Defaults per base (recipe fields left null): ``c_proj`` = the Stage C width, ``proj_blocks`` = the preset's
+(big: [0, 4, 8, 12, 51, 55, 59, 63]), bottleneck ``effnet`` (``large`` for super-resolution). On the tiny preset
+the full EfficientNetV2-S backbone would dwarf the 64-wide Stage C, so the tiny default is the ``simple``
+bottleneck fed a hint area-downsampled inside the adapter to 4x the latent grid (``hint_size``); the cached hint
+stays at image resolution either way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..base import AdaptedStageC, AdapterMismatchError
+from ..files import load_adapter_tensors, read_safetensors_header, save_adapter_tensors
+from .adapter import (BOTTLENECKS, CONTROL_CHANNELS, ControlNetAdapter, ControlNetSpec, as_blocks, check_fits,
+                      preset_for_width, stage_c_width)
+from .formats import FileLayout, control_from, read_layout, sniff_layout
+from .hints import (CannyHint, HintError, ImageHint, InpaintingHint, SuperResolutionHint, build_hint_encoder,
+                    make_mask)
+
+FORMATS = ("official",)
+
+__all__ = ["ControlNetAdapter", "ControlNetSpec", "CannyHint", "InpaintingHint", "SuperResolutionHint",
+           "ImageHint", "HintError", "FORMATS", "create_adapter", "export_adapter", "load_adapter_file", "sniff",
+           "training_inputs", "hint_encoders", "build_hint_encoder", "spec_from_config", "make_mask",
+           "read_layout", "FileLayout"]
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _preset(context: Any, width: int):
+    """The CascadePreset of the base: the context's, else the one with this Stage C width (None if custom)."""
+    from ...models.presets import PRESETS, get_preset
+
+    name = getattr(context, "preset", None)
+    if name not in PRESETS:
+        name = preset_for_width(width)
+    return get_preset(name) if name in PRESETS else None
+
+
+def _default_bottleneck(requested: str | None, control: str, preset_name: str) -> str:
+    """The recipe's ``effnet`` is its default value, so it is read as "the default for this base and control":
+    ``large`` for super-resolution (the published SR layout; an effnet backbone would shrink its latent-grid
+    input to nothing) and ``simple`` on tiny. ``simple`` and ``large`` are always taken as asked."""
+    if requested in (None, "effnet"):
+        if preset_name == "tiny":
+            return "simple"
+        if control == "sr":
+            return "large"
+        return "effnet"
+    if requested not in BOTTLENECKS:
+        raise AdapterMismatchError(f"adapter.controlnet.bottleneck {requested!r}: use one of {BOTTLENECKS}")
+    return requested
+
+
+def _hint_size(bottleneck: str, control: str, preset) -> int | None:
+    # Only the simple bottleneck keeps its input resolution; 4x the latent grid is plenty for its 3x3 convs.
+    if bottleneck != "simple" or control == "sr":
+        return None
+    resolution = int(getattr(preset, "train_resolution", 768) or 768)
+    return 4 * (resolution // 32)
+
+
+def spec_from_config(cfg: Any, width: int, context: Any = None) -> ControlNetSpec:
+    """The ControlNet a recipe's ``adapter.controlnet`` section asks for, on a Stage C of ``width``."""
+    control = str(_get(cfg, "control", "canny"))
+    control = "sr" if control == "super_resolution" else control
+    if control not in CONTROL_CHANNELS:
+        raise AdapterMismatchError(f"adapter.controlnet.control {control!r}: use one of {sorted(CONTROL_CHANNELS)}")
+    preset = _preset(context, width)
+    preset_name = preset.name if preset is not None else "custom"
+    c_in = int(_get(cfg, "channels", 3)) if control == "image" else CONTROL_CHANNELS[control]
+    blocks = as_blocks(_get(cfg, "proj_blocks"))
+    if blocks is None:
+        if preset is None:
+            raise AdapterMismatchError("this Stage C matches no preset; set adapter.controlnet.proj_blocks")
+        blocks = tuple(preset.controlnet_proj_blocks)
+    bottleneck = _default_bottleneck(_get(cfg, "bottleneck"), control, preset_name)
+    return ControlNetSpec(c_in=c_in, c_proj=int(_get(cfg, "c_proj", width)), proj_blocks=blocks,
+                          bottleneck=bottleneck, control=control, hint_size=_hint_size(bottleneck, control, preset),
+                          freeze_backbone=bool(_get(cfg, "freeze_backbone", False)))
+
+
+def _base_info(context: Any, width: int) -> dict[str, str]:
+    return {"cascade_studio.base_model": str(getattr(context, "preset", None) or preset_for_width(width)),
+            "cascade_studio.base_fingerprint": str(getattr(context, "base_fingerprint", "unknown")),
+            "cascade_studio.base_width": str(width)}
+
+
+def create_adapter(cfg: Any, model: AdaptedStageC, context: Any, name: str = "controlnet") -> ControlNetAdapter:
+    """A ControlNet from the recipe's ``adapter.controlnet`` section, attached to ``model``.
+
+    ``init_from`` starts from a published (or exported) ControlNet file instead of zero projections; the file
+    decides the architecture, and a recipe that contradicts it (other control channels, width or number of
+    injection points) is refused with the fields to change.
+    """
+    width = stage_c_width(model.stage_c)
+    spec = spec_from_config(cfg, width, context)
+    init_from = _get(cfg, "init_from")
+    tensors = None
+    if init_from:
+        path = Path(init_from)
+        tensors, metadata = load_adapter_tensors(path)
+        layout = read_layout({k: v.shape for k, v in tensors.items()}, str(path))
+        blocks = as_blocks(_get(cfg, "proj_blocks")) or as_blocks(metadata.get("cascade_studio.proj_blocks")) \
+            or spec.proj_blocks
+        problems = []
+        if layout.c_in != spec.c_in:
+            problems.append(f"it takes {layout.c_in}-channel hints ({control_from(metadata, layout)}), the recipe's "
+                            f"control {spec.control} gives {spec.c_in}; set adapter.controlnet.control to match")
+        if layout.c_proj != spec.c_proj:
+            problems.append(f"it was made for a Stage C of width {layout.c_proj} "
+                            f"({preset_for_width(layout.c_proj)}), the base has width {spec.c_proj} "
+                            f"({preset_for_width(spec.c_proj)})")
+        if layout.projection_count != len(blocks):
+            problems.append(f"it has {layout.projection_count} projections, proj_blocks lists {len(blocks)}; set "
+                            f"adapter.controlnet.proj_blocks to {layout.projection_count} indices")
+        if problems:
+            raise AdapterMismatchError(f"adapter.controlnet.init_from {path}: " + "; ".join(problems))
+        hint_size = spec.hint_size if layout.bottleneck == "simple" else None
+        spec = ControlNetSpec(c_in=layout.c_in, c_proj=layout.c_proj, proj_blocks=blocks,
+                              bottleneck=layout.bottleneck, control=spec.control, hint_size=hint_size,
+                              freeze_backbone=spec.freeze_backbone)
+    adapter = ControlNetAdapter(spec, name=name, strength=float(_get(cfg, "strength", 1.0)),
+                                info=_base_info(context, width))
+    if tensors is not None:
+        try:
+            adapter.load_adapter_state_dict(tensors)
+        except AdapterMismatchError as exc:
+            raise AdapterMismatchError(f"adapter.controlnet.init_from {init_from}: {exc}") from None
+    adapter.to(_device_of(model))
+    model.add_adapter(adapter)
+    return adapter
+
+
+def _device_of(model: AdaptedStageC) -> torch.device:
+    param = next(model.stage_c.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def export_adapter(adapter: ControlNetAdapter, out: str | Path, fmt: str = "official",
+                   extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the official layout (``backbone.*``, ``projections.{i}.{0,2}.weight``) plus metadata; ComfyUI
+    loads this layout for the big model."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown ControlNet export format {fmt!r}; choose one of {FORMATS}")
+    meta = adapter.metadata()
+    meta.update(extra_metadata or {})
+    meta["cascade_studio.format"] = fmt
+    out = Path(out)
+    out = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")
+    return save_adapter_tensors(adapter.adapter_state_dict(), out, meta)
+
+
+def sniff(keys: list[str], metadata: dict[str, str]) -> bool:
+    return metadata.get("modelspec.architecture", "").endswith("/controlnet") or sniff_layout(keys)
+
+
+def load_adapter_file(path: str | Path, model: AdaptedStageC, context: Any = None, name: str | None = None,
+                      strength: float = 1.0, proj_blocks: Any = None, input_name: str = "control",
+                      **_: Any) -> ControlNetAdapter:
+    """Load one of our exports or a published ControlNet (canny, inpainting, super_resolution) onto ``model``.
+
+    The architecture comes from the tensors (see ``formats``); the injection ResBlocks from ``proj_blocks``,
+    else the file's metadata, else the base preset's defaults (the published files use big's). A file made for
+    another Stage C width is refused before any weight is loaded.
+    """
+    path = Path(path)
+    header = read_safetensors_header(path)
+    metadata = dict(header.pop("__metadata__", None) or {})
+    layout = read_layout({k: v["shape"] for k, v in header.items()}, str(path))
+    width = stage_c_width(model.stage_c)
+    if layout.c_proj != width:
+        raise AdapterMismatchError(
+            f"{path}: this ControlNet was made for a Stage C of width {layout.c_proj} "
+            f"({preset_for_width(layout.c_proj)}); the base has width {width} ({preset_for_width(width)}). Load "
+            "it with the matching base model.")
+    blocks = as_blocks(proj_blocks) or as_blocks(metadata.get("cascade_studio.proj_blocks"))
+    if blocks is None:
+        preset = _preset(context, width)
+        blocks = tuple(preset.controlnet_proj_blocks) if preset is not None else None
+    if blocks is None or len(blocks) != layout.projection_count:
+        raise AdapterMismatchError(
+            f"{path}: {layout.projection_count} projections but no matching injection list (default "
+            f"{list(blocks or [])}); pass proj_blocks=[...] with {layout.projection_count} ResBlock indices")
+    hint_size = metadata.get("cascade_studio.hint_size")
+    spec = ControlNetSpec(c_in=layout.c_in, c_proj=layout.c_proj, proj_blocks=blocks, bottleneck=layout.bottleneck,
+                          control=control_from(metadata, layout), hint_size=int(hint_size) if hint_size else None)
+    check_fits(spec, width, int(model.stage_c.resblock_count()), source=str(path))
+    tensors, _ = load_adapter_tensors(path)
+    info = {k: v for k, v in metadata.items() if k.startswith("cascade_studio.base")}
+    # Adapters that are modules live in an nn.ModuleDict, whose keys cannot contain dots ("canny.v2").
+    name = (name or path.stem).replace(".", "_")
+    adapter = ControlNetAdapter(spec, name=name, strength=strength, info=info, input_name=input_name)
+    try:
+        adapter.load_adapter_state_dict(tensors)
+    except AdapterMismatchError as exc:
+        raise AdapterMismatchError(f"{path}: {exc}") from None
+    adapter.to(_device_of(model))
+    model.add_adapter(adapter)
+    return adapter
+
+
+def training_inputs(batch: Mapping[str, Any], inputs: dict[str, Any], cfg: Any = None,
+                    generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Add the cached hint to the model inputs of one training step (the trainer calls this every step)."""
+    if "control" not in batch:
+        raise AdapterMismatchError(
+            "the training batch has no 'control' hint: the encode cache was built without the ControlNet hint "
+            "encoder; rebuild it with adapter.method controlnet (hint_encoders supplies the encoder)")
+    inputs["control"] = batch["control"]
+    return inputs
+
+
+def hint_encoders(cfg: Any, context: Any = None, effnet: Any = None) -> list:
+    """The cache encoders this method needs: one hint encoder for ``cfg.control``."""
+    return [build_hint_encoder(str(_get(cfg, "control", "canny")), cfg, context, effnet=effnet)]
+
+
+def feature_encoders(cfg: Any, context: Any, models: Any) -> list:
+    """The run's hook for the encode cache (same signature for every method)."""
+    control = str(_get(cfg, "control", "canny"))
+    return hint_encoders(cfg, context, effnet=models.effnet() if control == "sr" else None)

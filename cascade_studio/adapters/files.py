@@ -1,0 +1,80 @@
+"""Reading and writing adapter safetensors files with clear errors (shared by every method)."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .base import AdapterMismatchError
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file; AdapterMismatchError naming the file when it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise AdapterMismatchError(f"{path}: no such file")
+    size = path.stat().st_size
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise AdapterMismatchError(f"{path}: pickled checkpoints are not loaded as adapters (they can run code); "
+                                   "convert it to .safetensors first")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterMismatchError(f"{path}: empty or truncated file ({size} bytes), not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise AdapterMismatchError(f"{path}: not a safetensors file or truncated (header says {n} bytes, "
+                                       f"file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise AdapterMismatchError(f"{path}: corrupt safetensors header (random bytes?)") from None
+    if not isinstance(header, dict):
+        raise AdapterMismatchError(f"{path}: corrupt safetensors header")
+    end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] or [0])
+    if 8 + n + end > size:
+        raise AdapterMismatchError(f"{path}: truncated ({size} bytes, tensors need {8 + n + end}); "
+                                   "re-export or re-download it")
+    return header
+
+
+def load_adapter_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors adapter file, validated first."""
+    from safetensors import safe_open
+
+    header = read_safetensors_header(path)
+    metadata = header.get("__metadata__") or {}
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error types
+        raise AdapterMismatchError(f"{path}: could not read tensors ({exc})") from exc
+    return tensors, dict(metadata)
+
+
+def save_adapter_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write adapter tensors atomically (temporary file + rename), so a kill never leaves half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,185 @@
+"""``cascade-studio``: argument parsing only; every command hands off to the module that does the work.
+
+Heavy imports (torch, mlflow, streamlit) happen inside the handlers, so ``--help`` and ``validate`` are instant.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an adapter from a recipe (single process, or --processes N via "
+                                      "accelerate)")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/lora.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=200")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest good checkpoint")
+    p.add_argument("--processes", type=int, default=1,
+                   help="data-parallel processes (launched with accelerate; on CPU they use gloo)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .config import RecipeError, load_recipe
+
+    try:
+        load_recipe(args.recipe, overrides=args.overrides)  # fail before launching anything
+    except RecipeError as exc:
+        print(f"recipe problems:\n{exc}", file=sys.stderr)
+        return 2
+    if args.processes > 1:
+        cmd = accelerate_command(args.recipe, args.overrides, args.processes, resume=args.resume)
+        return subprocess.call(cmd)
+    from .run import main as run_main
+
+    argv = [args.recipe, *args.overrides] + (["--resume"] if args.resume else []) + \
+        (["--no-progress"] if args.no_progress else [])
+    return run_main(argv)
+
+
+def accelerate_command(recipe: str, overrides: Sequence[str], processes: int, resume: bool = False) -> list[str]:
+    """The ``accelerate launch`` command line for a recipe (what the studio UI runs, too).
+
+    STACK.md: ``--cpu --num_processes 2`` starts one process; two CPU processes need ``--multi_gpu`` with
+    ``ACCELERATE_USE_CPU=true`` (gloo DDP), which the caller's environment provides via :func:`launch_env`.
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
+           "--mixed_precision", "no", "--num_processes", str(processes)]
+    if processes > 1:
+        cmd.append("--multi_gpu")
+    elif not _has_cuda():
+        cmd.append("--cpu")
+    cmd += ["-m", "cascade_studio.train", recipe, *overrides]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def launch_env(processes: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if processes > 1 and not _has_cuda():
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="check a recipe and list every problem at once")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(handler=cmd_validate)
+
+
+def cmd_validate(args) -> int:
+    from .config import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, overrides=args.overrides)
+    except RecipeError as exc:
+        print(f"{args.recipe}: {len(exc.problems)} problem(s)\n{exc}", file=sys.stderr)
+        return 2
+    print(f"{args.recipe}: OK ({recipe.adapter.method} on preset {recipe.model.preset}, "
+          f"{recipe.train.max_steps} steps)")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a run's adapter (or a checkpoint's) to comfyui/peft/official")
+    p.add_argument("source", help="a run folder (workspace/runs/<name>) or one of its checkpoint folders")
+    p.add_argument("--format", default="comfyui", choices=["comfyui", "peft", "official", "ip_adapter"])
+    p.add_argument("--out", help="output path (default: <run>/export/<name>-<format>[.safetensors])")
+    p.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export import export_from_run
+
+    path = export_from_run(args.source, args.format, args.out)
+    print(f"exported: {path}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on the tiny default: train the tiny LoRA recipe offline")
+    p.add_argument("--recipe", default=str(REPO_ROOT / "recipes" / "tiny" / "lora.yaml"))
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from .run import print_summary, train
+
+    os.chdir(REPO_ROOT)  # recipes name their data relative to the repository
+    result = train(args.recipe, list(args.overrides) + ["name=demo-lora"] if not any(
+        o.startswith("name=") for o in args.overrides) else args.overrides, resume=False)
+    print_summary(result)
+    return 0
+
+
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="start the Streamlit studio on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--workspace", default="workspace")
+    p.set_defaults(handler=cmd_ui)
+
+
+def cmd_ui(args) -> int:
+    app = Path(__file__).resolve().parent / "ui" / "app.py"
+    env = dict(os.environ, CASCADE_STUDIO_WORKSPACE=str(Path(args.workspace).resolve()))
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    return subprocess.call(cmd, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cascade-studio",
+                                     description="Train and compare adapters (LoRA, ControlNet, IP-Adapter) on a "
+                                                 "frozen Stable Cascade Stage C.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_validate(sub)
+    _add_export(sub)
+    _add_demo(sub)
+    _add_ui(sub)
+    from . import cli_generate
+
+    cli_generate.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Known failure modes carry a message that says what to do; no traceback for those.
+        if os.environ.get("CASCADE_STUDIO_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Deterministic random-init components for presets without published weights (tiny; the test/demo world).
+
+Every process, run and command (train, generate, compare, the UI) builds the same "base model" from the same
+seed, so an adapter trained by one is valid for the others and the encode-once cache stays valid across runs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+RANDOM_INIT_SEED = 20240213
+COMPONENTS = ("text_encoder", "stage_c", "stage_b", "stage_a", "previewer", "effnet", "image_encoder")
+
+
+def make_learnable(model: nn.Module, seed: int = RANDOM_INIT_SEED, std: float = 0.02) -> nn.Module:
+    """Give a freshly initialised Stage C/B non-zero output and timestep layers.
+
+    The official init zeroes the output conv and every TimestepBlock linear (STABLE_CASCADE.md section 2), so a
+    fresh model outputs a constant and passes no gradient upstream: an adapter on it cannot learn. A random
+    base stands in for a trained one, so it gets small random values there instead.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            is_timestep = name.split(".")[-1].startswith("mapper") and isinstance(module, nn.Linear) and \
+                ".mapper" in "." + name
+            if (is_timestep and "repeat" not in name) or name == "clf.1":
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) * std)
+    return model
+
+
+def build_random(name: str, preset_name: str) -> nn.Module:
+    """Component ``name`` of ``preset_name`` with the fixed seed (tiny/toy presets only)."""
+    from . import build_previewer, build_stage_a, build_stage_b, build_stage_c, get_preset
+
+    if preset_name in ("big", "lite"):
+        raise ValueError(f"the {preset_name} preset has no built-in weights for {name}: give a weights file or "
+                         "folder, or a repo id (model.repo_id, e.g. stabilityai/stable-cascade)")
+    preset = get_preset("tiny" if preset_name == "toy" else preset_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED + COMPONENTS.index(name))
+        if name == "text_encoder":
+            from .encoders import build_text_encoder
+
+            return build_text_encoder(preset.name)
+        if name == "image_encoder":
+            from .encoders import build_image_encoder
+
+            return build_image_encoder(preset.name)
+        if name == "effnet":
+            from .effnet import build_effnet
+
+            return build_effnet(preset.name)
+        if name == "stage_c":
+            return make_learnable(build_stage_c(**preset.stage_c), seed=RANDOM_INIT_SEED + 11)
+        if name == "stage_b":
+            return make_learnable(build_stage_b(**preset.stage_b), seed=RANDOM_INIT_SEED + 12)
+        if name == "stage_a":
+            return build_stage_a(**preset.stage_a)
+        if name == "previewer":
+            return build_previewer(**preset.previewer)
+    raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")

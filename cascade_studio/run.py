@@ -1,0 +1,357 @@
+"""A training run, phase by phase. This is the one place that lists them in order:
+
+config -> accelerator -> tracking -> data + encode-once cache -> frozen base -> adapter -> optimizer -> loop ->
+export -> end of run.
+
+Everything else is delegated: ``config`` validates, ``data`` scans and caches, ``trainers`` loops and
+checkpoints, ``adapters`` attaches and exports, ``tracking`` talks to MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    run_id: str | None
+    tracking_uri: str | None
+    exports: list[Path] = field(default_factory=list)
+    step: int = 0
+    final_loss: float | None = None
+    heldout_before: float | None = None
+    heldout_after: float | None = None
+    skipped_files: int = 0
+
+
+def _method_fn(method_module, name: str):
+    return getattr(method_module, name, None)
+
+
+def split_holdout(records: list, fraction: float) -> tuple[list, list]:
+    """Deterministic train/held-out split by a hash of each record's key (stable as the folder grows)."""
+    if fraction <= 0 or len(records) < 2:
+        return list(records), []
+    scored = sorted(records, key=lambda r: hashlib.sha256(str(r.key).encode()).hexdigest())
+    n_hold = min(len(records) - 1, max(1, round(len(records) * fraction)))
+    held = {id(r) for r in scored[:n_hold]}
+    return [r for r in records if id(r) not in held], [r for r in records if id(r) in held]
+
+
+def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resume: bool = False,
+          progress: bool = True) -> RunResult:
+    """Run a recipe end to end and return where its outputs are."""
+    import torch
+
+    from .config import load_recipe, recipe_to_dict
+
+    # 1. config: everything is validated before anything is created or started
+    recipe = load_recipe(recipe_source, overrides=list(overrides))
+    workspace = Path(recipe.workspace).resolve()
+    run_dir = workspace / "runs" / recipe.name
+
+    # 2. accelerator
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # The loop accumulates gradients itself (it controls the per-micro-batch seeds).
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    set_seed(recipe.train.seed)
+    is_main = accelerator.is_main_process
+
+    from .adapters.registry import AdapterContext, get_method
+    from .trainers.checkpoints import CheckpointManager, RunState
+    from .trainers.events import EventLog
+
+    checkpoints = CheckpointManager(run_dir / "checkpoints", keep=recipe.train.keep_checkpoints)
+    latest = checkpoints.latest() if resume else None
+    if resume and latest is None and is_main:
+        print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", flush=True)
+    if not resume and is_main and checkpoints.list():
+        raise SystemExit(f"{run_dir} already has checkpoints from an earlier run named {recipe.name!r}: pass --resume "
+                         "to continue it, or set name=<new name> to start a new run")
+    run_state = checkpoints.load_run_state(latest) if latest is not None else RunState()
+    events = EventLog(run_dir, enabled=is_main)
+
+    # 3. tracking (fails fast, before any training, when the server is unreachable)
+    from .tracking import NullTracker, Tracker
+
+    tracker = NullTracker()
+    if is_main and recipe.tracking.enabled:
+        tracker = Tracker.start(uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
+                                run_name=recipe.tracking.run_name or recipe.name,
+                                tags={"method": recipe.adapter.method, "preset": recipe.model.preset,
+                                      "base_model": str(recipe.model.stage_c or recipe.model.repo_id or recipe.model.preset)},
+                                workspace=workspace, run_dir=run_dir, resume_run_id=run_state.mlflow_run_id)
+        run_state.mlflow_run_id = tracker.run_id
+    result = RunResult(run_dir=run_dir, run_id=getattr(tracker, "run_id", None),
+                       tracking_uri=getattr(tracker, "tracking_uri", None))
+    events.emit("started", run_dir=str(run_dir), run_id=result.run_id, tracking_uri=result.tracking_uri,
+                method=recipe.adapter.method, resume=bool(latest))
+    status = "FAILED"
+    try:
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            from .config import dump_recipe_yaml
+
+            (run_dir / "recipe.yaml").write_text(dump_recipe_yaml(recipe))
+            if not latest:
+                tracker.log_params(recipe_to_dict(recipe))
+            tracker.log_artifact(run_dir / "recipe.yaml")
+
+        # 4. data + encode-once cache; encoders are freed before training starts
+        from .trainers.components import BaseModels
+
+        models = BaseModels(recipe.model, device=accelerator.device)
+        method = get_method(recipe.adapter.method)
+        method_cfg = getattr(recipe.adapter, recipe.adapter.method)
+        # The adapter context comes from the preset (not the loaded weights) so the big Stage C is not resident
+        # while the encoders fill the cache.
+        context = AdapterContext(preset=recipe.model.preset, base_fingerprint=models.fingerprint(),
+                                 stage_c_config=dict(models.preset.stage_c, c_hidden=list(
+                                     models.preset.stage_c.get("c_hidden", [2048, 2048]))),
+                                 extra={"models": models})
+        events.emit("phase", phase="data")
+        train_set, holdout_set, extras, skipped = _prepare_data(recipe, models, method, method_cfg, context,
+                                                                  accelerator, run_dir, progress)
+        result.skipped_files = skipped
+        tracker.log_metrics({"skipped_files": skipped, "train_samples": len(train_set),
+                             "holdout_samples": len(holdout_set) if holdout_set is not None else 0}, step=0)
+
+        # 5. frozen base
+        events.emit("phase", phase="model")
+        stage_c = models.stage_c()
+        stage_c.gradient_checkpointing = bool(recipe.train.gradient_checkpointing)
+
+        # 6. adapter
+        from .adapters.base import AdaptedStageC
+
+        model = AdaptedStageC(stage_c)
+        adapter = method.create_adapter(method_cfg, model, context)
+        n_trainable = sum(p.numel() for p in model.trainable_parameters())
+        if is_main:
+            print(f"[cascade-studio] {recipe.adapter.method}: {n_trainable:,} trainable parameters on a frozen "
+                  f"{recipe.model.preset} Stage C", flush=True)
+        tracker.log_params({"trainable_parameters": n_trainable})
+
+        # 7. optimizer + schedule
+        from .trainers.optim import build_optimizer, build_scheduler
+
+        optimizer = build_optimizer(model.trainable_parameters(), recipe.optimizer)
+        scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
+        model, optimizer = accelerator.prepare(model, optimizer)
+
+        from .trainers.loop import (InfiniteSampler, LoopSettings, heldout_loss, restore_checkpoint, run_loop)
+
+        sampler = InfiniteSampler(len(train_set), recipe.train.batch_size, recipe.train.seed,
+                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+        unwrapped = accelerator.unwrap_model(model)
+        method_inputs = _method_fn(method, "training_inputs")
+
+        def save_adapter(path: Path) -> None:
+            from .adapters.files import save_adapter_tensors
+
+            save_adapter_tensors(adapter.adapter_state_dict(), path, adapter.metadata())
+
+        def load_adapter(path: Path) -> None:
+            from .adapters.files import load_adapter_tensors
+
+            tensors, _ = load_adapter_tensors(path)
+            adapter.load_adapter_state_dict(tensors)
+
+        start_step = 0
+        if latest is not None:
+            run_state = restore_checkpoint(checkpoints, latest, optimizer, scheduler, sampler, load_adapter)
+            run_state.mlflow_run_id = result.run_id or run_state.mlflow_run_id
+            start_step = run_state.step
+            if is_main:
+                print(f"[cascade-studio] resumed from {latest} at step {start_step}", flush=True)
+
+        dtype = models.dtype if models.dtype != torch.float32 else None
+        holdout_batches = _holdout_batches(holdout_set, extras, recipe.train.batch_size)
+
+        def evaluate() -> float | None:
+            if not holdout_batches:
+                return None
+            unwrapped.eval()
+            value = heldout_loss(unwrapped, holdout_batches, c_clip_img=models.c_clip_img(),
+                                 shift=recipe.train.shift, seed=recipe.train.seed, method_inputs=method_inputs,
+                                 method_cfg=method_cfg, dtype=dtype)
+            return value
+
+        if start_step == 0 and is_main:
+            result.heldout_before = evaluate()
+            if result.heldout_before is not None:
+                tracker.log_metrics({"holdout_loss": result.heldout_before}, step=0)
+
+        preview = None
+        if recipe.preview.every and is_main:
+            from .trainers.previews import make_preview_fn
+
+            preview = make_preview_fn(recipe, models, unwrapped, adapter, tracker, events, run_dir)
+
+        settings = LoopSettings(
+            max_steps=recipe.train.max_steps, grad_accum=recipe.train.grad_accum,
+            max_grad_norm=recipe.train.max_grad_norm, seed=recipe.train.seed,
+            checkpoint_every=recipe.train.checkpoint_every, log_every=recipe.train.log_every,
+            shift=recipe.train.shift, offset_noise=recipe.train.offset_noise,
+            caption_dropout=recipe.data.caption_dropout, max_nonfinite_steps=recipe.train.max_nonfinite_steps,
+            preview_every=recipe.preview.every, c_clip_img=models.c_clip_img(), dtype=dtype)
+        events.emit("phase", phase="train")
+        # 8. loop (Stage C stays in eval mode: no dropout in the frozen base; adapters decide their own mode)
+        model.train()
+        unwrapped.stage_c.eval()
+        loop = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                        dataset=train_set, sampler=sampler, settings=settings, tracker=tracker, events=events,
+                        checkpoints=checkpoints, run_state=run_state, method_inputs=method_inputs,
+                        method_cfg=method_cfg, extras=extras, save_adapter=save_adapter, preview=preview,
+                        start_step=start_step, progress=progress)
+        result.step = loop.step
+        result.final_loss = loop.losses[-1] if loop.losses else None
+
+        # 9. export (main process), with the held-out loss after training
+        accelerator.wait_for_everyone()
+        if is_main:
+            result.heldout_after = evaluate()
+            if result.heldout_after is not None:
+                tracker.log_metrics({"holdout_loss": result.heldout_after}, step=loop.step)
+            result.exports = _export(recipe, method, adapter, context, run_dir, tracker)
+            events.emit("exported", paths=[str(p) for p in result.exports])
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException as exc:
+        events.emit("failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=5))
+        raise
+    finally:
+        # 10. end of run, truthfully
+        tracker.end(status)
+        if status == "FINISHED":
+            events.emit("finished", step=result.step, exports=[str(p) for p in result.exports],
+                        run_id=result.run_id, heldout_before=result.heldout_before,
+                        heldout_after=result.heldout_after)
+        elif status == "KILLED":
+            events.emit("killed")
+
+
+def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool):
+    """Scan the source, split off the held-out set, fill the cache (main process first), free the encoders."""
+    from .data import build_cache, scan_source
+    from .trainers.features import base_feature_encoders
+
+    control_column = None
+    if recipe.adapter.method == "controlnet" and recipe.adapter.controlnet.control == "image":
+        control_column = recipe.adapter.controlnet.control_column
+    scan = scan_source(recipe.data, control_column=control_column)
+    if accelerator.is_main_process:
+        for item in scan.skipped[:20]:
+            print(f"[cascade-studio] skipped {item.path}: {item.reason}", flush=True)
+        if len(scan.skipped) > 20:
+            print(f"[cascade-studio] ... and {len(scan.skipped) - 20} more skipped files", flush=True)
+    records = list(scan.records)
+    if recipe.data.max_images:
+        records = records[: recipe.data.max_images]
+    train_records, holdout_records = split_holdout(records, recipe.data.holdout_fraction)
+    cache_dir = Path(recipe.cache.dir) if recipe.cache.dir else Path(recipe.workspace).resolve() / "cache"
+    if not recipe.cache.enabled:
+        cache_dir = run_dir / "features"  # private to this run; still encoded once per run
+    preprocessing = {"resolution": recipe.data.resolution, "crop": recipe.data.crop}
+    extra_encoders = _method_fn(method, "feature_encoders")
+
+    def build(records_subset):
+        encoders = base_feature_encoders(models)
+        if extra_encoders is not None:
+            encoders += extra_encoders(method_cfg, context, models)
+        return build_cache(records_subset, encoders, cache_dir, preprocessing=preprocessing,
+                           progress=progress and accelerator.is_main_process)
+
+    # The main process encodes; the others then find every entry cached and run no encoder.
+    with accelerator.main_process_first():
+        train_set = build(train_records)
+        holdout_set = build(holdout_records) if holdout_records else None
+    models.free("text_encoder", "effnet", "image_encoder", "hint")
+    null = train_set.null_features()
+    extras = {f"null_{k}": v for k, v in null.items()}
+    return train_set, holdout_set, extras, len(scan.skipped)
+
+
+def _holdout_batches(holdout_set, extras, batch_size: int) -> list[dict]:
+    if holdout_set is None:
+        return []
+    from .trainers.loop import collate
+
+    items = [holdout_set[i] for i in range(len(holdout_set))]
+    return [collate(items[i:i + batch_size], extras) for i in range(0, len(items), batch_size)]
+
+
+def _export(recipe, method, adapter, context, run_dir: Path, tracker) -> list[Path]:
+    out_dir = Path(recipe.export.dir) if recipe.export.dir else run_dir / "export"
+    exports = []
+    meta = {"cascade_studio.recipe_name": recipe.name, "cascade_studio.version": _version()}
+    for fmt in recipe.export.formats:
+        if fmt not in method.FORMATS:
+            print(f"[cascade-studio] export format {fmt!r} does not apply to {recipe.adapter.method}; skipped",
+                  flush=True)
+            continue
+        suffix = "" if fmt == "peft" else ".safetensors"
+        path = method.export_adapter(adapter, out_dir / f"{recipe.name}-{fmt}{suffix}", fmt, meta)
+        exports.append(Path(path))
+        tracker.log_artifact(path, artifact_path="adapter")
+    return exports
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cascade_studio.train <recipe> [overrides] [--resume]`` (also used by accelerate launch)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="cascade_studio.train", description="Train an adapter from a recipe.")
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=200")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest good checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    args = parser.parse_args(argv)
+    from .config import RecipeError
+
+    # A cancel from the studio (SIGTERM) ends the run as KILLED, with its MLflow status said truthfully.
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
+
+    try:
+        result = train(args.recipe, args.overrides, resume=args.resume, progress=not args.no_progress)
+    except RecipeError as exc:
+        print(f"recipe problems:\n{exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_summary(result)
+    return 0
+
+
+def print_summary(result: RunResult) -> None:
+    print(f"[cascade-studio] run folder: {result.run_dir}")
+    if result.run_id:
+        print(f"[cascade-studio] MLflow run {result.run_id} at {result.tracking_uri} "
+              f"(browse: mlflow ui --backend-store-uri {result.tracking_uri})")
+    if result.heldout_before is not None and result.heldout_after is not None:
+        change = 100.0 * (result.heldout_after - result.heldout_before) / max(result.heldout_before, 1e-12)
+        print(f"[cascade-studio] held-out loss {result.heldout_before:.4f} -> {result.heldout_after:.4f} "
+              f"({change:+.1f}%)")
+    for path in result.exports:
+        print(f"[cascade-studio] adapter: {path}")

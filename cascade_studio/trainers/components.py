@@ -1,0 +1,125 @@
+"""Build the frozen base models a run needs from the recipe's ``model`` section.
+
+Published weights come through ``models.loading`` (files, diffusers folders, hub repo ids). Without weights, the
+``tiny`` preset is built in code with a fixed seed, so every process and every run gets the same "base model"
+(and the encode-once cache stays valid across runs).
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BASE_SEED = 20240216  # the day Stable Cascade was published; any fixed number works
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "fp16":
+        raise ValueError("fp16 is refused: Stage C overflows in fp16 (the published weights are used in bf16 or "
+                         "fp32). Write model.dtype: bf16 (GPU) or fp32 (CPU).")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use bf16 or fp32")
+    return DTYPES[name]
+
+
+def make_random_base_learnable(stage_c: nn.Module, seed: int = BASE_SEED, std: float = 0.02) -> nn.Module:
+    """See :func:`cascade_studio.models.random_init.make_learnable` (kept here for tests that build their own)."""
+    from ..models.random_init import make_learnable
+
+    return make_learnable(stage_c, seed=seed, std=std)
+
+
+@dataclass
+class BaseModels:
+    """Lazily built frozen components; ``free()`` drops the encoders once the cache is filled."""
+
+    model_cfg: Any
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preset_name(self) -> str:
+        return str(_get(self.model_cfg, "preset", "tiny"))
+
+    @property
+    def preset(self):
+        from ..models import get_preset
+
+        name = self.preset_name
+        return get_preset("tiny" if name == "toy" else name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return resolve_dtype(str(_get(self.model_cfg, "dtype", "fp32")))
+
+    @property
+    def components(self):
+        """The shared stage provider (same random base and same loading code as generate/compare)."""
+        if "components" not in self._cache:
+            from ..inference.pipeline import CascadeComponents, ModelSpec
+
+            self._cache["components"] = CascadeComponents(ModelSpec.from_config(self.model_cfg), device=self.device)
+        return self._cache["components"]
+
+    def _weights_source(self, field_name: str) -> Any:
+        explicit = _get(self.model_cfg, field_name)
+        return explicit or _get(self.model_cfg, "repo_id")
+
+    def _get_stage(self, name: str, dtype: torch.dtype) -> Any:
+        if name not in self._cache:
+            if self.preset_name == "toy" and self._weights_source(name) is None:
+                from ..models.toy import load_toy_component
+
+                module = load_toy_component(name).to(self.device, dtype=dtype)
+            else:
+                module = self.components.load(name, dtype)
+            if isinstance(module, nn.Module):
+                module.eval().requires_grad_(False)
+            self._cache[name] = module
+        return self._cache[name]
+
+    def stage_c(self) -> nn.Module:
+        """The frozen base Stage C in the recipe's dtype (no fp32 copy when that is bf16)."""
+        return self._get_stage("stage_c", self.dtype)
+
+    def text_encoder(self):
+        return self._get_stage("text_encoder", torch.float32 if self.device.type == "cpu" else self.dtype)
+
+    def effnet(self):
+        return self._get_stage("effnet", torch.float32)
+
+    def previewer(self):
+        return self._get_stage("previewer", torch.float32)
+
+    def fingerprint(self) -> str:
+        """A short id of the base Stage C weights (recorded in adapter files, checked on load)."""
+        source = self._weights_source("stage_c")
+        if source is None:
+            return f"{self.preset_name}-seed{BASE_SEED}"
+        from pathlib import Path
+
+        if Path(str(source)).exists():
+            from ..models.loading import weights_fingerprint
+
+            return weights_fingerprint(source)
+        return str(source)
+
+    def free(self, *names: str) -> None:
+        """Drop components (encoders after caching) and return their memory."""
+        for name in names:
+            module = self._cache.pop(name, None)
+            del module
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def c_clip_img(self) -> int:
+        return int(self.preset.stage_c.get("c_clip_img", 768))

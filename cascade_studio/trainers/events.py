@@ -1,0 +1,51 @@
+"""Typed events from a training run to whoever watches it (the CLI, the Streamlit studio).
+
+The channel is a JSON-lines file in the run folder: the UI tails it, so a crashed run can never take the UI down
+and the UI never needs torch. Each line: ``{"event": <kind>, "time": <unix seconds>, ...fields}``. Kinds:
+``started``, ``phase``, ``step``, ``checkpoint``, ``preview``, ``nonfinite``, ``warning``, ``finished``,
+``failed``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+EVENTS_FILE = "events.jsonl"
+
+
+class EventLog:
+    """Appends events; only the main process writes (others get ``enabled=False``)."""
+
+    def __init__(self, run_dir: str | Path | None, enabled: bool = True):
+        self.path = Path(run_dir) / EVENTS_FILE if run_dir is not None else None
+        self.enabled = enabled and self.path is not None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        line = json.dumps(record, default=str) + "\n"
+        # One write of one line in append mode: readers never see half a record from this process.
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All complete events of a run (a torn last line from a killed writer is ignored)."""
+    path = Path(run_dir) / EVENTS_FILE
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events

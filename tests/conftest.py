@@ -1,0 +1,59 @@
+"""Shared pytest fixtures. Tests never touch the network: the offline switches are set before any
+Hugging Face library is imported."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The shared reference data (official key list, parity tensors) beside the repository."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+class ParityData:
+    """``official_parity.safetensors``: reference outputs of the official modules on tiny configs."""
+
+    def __init__(self, path: Path) -> None:
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        self.tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            self.meta = json.loads(handle.metadata()["meta"])
+
+    def config(self, group: str) -> dict:
+        """Constructor kwargs of the tiny model behind ``group``."""
+        return dict(self.meta[group]["config"])
+
+    def weights(self, group: str) -> dict:
+        """The group's weights under official key names."""
+        prefix = f"{group}.weights."
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def __call__(self, group: str, name: str):
+        return self.tensors[f"{group}.{name}"]
+
+
+@pytest.fixture(scope="session")
+def official_parity(reference_dir: Path) -> ParityData:
+    """Parity tensors and configs; use ``official_parity('stage_c', 'x')`` and ``.weights('stage_c')``."""
+    return ParityData(reference_dir / "official_parity.safetensors")
+
+
+def pytest_configure(config):
+    # Tests run two xdist workers on two cores: one torch thread each avoids oversubscription, which made tiny
+    # models tens of times slower on this machine.
+    import torch
+
+    torch.set_num_threads(1)
