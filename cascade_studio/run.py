@@ -118,8 +118,8 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
                                      models.preset.stage_c.get("c_hidden", [2048, 2048]))),
                                  extra={"models": models})
         events.emit("phase", phase="data")
-        train_set, holdout_set, extras, skipped = _prepare_data(recipe, models, method, method_cfg, context,
-                                                                  accelerator, run_dir, progress)
+        train_set, holdout_set, extras, skipped, preview_embeddings = _prepare_data(
+            recipe, models, method, method_cfg, context, accelerator, run_dir, progress)
         result.skipped_files = skipped
         tracker.log_metrics({"skipped_files": skipped, "train_samples": len(train_set),
                              "holdout_samples": len(holdout_set) if holdout_set is not None else 0}, step=0)
@@ -194,7 +194,12 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
         if recipe.preview.every and is_main:
             from .trainers.previews import make_preview_fn
 
-            preview = make_preview_fn(recipe, models, unwrapped, adapter, tracker, events, run_dir)
+            from .trainers.loop import collate
+
+            source = holdout_set if holdout_set is not None and len(holdout_set) else train_set
+            reference = collate([source[0]], extras)
+            preview = make_preview_fn(recipe, models, unwrapped, adapter, tracker, events, run_dir,
+                                      preview_embeddings, reference, method_inputs, method_cfg)
 
         settings = LoopSettings(
             max_steps=recipe.train.max_steps, grad_accum=recipe.train.grad_accum,
@@ -277,10 +282,15 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
     with accelerator.main_process_first():
         train_set = build(train_records)
         holdout_set = build(holdout_records) if holdout_records else None
+    preview_embeddings = None
+    if recipe.preview.every and accelerator.is_main_process:
+        from .trainers.previews import preview_text
+
+        preview_embeddings = preview_text(models.text_encoder(), list(recipe.preview.prompts))
     models.free("text_encoder", "effnet", "image_encoder", "hint")
     null = train_set.null_features()
     extras = {f"null_{k}": v for k, v in null.items()}
-    return train_set, holdout_set, extras, len(scan.skipped)
+    return train_set, holdout_set, extras, len(scan.skipped), preview_embeddings
 
 
 def _holdout_batches(holdout_set, extras, batch_size: int) -> list[dict]:

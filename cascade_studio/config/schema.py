@@ -167,10 +167,14 @@ class ControlNetConfig:
 class IPAdapterConfig:
     """An IP-Adapter: extra key/value projections that let Stage C attend to image tokens."""
 
-    image_encoder: str = setting("clip-vit-l-14", "Image encoder whose embedding becomes the image tokens. "
-                                 "clip-vit-l-14 is the one Stage C was trained with; tiny is a small random "
-                                 "encoder for tiny/toy runs.",
+    image_encoder: str = setting("openclip-vit-h-14", "Image encoder whose embedding becomes the image tokens: "
+                                 "openclip-vit-h-14 (the original IP-Adapter's), clip-vit-l-14 (the one Stage "
+                                 "C's native image input was trained with), clip-vit-bigg-14, or tiny (a small "
+                                 "random encoder for tiny/toy runs).",
                                  choices=("openclip-vit-h-14", "clip-vit-l-14", "clip-vit-bigg-14", "tiny"))
+    image_encoder_weights: Optional[str] = setting(None, "Weights of the image encoder: an open_clip checkpoint "
+                                                   "file (.safetensors) or a folder/repo id with a CLIP vision "
+                                                   "model; null = model.image_encoder / model.repo_id.", path=True)
     num_tokens: int = setting(4, "Image tokens produced per image by the projection.", minimum=1, example=4)
     scale: float = setting(1.0, "Weight of the image attention added to the text attention.", minimum=0,
                            example=1.0)

@@ -48,7 +48,6 @@ from .official import (
     StateDictMismatchError,
     convert_diffusers_stage_b_keys,
     convert_diffusers_stage_c_keys,
-    load_official_state_dict,
     official_state_dict,
 )
 from .presets import PRESETS, build_controlnet, build_previewer, build_stage_a, build_stage_b, build_stage_c
@@ -694,34 +693,55 @@ def _diffusers_hints(config_path: Path | None) -> dict[str, Any]:
     return hints
 
 
-def _diffusers_rename(checkpoint: Checkpoint, family: str) -> Callable[[torch.dtype, Any], dict[str, torch.Tensor]]:
-    """Rename diffusers keys to official ones in ``checkpoint``; return a reader giving the official state dict.
+def _diffusers_rename(checkpoint: Checkpoint, family: str) -> None:
+    """Turn a diffusers checkpoint's names into official ones, in place and still lazily read.
 
-    official.py's converter is applied one attention q/k/v group at a time (it fuses them by concatenation), so
-    while reading at most one layer's parts exist twice.
+    official.py's converter is applied to one attention q/k/v group at a time when a fused tensor is read, so at
+    most one layer's parts exist twice.
     """
     convert = convert_diffusers_stage_c_keys if family == "stage_c" else convert_diffusers_stage_b_keys
     groups: dict[str, list[str]] = defaultdict(list)
     for key in checkpoint.shapes:
         match = re.match(r"^(.*\.attention)\.(to_q|to_k|to_v)\.(weight|bias)$", key)
         groups[f"{match[1]}|{match[3]}" if match else key].append(key)
-    new_shapes: dict[str, tuple[int, ...]] = {}
+    raw = Checkpoint(checkpoint.label, dict(checkpoint.shapes), dict(checkpoint._read))
+    shapes: dict[str, tuple[int, ...]] = {}
+    readers: dict[str, Callable[[], torch.Tensor]] = {}
     for members in groups.values():
         try:
-            converted = convert({k: torch.empty(checkpoint.shapes[k], device="meta") for k in members})
+            (official, meta), = convert({k: torch.empty(raw.shapes[k], device="meta") for k in members}).items()
         except StateDictMismatchError as exc:
             raise WeightsError(checkpoint.label, f"incomplete diffusers attention weights: {exc}") from exc
-        new_shapes.update({k: tuple(v.shape) for k, v in converted.items()})
-    raw = Checkpoint(checkpoint.label, dict(checkpoint.shapes), dict(checkpoint._read))
-    checkpoint.shapes, checkpoint._read = new_shapes, {}
+        shapes[official] = tuple(meta.shape)
+        # Parts are read in the checkpoint's dtype; Checkpoint.get casts the fused result afterwards.
+        readers[official] = lambda members=members, official=official: convert(
+            {k: raw.get(k, None) for k in members})[official]
+    checkpoint.shapes, checkpoint._read = shapes, readers
 
-    def read(dtype: torch.dtype, device: Any) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for members in groups.values():
-            out.update(convert({k: raw.get(k, dtype, device) for k in members}))
-        return out
 
-    return read
+def _assign_official(module: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, device: Device) -> None:
+    """Read official-named tensors one by one into ``module`` (built on meta), splitting fused attention.
+
+    Does what ``load_official_state_dict(assign=True)`` does, but drops each fused tensor as soon as its q/k/v
+    parts exist, so peak memory is one model plus one layer. The names come from official.py's own plan.
+    """
+    from .official import _fusion_plan  # the single source of the official <-> module name mapping
+
+    own = module.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for official, ours in _fusion_plan(own.keys()):
+        if official not in checkpoint.shapes:  # an absent BatchNorm counter (checked by _mismatch): start at 0
+            state[ours[0]] = torch.zeros((), dtype=torch.long, device=device)
+            continue
+        tensor = checkpoint.get(official, dtype, device)
+        if len(ours) == 1:
+            state[ours[0]] = tensor
+            continue
+        # Own memory per part: shared storages would make safetensors refuse to save the model later.
+        parts = tensor.split([own[k].shape[0] for k in ours], dim=0)
+        state.update({k: part.clone() for k, part in zip(ours, parts)})
+        del tensor, parts
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 def _model_class(kind: str) -> type:
@@ -763,9 +783,11 @@ def _load_official(
     resolved = resolve_weights(kind, source, variant, dtype, cache_dir)
     with open_checkpoint(resolved.files, allow_pickle) as checkpoint:
         _check_family(kind, checkpoint)
-        read_converted = _diffusers_rename(checkpoint, kind) if resolved.layout == "diffusers" else None
+        diffusers = resolved.layout == "diffusers"
+        if diffusers:
+            _diffusers_rename(checkpoint, kind)
         accepted = _parameters(_model_class(kind))
-        hints = {k: v for k, v in _diffusers_hints(resolved.config_path if read_converted else None).items()
+        hints = {k: v for k, v in _diffusers_hints(resolved.config_path if diffusers else None).items()
                  if k in accepted}
         hints.update(config or {})
         try:
@@ -777,12 +799,7 @@ def _load_official(
         module = _empty_module(lambda: builder(**kwargs))
         expected = {k: tuple(v.shape) for k, v in official_state_dict(module).items()}
         _mismatch(checkpoint, expected, f"{type(module).__name__}({_short(kwargs)})")
-        if read_converted is not None:
-            state = read_converted(dtype, device)
-        else:
-            state = {k: checkpoint.get(k, dtype, device) for k in checkpoint.shapes}
-        load_official_state_dict(module, state, assign=True)
-        del state
+        _assign_official(module, checkpoint, dtype, device)
     return _finish(module.to(device), resolved)
 
 

@@ -8,6 +8,7 @@ code so ``official.py`` can map published weights by name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterator, Sequence
 
@@ -24,6 +25,8 @@ class LevelStack(nn.Module):
     gradient checkpointing and the parts of the official initialisation both stages share."""
 
     gradient_checkpointing: bool
+    # Checkpointed attention blocks replay the attention hooks of their forward call (see _replay_hooks).
+    replays_attention_hooks = True
 
     def _build_levels(
         self,
@@ -170,6 +173,12 @@ class LevelStack(nn.Module):
     def _call(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             # Non-reentrant checkpointing restores the RNG state, so dropout masks match the first pass.
+            if isinstance(block, AttnBlock):
+                # Attention hooks (IP-Adapter) live only during one forward call; the recomputation in backward
+                # runs after the call returned, so it must see the hooks the forward saw.
+                hooks = list(block.attention.attn.attention_hooks)
+                return checkpoint(block, *args, use_reentrant=False,
+                                  context_fn=lambda: (contextlib.nullcontext(), _replay_hooks(block, hooks)))
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
@@ -341,3 +350,15 @@ class StageC(LevelStack):
         level_outputs = self._down_encode(h, r_embed, clip, next_cnet)
         h = self._up_decode(level_outputs, r_embed, clip, next_cnet)
         return self.clf(h)
+
+
+@contextlib.contextmanager
+def _replay_hooks(block: AttnBlock, hooks: list) -> Iterator[None]:
+    """Install ``hooks`` on ``block`` while checkpointing recomputes it, then restore what was there."""
+    attn = block.attention.attn
+    saved = list(attn.attention_hooks)
+    attn.attention_hooks[:] = hooks
+    try:
+        yield
+    finally:
+        attn.attention_hooks[:] = saved

@@ -240,3 +240,8 @@ def image_encoder_feature(cfg: Any, context: Any = None) -> IPImageFeature:
             return build_ip_image_encoder(encoder_name)
 
     return IPImageFeature(name, factory)
+
+
+def feature_encoders(cfg: Any, context: Any, models: Any) -> list:
+    """The run's hook for the encode cache (same signature for every method)."""
+    return [image_encoder_feature(cfg, context)]

@@ -1,0 +1,78 @@
+"""Fixed-seed preview grids during training: base vs the current adapter, decoded by the previewer.
+
+Every preview of a run (and of every run with the same recipe prompts and seeds) starts from the same noise, so
+grids can be compared across steps and across runs. Text embeddings of the preview prompts are computed once,
+before the text encoder is freed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def preview_text(text_encoder, prompts: list[str]):
+    """Text embeddings for every preview prompt (cond + empty-caption uncond), computed once."""
+    from ..inference.pipeline import GenerateSettings, encode_prompts
+
+    settings = GenerateSettings(prompt=list(prompts), dtype="fp32")
+    return encode_prompts(text_encoder, settings)
+
+
+def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Path, text, reference: dict | None,
+                    method_inputs: Callable | None, method_cfg: Any) -> Callable[[int], None]:
+    """A function ``preview(step)`` that renders and logs a grid (rows: prompt x seed; columns: base, adapter)."""
+    from ..inference.grid import make_grid
+    from ..inference.pipeline import (GenerateSettings, TextEmbeddings, initial_noise, sample_stage_c,
+                                      stage_c_latent_size)
+    from .steps import _no_dropout
+
+    prompts, seeds = list(recipe.preview.prompts), list(recipe.preview.seeds)
+    size = recipe.data.resolution
+    extra_cond: dict[str, Any] = {}
+    extra_uncond: dict[str, Any] = {}
+    if reference is not None and method_inputs is not None:
+        # The adapter's own inputs (a control hint, an image prompt) from a held-out/training sample.
+        extra = _no_dropout(method_inputs)(reference, {}, method_cfg, None)
+        extra_cond = {k: v for k, v in extra.items() if k not in ("clip_text", "clip_text_pooled", "clip_img")}
+        if "ip_image_embeds" in extra_cond:
+            extra_uncond["ip_image_embeds"] = torch.zeros_like(extra_cond["ip_image_embeds"])
+
+    def render(step: int) -> None:
+        previewer = models.previewer()
+        h, w = stage_c_latent_size(size, size)
+        rows, labels = [], []
+        for p, prompt in enumerate(prompts):
+            emb = TextEmbeddings(hidden=text.hidden[p:p + 1], pooled=text.pooled[p:p + 1],
+                                 uncond_hidden=text.uncond_hidden[p:p + 1], uncond_pooled=text.uncond_pooled[p:p + 1])
+            for seed in seeds:
+                settings = GenerateSettings(prompt=prompt, seed=seed, steps_c=recipe.preview.steps,
+                                            cfg_c=recipe.preview.cfg, width=size, height=size, dtype="fp32")
+                noise = initial_noise((1, 16, h, w), seed)
+                row = []
+                for enabled in (False, True):
+                    model.set_enabled(adapter.name, enabled)
+                    latents = sample_stage_c(model, emb, settings, extra_cond=extra_cond, extra_uncond=extra_uncond,
+                                             noise=noise)
+                    with torch.no_grad():
+                        pixels = previewer(latents.to(next(previewer.parameters()).device).float())
+                    row.append(_to_image(pixels[0]))
+                model.set_enabled(adapter.name, True)
+                rows.append(row)
+                labels.append(f"{prompt} (seed {seed})")
+        grid = make_grid(rows, labels, ["base", f"{adapter.method} @ step {step}"])
+        out = run_dir / "previews" / f"step-{step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        tracker.log_image(grid, f"previews/step-{step:06d}.png")
+        events.emit("preview", step=step, path=str(out))
+
+    return render
+
+
+def _to_image(pixels: torch.Tensor):
+    from PIL import Image
+
+    array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
