@@ -1,56 +1,224 @@
-"""``cascade-studio generate``: prompt -> Stage C -> Stage B -> Stage A -> PNG (or the previewer only)."""
+"""``cascade-studio generate`` (prompt -> image, optionally through adapters) and ``cascade-studio compare``
+(a labelled grid of base / adapters / runs / checkpoints by prompts x seeds).
+
+Argument parsing only; the work is in ``inference.pipeline``, ``inference.adapters`` and ``inference.compare``.
+"""
 from __future__ import annotations
 
+import argparse
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
+
+_STAGES = ("stage_c", "stage_b", "stage_a", "previewer", "text_encoder", "effnet")
+
+
+_SPEC_HELP = "<adapter spec syntax>"
+
+
+class _SpecHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Puts ``SPEC_SYNTAX`` (defined beside its parser) into the epilog when help is printed: importing it pulls
+    in torch, and building the parser must stay instant for every other command."""
+
+    def add_text(self, text):
+        if text == _SPEC_HELP:
+            from .inference.adapters import SPEC_SYNTAX
+
+            text = SPEC_SYNTAX
+        super().add_text(text)
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("generate", help="text -> image through the whole cascade (or --preview: Stage C + "
-                                         "previewer)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--out", default="generated.png", help="PNG path (batch > 1 adds -0, -1, ...)")
+    """Register ``generate`` and ``compare`` on the top-level subparsers."""
+    _add_generate(sub)
+    _add_compare(sub)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", choices=["tiny", "lite", "big", "toy"])
     p.add_argument("--repo-id", help="Hugging Face repo id with the published weights (from the local hub cache)")
-    for stage in ("stage_c", "stage_b", "stage_a", "previewer", "text_encoder", "effnet"):
+    for stage in _STAGES:
         p.add_argument(f"--{stage.replace('_', '-')}", dest=stage, help=f"weights of {stage} (file or folder)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="bf16 (GPU default) or fp32 (CPU default)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt weights (loaded weights_only)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=20, help="Stage C steps (published: 20)")
     p.add_argument("--cfg", type=float, default=4.0, help="Stage C guidance (published: 4)")
     p.add_argument("--shift", type=float, default=2.0, help="Stage C schedule shift (published: 2)")
     p.add_argument("--steps-b", type=int, default=10)
     p.add_argument("--cfg-b", type=float, default=1.1)
-    p.add_argument("--width", type=int)
+    p.add_argument("--width", type=int, help="image width in pixels (default: the preset's, 1024; tiny 256)")
     p.add_argument("--height", type=int)
-    p.add_argument("--batch", type=int, default=1)
+
+
+def _add_input_args(p: argparse.ArgumentParser, repeat_control: bool) -> None:
+    p.add_argument("--control", action="append" if repeat_control else "store", metavar="IMAGE",
+                   help="control image of the ControlNet(s)" + (" (repeat to pair one per --controlnet)"
+                                                               if repeat_control else ""))
+    p.add_argument("--control-mode", choices=["canny", "image"],
+                   help="canny: edges of a photo (default for canny ControlNets); image: use the image as is")
+    p.add_argument("--image-prompt", action="append", default=[], metavar="PATH",
+                   help="IP-Adapter image prompt (repeatable; several are combined by --ip-multi)")
+    p.add_argument("--ip-multi", choices=["average", "concat"], default="average",
+                   help="several image prompts: average their embeddings (one blended prompt) or concatenate "
+                        "their tokens (each image keeps its features)")
+    p.add_argument("--ip-image-encoder", metavar="SOURCE",
+                   help="weights of the IP-Adapter's image encoder (file, folder or repo id; tiny is built in)")
+    p.add_argument("--workspace", default="workspace", help="where run: / ckpt: look for runs and mlflow.db")
+    p.add_argument("--tracking-uri", help="MLflow store for run ids (default: <workspace>/mlflow.db)")
+
+
+def _model_spec(args):
+    from .inference.pipeline import ModelSpec
+
+    return ModelSpec(preset=args.preset, repo_id=args.repo_id, allow_pickle=args.allow_pickle,
+                     **{stage: getattr(args, stage) for stage in _STAGES})
+
+
+def _sampling_kwargs(args) -> dict:
+    from .models import get_preset
+
+    size = get_preset("tiny" if args.preset == "toy" else args.preset).generate_resolution
+    kwargs = dict(negative_prompt=args.negative_prompt, steps_c=args.steps, cfg_c=args.cfg, shift_c=args.shift,
+                  steps_b=args.steps_b, cfg_b=args.cfg_b, width=args.width or size, height=args.height or size)
+    if args.dtype:
+        kwargs["dtype"] = args.dtype
+    return kwargs
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="text -> image through the whole cascade (or --preview), optionally with adapters",
+        description="Generate images; LoRAs, ControlNets and an IP-Adapter can be combined in one call.",
+        epilog=_SPEC_HELP, formatter_class=_SpecHelpFormatter)
+    p.add_argument("--prompt", action="append", required=True, help="caption (repeat for several)")
+    p.add_argument("--out", default="generated.png", help="PNG path (several images add -0, -1, ...)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--preview", action="store_true", help="decode with the previewer only (fast)")
-    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="bf16 (GPU default) or fp32 (CPU default)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt weights (loaded weights_only)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[@MULT]",
+                   help="LoRA file (or run:/ckpt: spec) with an optional multiplier; repeatable")
+    p.add_argument("--merge-lora", action="store_true", help="fold the LoRAs into the base weights (faster)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="FILE[@STRENGTH]", help="repeatable")
+    p.add_argument("--strength", type=float, default=1.0, help="ControlNet strength when FILE has no @STRENGTH")
+    p.add_argument("--ip-adapter", metavar="FILE[@SCALE]", help="IP-Adapter file (needs --image-prompt)")
+    p.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter scale when FILE has no @SCALE")
+    p.add_argument("--adapter", action="append", default=[], metavar="SPEC",
+                   help="any adapter in the spec syntax below (repeatable)")
+    _add_input_args(p, repeat_control=True)
     p.set_defaults(handler=cmd_generate)
 
 
-def cmd_generate(args) -> int:
-    from .inference.pipeline import CascadeComponents, GenerateSettings, ModelSpec, generate
-    from .models import get_preset
+def _with_method(spec, method: str):
+    return spec if spec.method is not None else replace(spec, method=method)
 
-    spec = ModelSpec(preset=args.preset, stage_c=args.stage_c, stage_b=args.stage_b, stage_a=args.stage_a,
-                     previewer=args.previewer, text_encoder=args.text_encoder, effnet=args.effnet,
-                     repo_id=args.repo_id, allow_pickle=args.allow_pickle)
-    size = get_preset("tiny" if args.preset == "toy" else args.preset).generate_resolution
-    kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps_c=args.steps,
-                  cfg_c=args.cfg, shift_c=args.shift, steps_b=args.steps_b, cfg_b=args.cfg_b,
-                  width=args.width or size, height=args.height or size, batch=args.batch, preview=args.preview)
-    if args.dtype:
-        kwargs["dtype"] = args.dtype
-    settings = GenerateSettings(**kwargs)
-    components = CascadeComponents(spec)
-    components.warn_if_slow()
-    images = generate(components, settings)
+
+def generate_specs(args) -> list:
+    """The AdapterSpecs a generate command line asks for (every flag checked before any model loads)."""
+    from .inference.adapters import parse_adapter_spec
+
+    controls = list(args.control or [])
+    if controls and len(controls) not in (1, len(args.controlnet)) and args.controlnet:
+        raise ValueError(f"{len(args.controlnet)} --controlnet but {len(controls)} --control images; give one "
+                         "image for all of them or one per ControlNet, in the same order")
+    specs = [_with_method(parse_adapter_spec(text, merge=args.merge_lora), "lora") for text in args.lora]
+    for index, text in enumerate(args.controlnet):
+        control = controls[index if len(controls) > 1 else 0] if controls else None
+        spec = parse_adapter_spec(text, control=control, control_mode=args.control_mode)
+        specs.append(_with_method(replace(spec, weight=args.strength if spec.weight is None else spec.weight),
+                                  "controlnet"))
+    if args.ip_adapter:
+        spec = parse_adapter_spec(args.ip_adapter, image_prompts=tuple(args.image_prompt) or None,
+                                  multi_image=args.ip_multi)
+        specs.append(_with_method(replace(spec, weight=args.ip_scale if spec.weight is None else spec.weight),
+                                  "ip_adapter"))
+    specs += [parse_adapter_spec(text, merge=args.merge_lora, control=controls[0] if controls else None,
+                                 control_mode=args.control_mode, image_prompts=tuple(args.image_prompt) or None,
+                                 multi_image=args.ip_multi) for text in args.adapter]
+    if controls and not (args.controlnet or args.adapter):
+        raise ValueError("--control needs a ControlNet: add --controlnet FILE")
+    if args.image_prompt and not (args.ip_adapter or args.adapter):
+        raise ValueError("--image-prompt needs an IP-Adapter: add --ip-adapter FILE")
+    return specs
+
+
+def cmd_generate(args) -> int:
+    from .inference.adapters import generate_with_adapters
+    from .inference.pipeline import CascadeComponents, GenerateSettings, generate
+
+    specs = generate_specs(args)
+    prompt = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
+    settings = GenerateSettings(prompt=prompt, seed=args.seed, batch=args.batch, preview=args.preview,
+                                **_sampling_kwargs(args))
+    components = CascadeComponents(_model_spec(args))
+    if specs:
+        images, resolved = generate_with_adapters(components, settings, specs, workspace=args.workspace,
+                                                  tracking_uri=args.tracking_uri,
+                                                  ip_image_encoder=args.ip_image_encoder)
+        for item in resolved:
+            print(f"adapter: {item.label} <- {item.path}")
+    else:
+        components.warn_if_slow()
+        images = generate(components, settings)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         image.save(path)
-        print(f"wrote {path} ({image.width}x{image.height})", file=sys.stderr if False else sys.stdout)
+        print(f"wrote {path} ({image.width}x{image.height})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- compare
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="grid of base / adapters / runs / checkpoints (columns) by prompts x seeds (rows)",
+        description="Compare adapters side by side. Every cell of a row shares the starting noise, so only the "
+                    "adapter differs; the base column is exactly what `generate` makes with the same settings. "
+                    "A column is 'base' or an adapter spec; join adapters into one column with '+'. Writes "
+                    "grid.png, cells/r{row}_c{col}.png, manifest.json and manifest.csv to --out.",
+        epilog=_SPEC_HELP, formatter_class=_SpecHelpFormatter)
+    p.add_argument("--columns", nargs="+", required=True, metavar="COLUMN",
+                   help="e.g. base lora:a.safetensors run:<id> ckpt:workspace/runs/x@20 ckpt:workspace/runs/x@40")
+    p.add_argument("--prompt", action="append", required=True, help="caption (repeat for several rows)")
+    p.add_argument("--seed", "--seeds", dest="seeds", nargs="+", type=int, default=[0],
+                   help="one row per prompt and seed")
+    p.add_argument("--out", help="output folder (default: <workspace>/compare/<date-time>)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--decoder", choices=["previewer", "cascade"],
+                   help="previewer: Stage C + previewer (fast; default on tiny); cascade: Stage B + A")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="prompts sampled together per seed (1 = every cell alone, as `generate --prompt P`)")
+    p.add_argument("--mlflow", action="store_true",
+                   help="log grid + manifest as a run of MLflow experiment 'compare', tagged with the compared runs")
+    p.add_argument("--save-latents", action="store_true",
+                   help="also write every cell's Stage C latents to latents.safetensors (key r{row}_c{col})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_input_args(p, repeat_control=False)
+    p.set_defaults(handler=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from .inference.compare import CompareSettings, run_compare
+
+    out = args.out or str(Path(args.workspace) / "compare" / time.strftime("%Y%m%d-%H%M%S"))
+    settings = CompareSettings(
+        columns=args.columns, prompts=args.prompt, seeds=args.seeds, out_dir=out, model=_model_spec(args),
+        decoder=args.decoder, control=args.control, control_mode=args.control_mode,
+        image_prompts=args.image_prompt, ip_multi=args.ip_multi, ip_image_encoder=args.ip_image_encoder,
+        max_batch=args.max_batch, workspace=args.workspace, tracking_uri=args.tracking_uri, mlflow=args.mlflow,
+        progress=not args.no_progress, save_latents=args.save_latents, **_sampling_kwargs(args))
+    result = run_compare(settings)
+    print(f"grid: {result.grid_path}")
+    print(f"manifest: {result.manifest_path}")
+    if result.mlflow_run_id:
+        print(f"MLflow run: {result.mlflow_run_id} (experiment 'compare')")
     return 0

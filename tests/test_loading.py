@@ -263,6 +263,22 @@ def test_stage_b_stage_a_previewer_and_effnet_round_trip(tmp_path, files):
     assert loaded.identity == effnet_encoder.identity
 
 
+def test_published_effnet_layout_loads_and_keeps_its_identity(tmp_path):
+    torch.manual_seed(0)
+    effnet = randomize(build_effnet("big")).to(torch.bfloat16)  # EfficientNetV2-S, official key names
+    save_file({k: v.contiguous() for k, v in effnet.state_dict().items()}, str(tmp_path / "effnet_encoder.safetensors"))
+    loaded = load_effnet(tmp_path, dtype=torch.bfloat16)  # the folder holds the published file name
+    assert loaded.arch == "efficientnet_v2_s"
+    assert loaded.identity == effnet.identity
+
+
+def test_local_copy_of_the_official_repo_picks_files_by_name_and_dtype(files):
+    folder = files["fp32"].parent  # stage_c.safetensors, stage_c_bf16.safetensors, stage_b.safetensors
+    assert load_stage_c(folder).source_path == str(files["bf16"])
+    assert load_stage_c(folder, dtype=torch.float32).source_path == str(files["fp32"])
+    assert load_stage_b(folder, dtype=torch.float32).source_path == str(files["stage_b"])
+
+
 def test_controlnet_width_must_match_the_base(tmp_path):
     controlnet = randomize(build_controlnet(c_in=3, c_proj=64, proj_blocks=TINY.controlnet_proj_blocks,
                                             bottleneck_mode="simple"))
@@ -538,7 +554,11 @@ def test_text_and_image_encoders_from_transformers_folders(tmp_path):
 
 def test_both_towers_from_one_full_clip_file(tmp_path):
     clip = _tiny_clip()
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    state = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    # Older transformers versions saved these buffers; they are not weights and must not fail the load.
+    state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(state, str(tmp_path / "clip.safetensors"))
     text = load_text_encoder(tmp_path / "clip.safetensors", dtype=torch.float32)
     assert (text.hidden_size, text.embed_dim) == (64, 32)
     ids, mask = text.tokenize(["a cat"])

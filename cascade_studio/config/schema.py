@@ -154,7 +154,9 @@ class ControlNetConfig:
                                                      "59,63).", minimum=0, example=[0, 4, 8, 12])
     bottleneck: str = setting("effnet", "Control encoder: effnet (the official EfficientNetV2-S backbone, needed "
                               "for the official file layout), simple (a small conv net for quick runs) or large "
-                              "(the super-resolution bottleneck).", choices=("effnet", "simple", "large"))
+                              "(the super-resolution bottleneck); effnet_tiny is the tiny preset's small backbone (the default on "
+                              "tiny/toy, where effnet is read as effnet_tiny).",
+                              choices=("effnet", "simple", "large", "effnet_tiny"))
     freeze_backbone: bool = setting(False, "Keep the control encoder's backbone frozen (the official trainer "
                                     "trains it).")
     strength: float = setting(1.0, "Multiplier on the residuals at inference and in previews.", minimum=0,

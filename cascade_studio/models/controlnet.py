@@ -15,7 +15,7 @@ from torch import nn
 
 from .blocks import LayerNorm2d
 
-BOTTLENECK_MODES = ("effnet", "simple", "large")
+BOTTLENECK_MODES = ("effnet", "simple", "large", "effnet_tiny")
 EFFNET_CHANNELS = 1280
 
 
@@ -64,6 +64,21 @@ def _effnet_backbone(c_in: int) -> nn.Module:
     return features.eval()
 
 
+def _effnet_tiny_backbone(c_in: int) -> tuple[nn.Module, int]:
+    """The tiny preset's compressor architecture as a ControlNet backbone (stride 32, few channels).
+
+    Not a published layout: the 64-wide tiny Stage C would be dwarfed by EfficientNetV2-S, and the official
+    "simple" bottleneck keeps only c_in channels (one for canny), too little to carry a control. Same structure
+    as the official effnet mode: torchvision EfficientNet features with the first conv taking c_in channels.
+    """
+    from .effnet import backbone_out_channels, build_effnet_backbone
+
+    features = build_effnet_backbone("tiny")
+    first = features[0][0]
+    features[0][0] = nn.Conv2d(c_in, first.out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+    return features, backbone_out_channels(features)
+
+
 class ControlNet(nn.Module):
     """Control image [B,c_in,H,W] -> list of [B,c_proj,h,w] features (or None) of length max(proj_blocks)+1."""
 
@@ -84,6 +99,8 @@ class ControlNet(nn.Module):
         if bottleneck_mode == "effnet":
             embd_channels = EFFNET_CHANNELS
             self.backbone = _effnet_backbone(c_in)
+        elif bottleneck_mode == "effnet_tiny":
+            self.backbone, embd_channels = _effnet_tiny_backbone(c_in)
         elif bottleneck_mode == "simple":
             embd_channels = c_in
             self.backbone = nn.Sequential(

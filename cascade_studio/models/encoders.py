@@ -21,7 +21,14 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .effnet import EFFNET_ARCH_BY_PRESET, EffnetEncoder, build_effnet, weights_digest
+from .effnet import EffnetEncoder, build_effnet, weights_digest  # re-exported: one import for all encoders
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "EOT_TOKEN_ID", "EffnetEncoder", "IP_IMAGE_ENCODERS", "ImageEncoder",
+    "OpenClipImageEncoder",
+    "SOT_TOKEN_ID", "TextEncoder", "build_effnet", "build_image_encoder", "build_ip_image_encoder",
+    "build_open_clip_visual", "build_text_encoder", "image_encoder_config", "text_encoder_config", "tokenize",
+]
 
 SOT_TOKEN_ID = 49406
 EOT_TOKEN_ID = 49407
@@ -96,7 +103,7 @@ class _FrozenMixin:
 
 @functools.lru_cache(maxsize=1)
 def _open_clip_tokenizer():
-    # Imported lazily: open_clip pulls in timm-free but still sizeable modules; the BPE file ships in the wheel.
+    # Imported lazily (open_clip is a heavy import). Its BPE vocabulary ships inside the wheel: works offline.
     from open_clip.tokenizer import SimpleTokenizer
 
     tokenizer = SimpleTokenizer(context_length=CONTEXT_LENGTH)
@@ -131,7 +138,7 @@ class TextEncoder(_FrozenMixin, nn.Module):
         self.name = name
         # Pool at the first end token. open_clip pads with 0 and its eot (49407) is the largest id, so both of
         # transformers' pooling rules (first `eos_token_id`, or argmax of ids for legacy eos_token_id == 2)
-        # land on the same position; pinning it keeps configs from other sources (e.g. pad 1) harmless.
+        # land on the same position; pinning it makes configs carrying another eos id (e.g. 1) harmless.
         model.config.eos_token_id = EOT_TOKEN_ID
         model.text_model.eos_token_id = EOT_TOKEN_ID
         self._freeze(frozen)

@@ -322,10 +322,10 @@ def _weights_in_folder(folder: Path, precisions: list[str]) -> list[Path]:
         order = [*precisions, "fp16"]
         return order.index(tag) if tag in order else len(order)
 
-    indexes = sorted(folder.glob("*.safetensors.index*.json"), key=lambda p: rank(p.name.replace("index.", "")))
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text()).get("weight_map", {})
-        return [folder / name for name in sorted(set(weight_map.values()))]
+    for index in sorted(folder.glob("*.safetensors.index*.json"), key=lambda p: rank(p.name.replace("index.", ""))):
+        shards = [folder / name for name in sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))]
+        if shards and all(shard.is_file() for shard in shards):  # an index whose shards were not fetched is no use
+            return shards
     for suffixes in ((".safetensors",), PICKLE_SUFFIXES):
         files = sorted((p for p in folder.iterdir() if p.suffix in suffixes), key=lambda p: rank(p.name))
         if files:
@@ -383,8 +383,8 @@ def _hub_error(repo: str, what: str, exc: Exception) -> WeightsError:
     else:
         fix = (f"check the repo id, accept the licence on https://huggingface.co/{repo} and log in with "
                "`huggingface-cli login`, or download the file and pass its path")
-    return WeightsError(f"{repo} ({what})", f"not available from the Hugging Face hub or its cache "
-                        f"({type(exc).__name__}); {fix}")
+    return WeightsError(f"{repo} ({what})", f"no local path has this name and it is not available from the "
+                        f"Hugging Face hub or its cache ({type(exc).__name__}); {fix}")
 
 
 def _hub_patterns(repo: str, subfolders: list[str], precision: str) -> list[str]:
@@ -392,12 +392,12 @@ def _hub_patterns(repo: str, subfolders: list[str], precision: str) -> list[str]
     known = repo.lower() in (OFFICIAL_REPO, PRIOR_REPO)
     places = [f"{sub}/" for sub in subfolders] + ([] if known else [""])
     if precision == "bf16":
-        files = ["*.bf16*.safetensors", "*.bf16.json"]
+        files = ["*.bf16*.safetensors", "*.index.bf16.json"]
     else:
         files = ["*model.safetensors", "*model-*-of-*.safetensors", "*model.safetensors.index.json"]
         if not known:
             files.append("*.safetensors")  # a user's repo may name its single file anything
-    return [f"{place}{pattern}" for place in places for pattern in [*files, "config.json", "*.index.json"]]
+    return [f"{place}{pattern}" for place in places for pattern in [*files, "config.json"]]
 
 
 def resolve_weights(
@@ -535,7 +535,9 @@ def _unet_layout(shapes: Mapping[str, Sequence[int]], family: str) -> dict[str, 
     level_config, blocks_down, blocks_up, c_hidden = [], [], [], []
     for level in range(levels):
         types = "".join(found["down"][level][i] for i in sorted(found["down"][level]))
-        period = next(p for p in range(1, len(types) + 1) if len(types) % p == 0 and types[:p] * (len(types) // p) == types)
+        # The level's pattern (e.g. "CTA") is the shortest prefix whose repetition gives the whole level.
+        period = next(p for p in range(1, len(types) + 1)
+                      if len(types) % p == 0 and types[:p] * (len(types) // p) == types)
         level_config.append(types[:period])
         blocks_down.append(len(types) // period)
         first_res = min(i for i, t in found["down"][level].items() if t == "C")
@@ -580,18 +582,17 @@ def _preset_for(family: str, c_hidden: Sequence[int], builder: Callable) -> dict
 
 
 def _unet_config(family: str, shapes: Mapping[str, Sequence[int]], hints: Mapping[str, Any]) -> dict[str, Any]:
-    from .stage_b import StageB
-    from .stage_c import StageC
-
     layout = _unet_layout(shapes, family)
-    preset = _preset_for(family, layout["c_hidden"], StageC if family == "stage_c" else StageB)
+    preset = _preset_for(family, layout["c_hidden"], _model_class(family))
     has_attn = ["A" in cfg for cfg in layout["level_config"]]
     config = dict(layout)
-    # Names are not ordered by meaning in a file, so the order of t_conds comes from the preset when it agrees.
+    # A file's key order says nothing about the order of t_conds, so take it from the preset/hints when the names
+    # agree. (Numerically it rarely matters: sca and crp are 0 in every public path, so their embeddings match.)
     for source in (preset, hints):
         if set(source.get("t_conds", ())) == set(layout["t_conds"]):
             config["t_conds"] = list(source["t_conds"])
-    config["nhead"] = list(preset.get("nhead") or [max(1, c // 64) if a else -1 for c, a in zip(layout["c_hidden"], has_attn)])
+    head_dim_rule = [max(1, c // 64) if a else -1 for c, a in zip(layout["c_hidden"], has_attn)]
+    config["nhead"] = list(preset.get("nhead") or head_dim_rule)
     config["dropout"] = list(preset.get("dropout") or [0.1 if a else 0.0 for a in has_attn])
     config["self_attn"] = preset.get("self_attn", True)
     patch = int(hints.get("patch_size", preset.get("patch_size", 1 if family == "stage_c" else 2)))
@@ -625,7 +626,9 @@ def _count_indices(shapes: Mapping[str, Any], pattern: str) -> list[int]:
     return sorted({int(m[1]) for k in shapes if (m := re.match(pattern, k))})
 
 
-def infer_config(family: str, shapes: Mapping[str, Sequence[int]], hints: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def infer_config(
+    family: str, shapes: Mapping[str, Sequence[int]], hints: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Constructor keywords implied by a checkpoint's official key names and shapes.
 
     ``hints`` supplies what shapes cannot determine (head counts, dropout, t_conds order, ControlNet
@@ -650,7 +653,8 @@ def infer_config(family: str, shapes: Mapping[str, Sequence[int]], hints: Mappin
         if family == "controlnet":
             return _controlnet_config(shapes, hints)
         if family == "effnet":
-            return dict(c_latent=int(shapes["mapper.0.weight"][0]), **({"arch": hints["arch"]} if "arch" in hints else {}))
+            arch = {"arch": hints["arch"]} if "arch" in hints else {}
+            return dict(c_latent=int(shapes["mapper.0.weight"][0]), **arch)
     except (KeyError, IndexError, StopIteration) as exc:
         raise ValueError(f"keys are not a complete {FAMILY_NAMES.get(family, family)} in official layout "
                          f"(missing {exc})") from exc
@@ -673,7 +677,8 @@ def _controlnet_config(shapes: Mapping[str, Sequence[int]], hints: Mapping[str, 
     if proj_blocks is None or len(proj_blocks) != count:
         raise ValueError(f"this ControlNet has {count} projections of width {c_proj} and no preset says which "
                          "ResBlocks they feed; pass config={'proj_blocks': [...]} with one index per projection")
-    return dict(c_in=c_in, c_proj=c_proj, proj_blocks=list(proj_blocks), bottleneck_mode=hints.get("bottleneck_mode", mode))
+    return dict(c_in=c_in, c_proj=c_proj, proj_blocks=list(proj_blocks),
+                bottleneck_mode=hints.get("bottleneck_mode", mode))
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -687,10 +692,7 @@ def _diffusers_hints(config_path: Path | None) -> dict[str, Any]:
     names = {"num_attention_heads": "nhead", "dropout": "dropout", "self_attn": "self_attn",
              "timestep_conditioning_type": "t_conds", "switch_level": "switch_level", "patch_size": "patch_size",
              "clip_seq": "c_clip_seq"}
-    hints = {ours: raw[theirs] for theirs, ours in names.items() if raw.get(theirs) is not None}
-    if isinstance(hints.get("dropout"), (int, float)):
-        hints.pop("dropout")
-    return hints
+    return {ours: raw[theirs] for theirs, ours in names.items() if raw.get(theirs) is not None}
 
 
 def _diffusers_rename(checkpoint: Checkpoint, family: str) -> None:
@@ -930,18 +932,22 @@ def _clip_tower_config(kind: str, shapes: Mapping[str, Sequence[int]], resolved:
 
 def _load_clip_tower(kind: str, source: Source, dtype: torch.dtype, device: Device, allow_pickle: bool,
                      config: Mapping[str, Any] | None, cache_dir: Source | None) -> TextEncoder | ImageEncoder:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     text = kind == "text_encoder"
     resolved = resolve_weights(kind, source, None, dtype, cache_dir)
     with open_checkpoint(resolved.files, allow_pickle) as checkpoint:
         _check_family(kind, checkpoint)
         # A full CLIP checkpoint holds both towers: keep the one asked for.
-        own = ("text_model.", "text_projection.") if text else ("vision_model.", "visual_projection.")
-        other = ("vision_model.", "visual_projection.", "logit_scale", "logit_bias", "text_model.embeddings.position_ids",
-                 "vision_model.embeddings.position_ids") if text else (
-                 "text_model.", "text_projection.", "logit_scale", "logit_bias", "vision_model.embeddings.position_ids")
-        checkpoint.keep([k for k in checkpoint.shapes if k.startswith(own) or not k.startswith(other)])
+        shared = ("logit_scale", "logit_bias", "text_model.embeddings.position_ids",
+                  "vision_model.embeddings.position_ids")  # old transformers saved position_ids
+        other = (("vision_model.", "visual_projection.") if text else ("text_model.", "text_projection.")) + shared
+        checkpoint.keep([k for k in checkpoint.shapes if not k.startswith(other)])
         try:
             values = _clip_tower_config(kind, checkpoint.shapes, resolved, config)
         except (KeyError, IndexError) as exc:

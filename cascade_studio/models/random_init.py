@@ -29,6 +29,49 @@ def make_learnable(model: nn.Module, seed: int = RANDOM_INIT_SEED, std: float = 
     return model
 
 
+def calibration_images(n: int = 32, size: int = 256, seed: int = RANDOM_INIT_SEED) -> torch.Tensor:
+    """Deterministic stand-in photos: smooth colour fields with a few flat shapes, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g)
+    images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        for _ in range(2):
+            cy, cx, r = (torch.randint(0, size, (2,), generator=g).tolist() + [int(torch.randint(size // 10, size // 3, (1,), generator=g))])
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            images[i][:, mask] = torch.rand(3, 1, generator=g)
+    return images
+
+
+@torch.no_grad()
+def calibrate_effnet(effnet: nn.Module) -> nn.Module:
+    """Set the compressor's output BatchNorm statistics so its latents have zero mean and unit variance.
+
+    A trained compressor's final BatchNorm(affine=False) normalises its latents (Stage C is trained on roughly
+    unit-variance latents). Fresh running statistics (mean 0, var 1) leave a random backbone's latents around
+    1e-4, which would make every diffusion target pure noise with nothing for an adapter to learn. Deterministic
+    stand-in images give the statistics a trained model would have collected.
+    """
+    images = calibration_images()
+    normalized = (images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    # Every BatchNorm (backbone and mapper) takes the statistics of the stand-in images, as data-dependent init
+    # does: a cumulative average (momentum None) over one pass in train mode, then back to eval.
+    norms = [m for m in effnet.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.random.fork_rng(devices=[]):  # stochastic depth draws in train mode: keep the caller's RNG
+        effnet.mapper(effnet.backbone(normalized))
+    for m, (momentum, training) in zip(norms, saved):
+        m.momentum = momentum
+        m.train(training)
+    effnet.eval()
+    return effnet
+
+
 def build_random(name: str, preset_name: str) -> nn.Module:
     """Component ``name`` of ``preset_name`` with the fixed seed (tiny/toy presets only)."""
     from . import build_previewer, build_stage_a, build_stage_b, build_stage_c, get_preset
@@ -50,7 +93,7 @@ def build_random(name: str, preset_name: str) -> nn.Module:
         if name == "effnet":
             from .effnet import build_effnet
 
-            return build_effnet(preset.name)
+            return calibrate_effnet(build_effnet(preset.name))
         if name == "stage_c":
             return make_learnable(build_stage_c(**preset.stage_c), seed=RANDOM_INIT_SEED + 11)
         if name == "stage_b":

@@ -4,9 +4,10 @@ hints the encode cache stores.
 
 Defaults per base (recipe fields left null): ``c_proj`` = the Stage C width, ``proj_blocks`` = the preset's
 (big: [0, 4, 8, 12, 51, 55, 59, 63]), bottleneck ``effnet`` (``large`` for super-resolution). On the tiny preset
-the full EfficientNetV2-S backbone would dwarf the 64-wide Stage C, so the tiny default is the ``simple``
-bottleneck fed a hint area-downsampled inside the adapter to 4x the latent grid (``hint_size``); the cached hint
-stays at image resolution either way.
+the full EfficientNetV2-S backbone would dwarf the 64-wide Stage C, so the tiny default is ``effnet_tiny`` (the
+tiny compressor's architecture as backbone; the ``simple`` bottleneck keeps only c_in channels, too few to carry a
+canny control). With ``simple`` the adapter feeds it a hint area-downsampled to 4x the latent grid
+(``hint_size``); the cached hint stays at image resolution either way.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def _default_bottleneck(requested: str | None, control: str, preset_name: str) -
     ``large`` for super-resolution (the published SR layout; an effnet backbone would shrink its latent-grid
     input to nothing) and ``simple`` on tiny. ``simple`` and ``large`` are always taken as asked."""
     if requested in (None, "effnet"):
-        if preset_name == "tiny":
-            return "simple"
+        if preset_name in ("tiny", "toy"):
+            return "effnet_tiny"
         if control == "sr":
             return "large"
         return "effnet"

@@ -26,7 +26,7 @@ from ..base import AdapterMismatchError, merge_cnet
 # Channels of the hint each control produces (STABLE_CASCADE.md section 6): canny edges are one channel,
 # inpainting is RGB + mask, super-resolution feeds 16-channel effnet latents. "image" defaults to RGB.
 CONTROL_CHANNELS: dict[str, int] = {"canny": 1, "inpainting": 4, "sr": 16, "image": 3}
-BOTTLENECKS = ("effnet", "simple", "large")
+BOTTLENECKS = ("effnet", "simple", "large", "effnet_tiny")
 
 
 @dataclass(frozen=True)

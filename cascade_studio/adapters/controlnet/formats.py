@@ -56,7 +56,10 @@ def read_layout(shapes: Mapping[str, Sequence[int]], source: str = "this file") 
             f"{source}: not a Stable Cascade ControlNet (expected only backbone.* and projections.* tensors; "
             f"first keys: {keys[:3]})")
     if "backbone.0.0.weight" in shapes:
-        bottleneck, c_in = "effnet", int(shapes["backbone.0.0.weight"][1])
+        c_in = int(shapes["backbone.0.0.weight"][1])
+        # Both effnet backbones share key names; the published one ends in 1280 channels.
+        embd = int(shapes["projections.0.0.weight"][0]) if "projections.0.0.weight" in shapes else 1280
+        bottleneck = "effnet" if embd == 1280 else "effnet_tiny"
     elif "backbone.0.weight" in shapes:
         c_in = int(shapes["backbone.0.weight"][1])
         bottleneck = "large" if any(k.startswith("backbone.3.") for k in keys) else "simple"

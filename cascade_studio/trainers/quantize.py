@@ -1,0 +1,215 @@
+"""Quantize the frozen Stage C's Linear layers with bitsandbytes (QLoRA-style: int8 or NF4 base, fp32 adapter).
+
+Only the frozen base is quantized; adapter weights stay in fp32 and train through the quantized layers. PEFT has
+LoRA layers made for bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (they dequantize for merge/unmerge and cast
+inputs correctly); it picks them when the model carries ``is_loaded_in_8bit`` / ``is_loaded_in_4bit`` (the
+attributes transformers sets), so :func:`quantize_frozen_linears` sets those too. Quantize **before** attaching
+adapters.
+
+Device support differs by bitsandbytes release and device: :func:`check_quantization_supported` runs a tiny
+forward and backward through a quantized layer on the target device and turns any failure into one clear error
+that names the recipe switch, so a run fails at its start rather than after the data cache is built.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+MODES = ("none", "int8", "nf4")
+# Kept in the model dtype: the TimestepBlock mappers (r -> scale/shift of every block) and the CLIP mappers
+# (the conditioning tokens every attention reads). Together about 2% of the big Stage C's parameters, and every
+# block's output depends on them, so their rounding error would reach everything.
+DEFAULT_SKIP = (r"(.+\.)?mapper(_\w+)?", r"clip_(txt|txt_pooled|img)_mapper")
+# bitsandbytes' blockwise 4-bit layout: one absmax per 64 weights (QLoRA's NF4 default), double-quantized.
+NF4_BLOCKSIZE = 64
+
+
+class QuantizationUnsupportedError(RuntimeError):
+    """The requested ``train.quantize_base`` mode does not work with this bitsandbytes on this device."""
+
+
+def _import_bnb(mode: str):
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:  # pragma: no cover - bitsandbytes is a core dependency
+        raise QuantizationUnsupportedError(
+            f"train.quantize_base={mode} needs bitsandbytes: pip install bitsandbytes (or set "
+            "train.quantize_base: none)") from exc
+    return bnb
+
+
+def _refuse_adapters(module: nn.Module) -> None:
+    for name, child in module.named_modules():
+        if any(part.startswith(("lora_", "hada_", "lokr_")) for part in name.split(".")) or \
+                hasattr(child, "base_layer"):
+            raise ValueError(f"{name or 'the model'} already carries an adapter: quantize the frozen base before "
+                             "attaching adapters, so PEFT wraps the quantized layers")
+
+
+_FLAT_INT8_CLASS: type | None = None
+
+
+def _flat_int8_class(bnb) -> type:
+    """``Linear8bitLt`` that hands bitsandbytes 2-D inputs.
+
+    bitsandbytes 0.50's CPU int8 kernel takes row maxima over ``dim=1``, so the 4-D BHWC inputs of a ResBlock's
+    ``channelwise`` layers fail (or would be scaled per wrong row). Flattening the leading dimensions is exact.
+    A subclass (not a wrapper) keeps PEFT's ``isinstance(..., bnb.nn.Linear8bitLt)`` dispatch working.
+    """
+    global _FLAT_INT8_CLASS
+    if _FLAT_INT8_CLASS is None:
+        class FlatLinear8bitLt(bnb.nn.Linear8bitLt):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if x.dim() <= 2:
+                    return super().forward(x)
+                lead = x.shape[:-1]
+                return super().forward(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+
+        _FLAT_INT8_CLASS = FlatLinear8bitLt
+    return _FLAT_INT8_CLASS
+
+
+def _quantized_linear(linear: nn.Linear, mode: str, bnb, compute_dtype: torch.dtype | None) -> nn.Module:
+    """A bitsandbytes copy of ``linear`` on the same device, frozen, in eval/train mode like the original."""
+    device = linear.weight.device
+    dtype = compute_dtype or linear.weight.dtype
+    has_bias = linear.bias is not None
+    # Built on meta: the constructors would otherwise allocate a full-precision weight only to replace it.
+    if mode == "int8":
+        new = _flat_int8_class(bnb)(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
+                                  threshold=0.0, device="meta")
+        # Int8Params quantizes when moved off the CPU *from* the CPU (bitsandbytes 0.50); a CPU source makes that
+        # true on every device. On a CPU model .cpu() is the same storage, so nothing is copied there.
+        new.weight = bnb.nn.Int8Params(linear.weight.data.cpu(), requires_grad=False,
+                                       has_fp16_weights=False).to(device)
+    elif mode == "nf4":
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=dtype,
+                                quant_type="nf4", compress_statistics=True, device="meta")
+        new.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                       blocksize=NF4_BLOCKSIZE, compress_statistics=True, module=new).to(device)
+        # bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-bf16 CPU kernel on the first eval-mode call
+        # without grad (a held-out loss, a preview); the repacked weight then fails in every later call that needs
+        # grad ("a view of a leaf Variable ... in-place"). The frozen base runs in eval mode during training, so
+        # that path would be hit: keep the training layout.
+        new.support_avx512bf16_for_cpu = False
+    else:
+        raise ValueError(f"unknown quantization mode {mode!r}; use one of {MODES}")
+    if has_bias:
+        new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    new.train(linear.training)
+    return new
+
+
+def quantize_frozen_linears(stage_c: nn.Module, mode: str, skip: Iterable[str] = DEFAULT_SKIP,
+                            compute_dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every frozen ``nn.Linear`` of ``stage_c`` whose path does not fully match a ``skip`` pattern by
+    a bitsandbytes ``Linear8bitLt`` (``int8``) or NF4 ``Linear4bit`` (``nf4``), in place.
+
+    ``compute_dtype`` is the 4-bit layers' matmul dtype (default: each layer's weight dtype, i.e. the model's).
+    Returns the quantized module paths; ``mode='none'`` changes nothing. Linears with trainable parameters are
+    left alone. Raises ``ValueError`` if an adapter is already attached.
+    """
+    if mode == "none":
+        return []
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; use one of {MODES}")
+    bnb = _import_bnb(mode)
+    _refuse_adapters(stage_c)
+    patterns = [re.compile(p) for p in skip]
+    done: list[str] = []
+    for name, module in list(stage_c.named_modules()):
+        # Exact type: bitsandbytes layers subclass nn.Linear and are already quantized.
+        if type(module) is not nn.Linear or any(p.fullmatch(name) for p in patterns):
+            continue
+        if any(p.requires_grad for p in module.parameters()):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = stage_c.get_submodule(parent_name) if parent_name else stage_c
+        setattr(parent, child, _quantized_linear(module, mode, bnb, compute_dtype))
+        done.append(name)
+    # PEFT reads these to choose its bitsandbytes LoRA layers (peft LoraModel._create_and_replace).
+    stage_c.is_loaded_in_8bit = mode == "int8"
+    stage_c.is_loaded_in_4bit = mode == "nf4"
+    stage_c.quantize_base = mode
+    if mode == "int8":
+        _silence_int8_cast_notice()
+    return done
+
+
+class _DropInt8CastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _silence_int8_cast_notice() -> None:
+    """LLM.int8 quantizes every fp32/bf16 input through fp16 by design and bitsandbytes logs that on *every*
+    call (thousands of lines per step); the cast is expected here, so that one message is dropped."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastNotice) for f in logger.filters):
+        logger.addFilter(_DropInt8CastNotice())
+
+
+def check_quantization_supported(mode: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+    """Raise :class:`QuantizationUnsupportedError` unless ``mode`` trains on ``device`` in ``dtype``.
+
+    The check is a real forward and backward through one quantized Linear (with a LoRA-like trainable input),
+    compared with the unquantized layer: an import error, a missing kernel or a wrong result all fail it.
+    """
+    if mode == "none":
+        return
+    if mode not in MODES:
+        raise QuantizationUnsupportedError(f"train.quantize_base={mode!r} is not a mode; use one of {MODES}")
+    bnb = _import_bnb(mode)
+    device = torch.device(device)
+    other = {"int8": "nf4", "nf4": "int8"}[mode]
+    advice = (f"set train.quantize_base: none (or try {other}), or train on a CUDA GPU where bitsandbytes "
+              "supports both")
+    generator = torch.Generator().manual_seed(0)
+    try:
+        reference = nn.Linear(128, 128)
+        with torch.no_grad():
+            reference.weight.copy_(torch.randn(128, 128, generator=generator) / 128**0.5)
+        reference = reference.to(device, dtype).requires_grad_(False)
+        probe = nn.Sequential(nn.Linear(128, 128))
+        probe[0].load_state_dict(reference.state_dict())
+        probe = probe.to(device, dtype).requires_grad_(False)
+        quantize_frozen_linears(probe, mode, skip=())
+        # 4-D like a ResBlock's channelwise input (BHWC): kernels that only handle 2-D inputs fail here.
+        x = torch.randn(2, 3, 3, 128, generator=generator).to(device, dtype).requires_grad_(True)
+        out = probe(x)
+        out.float().square().sum().backward()
+        expected = reference(x.detach())
+        error = float((out.detach().float() - expected.float()).norm() / expected.float().norm())
+    except Exception as exc:  # any failure inside bitsandbytes means "unsupported here"
+        raise QuantizationUnsupportedError(
+            f"train.quantize_base={mode} does not work on {device} with bitsandbytes {bnb.__version__} "
+            f"({type(exc).__name__}: {exc}); {advice}") from exc
+    # NF4 keeps 16 levels per 64 weights: about 10% relative error on one layer; int8 about 1%.
+    if not (x.grad is not None and torch.isfinite(x.grad).all() and error < 0.3):
+        raise QuantizationUnsupportedError(
+            f"train.quantize_base={mode} gives wrong results on {device} with bitsandbytes {bnb.__version__} "
+            f"(relative error {error:.3f} on a probe layer); {advice}")
+
+
+def quantized_bytes(stage_c: nn.Module) -> int:
+    """Bytes held by ``stage_c``'s parameters and buffers, counting bitsandbytes' quantization statistics."""
+    total = 0
+    seen: set[int] = set()
+    for tensor in list(stage_c.parameters()) + list(stage_c.buffers()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+        scb = getattr(tensor, "SCB", None)
+        if torch.is_tensor(scb):
+            total += scb.numel() * scb.element_size()
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if getattr(state, "state2", None) is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total

@@ -1,0 +1,31 @@
+"""Cascade Studio: the Streamlit app (``cascade-studio ui`` starts it with ``$CASCADE_STUDIO_WORKSPACE``).
+
+Pages live in ``views/`` (two-line scripts) and their code in ``page_*.py``. Training, comparisons and exports
+run as separate processes (``jobs.py``, ``runner.py``); this process never imports torch, so a crashed or
+killed job can only ever show up here as a failed job.
+"""
+import streamlit as st
+
+from cascade_studio.ui.common import PAGES, queue, start_queue_worker, workspace
+from cascade_studio.ui.jobs import job_progress
+from cascade_studio.ui.workspace import ensure_repo_cwd
+
+st.set_page_config(page_title="Cascade Studio", layout="wide")
+ensure_repo_cwd()
+
+TITLES = {"recipes": "Recipes", "data": "Data", "launch": "Launch", "runs": "Runs", "compare": "Compare",
+          "export": "Export"}
+navigation = st.navigation([st.Page(PAGES[key], title=title, url_path=key, default=key == "recipes")
+                            for key, title in TITLES.items()])
+start_queue_worker()
+
+with st.sidebar:
+    ws = workspace()
+    st.caption(f"Workspace: `{ws.root}`")
+    running = queue().running()
+    if running is not None:
+        progress = job_progress(running)
+        step = f" · step {progress.step}/{progress.max_steps}" if progress.max_steps else ""
+        st.caption(f"Running: {running.label}{step}")
+
+navigation.run()

@@ -1,0 +1,227 @@
+"""The only commands the studio runs, built as argument lists from validated choices (never a shell string).
+
+- train: ``accelerate launch ... -m cascade_studio.train <recipe> <overrides>`` (``cli.accelerate_command``),
+  for a recipe that validates with the studio's overrides (its workspace and run name);
+- compare: ``python -m cascade_studio.cli compare --columns ... --prompt=... --seeds ... --out ...``;
+- export: ``python -m cascade_studio.cli export <run or checkpoint> --format F --out FILE``.
+
+Every path in them is confined to the workspace (or recipes/ for recipe files). Prompts are passed as
+``--prompt=<text>`` so a prompt that starts with ``-`` is still a prompt, not an option.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..config import load_recipe, parse_override
+from .paths import PathNotAllowed, safe_filename
+from .workspace import Workspace
+
+__all__ = ["TrainRequest", "CompareRequest", "Column", "export_argv", "default_run_name", "train_command",
+           "compare_argv", "CLI", "EXPORT_FORMATS", "new_comparison_dir", "parse_seeds"]
+
+CLI = [sys.executable, "-m", "cascade_studio.cli"]
+# The studio sets these itself; a user override of them would send the run somewhere the studio does not look.
+_RESERVED_OVERRIDES = ("workspace", "name")
+
+
+def default_run_name(workspace: Workspace, recipe_name: str, taken: Sequence[str] = ()) -> str:
+    """``recipe_name`` if no run folder (or active job) has it yet, else ``recipe_name-2``, ``-3``, ..."""
+    base = safe_filename(recipe_name)
+    name, n = base, 1
+    while (workspace.runs_dir / name).exists() or name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """A training job: a recipe file, the run's name, extra dotted overrides and the process count."""
+
+    recipe: str
+    run_name: str
+    overrides: tuple[str, ...] = ()
+    processes: int = 1
+
+    def all_overrides(self, workspace: Workspace) -> list[str]:
+        # JSON strings are valid YAML scalars: quoting keeps a name like "1e3" or "true" a string.
+        return [*self.overrides, f"workspace={json.dumps(str(workspace.root))}",
+                f"name={json.dumps(self.run_name)}"]
+
+    def run_dir(self, workspace: Workspace) -> Path:
+        return workspace.runs_dir / self.run_name
+
+    def validate(self, workspace: Workspace) -> None:
+        """Raise ``RecipeError`` (every recipe problem) or ``ValueError`` (what to change) unless launchable."""
+        workspace.confine_recipe(self.recipe)
+        if safe_filename(self.run_name) != self.run_name:
+            raise ValueError(f"run name {self.run_name!r} may only use letters, digits, '.', '-', '_'; "
+                             f"e.g. {safe_filename(self.run_name)}")
+        if not 1 <= int(self.processes) <= 8:
+            raise ValueError("processes must be between 1 and 8")
+        for text in self.overrides:
+            key, _ = parse_override(text)  # ValueError says how an override is written
+            if key in _RESERVED_OVERRIDES:
+                raise ValueError(f"{key} is set by the studio (workspace and run name); remove that override")
+        run_dir = self.run_dir(workspace)
+        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+            raise ValueError(f"a run named {self.run_name!r} already has checkpoints in {run_dir}; choose another "
+                             "run name")
+        load_recipe(self.recipe, overrides=self.all_overrides(workspace))
+
+    def to_args(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "run_name": self.run_name, "overrides": list(self.overrides),
+                "processes": int(self.processes)}
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "TrainRequest":
+        return cls(str(args["recipe"]), str(args["run_name"]), tuple(args.get("overrides", ())),
+                   int(args.get("processes", 1)))
+
+
+def train_command(request: TrainRequest, workspace: Workspace) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of a validated train request. Imports the CLI's helpers, which look for CUDA through torch:
+    only the job runner calls this, never the studio's own process."""
+    from ..cli import accelerate_command, launch_env
+
+    request.validate(workspace)
+    argv = accelerate_command(request.recipe, request.all_overrides(workspace), request.processes)
+    env = launch_env(request.processes)
+    return argv + ["--no-progress"], env  # progress bars would fill the log; the studio reads events instead
+
+
+# ------------------------------------------------------------------------------------------------ compare
+@dataclass(frozen=True)
+class Column:
+    """One column of a comparison: ``base``, a run's adapter, a checkpoint, or an adapter file with a weight."""
+
+    kind: str  # base | run | ckpt | file
+    target: str = ""
+    step: Optional[int] = None
+    weight: Optional[float] = None
+
+    def spec(self) -> str:
+        """The column as ``cascade-studio compare --columns`` reads it (``SPEC_SYNTAX`` in inference/adapters)."""
+        weight = f"@{self.weight:g}" if self.weight is not None else ""
+        if self.kind == "base":
+            return "base"
+        if self.kind == "run":
+            return f"run:{self.target}{weight}"
+        if self.kind == "ckpt":
+            return f"ckpt:{self.target}@{self.step if self.step is not None else 'latest'}{weight}"
+        return f"{self.target}{weight}"
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    """A comparison grid: columns x (prompt, seed) rows, on one base model."""
+
+    columns: tuple[Column, ...]
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    preset: str = "tiny"
+    decoder: str = "previewer"
+    steps: Optional[int] = None
+    mlflow: bool = False
+    out: str = ""
+
+    def problems(self, workspace: Workspace) -> list[str]:
+        """Everything wrong at once (empty = runnable), each saying what to change."""
+        found = []
+        if len(self.columns) < 1:
+            found.append("choose at least one column (base, a run, a checkpoint or an adapter file)")
+        for column in self.columns:
+            if column.kind not in ("base", "run", "ckpt", "file"):
+                found.append(f"unknown column kind {column.kind!r}")
+            elif column.kind != "base":
+                try:
+                    path = workspace.confine_workspace(column.target)
+                except PathNotAllowed as exc:
+                    found.append(str(exc))
+                    continue
+                if not path.exists():
+                    found.append(f"{column.target} does not exist; pick a run, checkpoint or adapter file again")
+            if column.weight is not None and not -10 <= column.weight <= 10:
+                found.append(f"weight {column.weight:g} of {column.spec()} is out of range; use -10..10")
+        if not self.prompts:
+            found.append("write at least one prompt")
+        if not self.seeds:
+            found.append("give at least one seed, e.g. 0")
+        if any(s < 0 for s in self.seeds):
+            found.append("seeds are whole numbers >= 0")
+        if self.steps is not None and not 1 <= self.steps <= 200:
+            found.append("Stage C steps must be between 1 and 200 (20 is the published setting)")
+        if self.preset not in ("tiny", "toy", "lite", "big"):
+            found.append(f"unknown preset {self.preset!r}")
+        if self.decoder not in ("previewer", "cascade"):
+            found.append(f"unknown decoder {self.decoder!r}")
+        try:
+            workspace.confine_workspace(self.out)
+        except PathNotAllowed as exc:
+            found.append(f"output folder: {exc}")
+        return found
+
+    def to_args(self) -> dict[str, Any]:
+        return {**asdict(self), "columns": [asdict(c) for c in self.columns]}
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "CompareRequest":
+        return cls(columns=tuple(Column(**c) for c in args["columns"]), prompts=tuple(args["prompts"]),
+                   seeds=tuple(int(s) for s in args["seeds"]), preset=args.get("preset", "tiny"),
+                   decoder=args.get("decoder", "previewer"), steps=args.get("steps"),
+                   mlflow=bool(args.get("mlflow")), out=str(args["out"]))
+
+
+def compare_argv(request: CompareRequest, workspace: Workspace) -> list[str]:
+    """The ``cascade-studio compare`` command line; raises ``ValueError`` listing the problems if not runnable."""
+    problems = request.problems(workspace)
+    if problems:
+        raise ValueError("; ".join(problems))
+    argv = [*CLI, "compare", "--columns", *[c.spec() for c in request.columns]]
+    argv += [f"--prompt={p}" for p in request.prompts]
+    argv += ["--seeds", *[str(int(s)) for s in request.seeds], "--out", request.out, "--preset", request.preset,
+             "--decoder", request.decoder, "--workspace", str(workspace.root),
+             "--tracking-uri", workspace.tracking_uri(), "--no-progress"]
+    if request.steps is not None:
+        argv += ["--steps", str(int(request.steps))]
+    if request.mlflow:
+        argv.append("--mlflow")
+    return argv
+
+
+def new_comparison_dir(workspace: Workspace, now: Optional[float] = None) -> Path:
+    """``<workspace>/compare/<date-time>`` (not created here)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now if now is not None else time.time()))
+    path, n = workspace.comparisons_dir / stamp, 1
+    while path.exists():
+        n += 1
+        path = workspace.comparisons_dir / f"{stamp}-{n}"
+    return path
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0, 1 2"`` -> (0, 1, 2); raises ``ValueError`` with what to write."""
+    items = [t for t in re.split(r"[\s,]+", text.strip()) if t]
+    try:
+        return tuple(int(t) for t in items)
+    except ValueError:
+        raise ValueError(f"seeds are whole numbers separated by spaces or commas, e.g. 0 1; got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------- export
+EXPORT_FORMATS = {"lora": ("comfyui", "peft"), "controlnet": ("official",), "ip_adapter": ("ip_adapter",)}
+
+
+def export_argv(workspace: Workspace, source: str | Path, fmt: str, out: str | Path) -> list[str]:
+    """The ``cascade-studio export`` command line for a run or checkpoint folder inside the workspace."""
+    source_path = workspace.confine_workspace(source)
+    out_path = workspace.confine_workspace(out)
+    if fmt not in {f for formats in EXPORT_FORMATS.values() for f in formats}:
+        raise ValueError(f"unknown export format {fmt!r}")
+    return [*CLI, "export", str(source_path), "--format", fmt, "--out", str(out_path)]

@@ -1,0 +1,182 @@
+"""Data behind the Runs, Compare and Export pages: MLflow runs as tables, metric curves, parameter differences,
+previews and adapter files. Pure functions over what :mod:`cascade_studio.tracking` and the run folders hold;
+no Streamlit, no torch.
+"""
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Optional
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+import yaml
+
+from ..trainers.events import read_events
+from .workspace import Workspace
+
+__all__ = ["runs_table", "filter_runs", "metric_frame", "params_diff", "run_dirs_by_id", "run_dir_for",
+           "preview_steps", "local_artifact_dir", "adapter_files", "zip_folder", "checkpoint_steps", "checkpoint_dirs",
+           "run_method", "run_preset"]
+
+_STEP_FILE = re.compile(r"step-(\d+)")
+
+
+def runs_table(runs: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per MLflow run (``tracking.list_runs`` output), newest first."""
+    rows = []
+    for run in runs:
+        tags, metrics = run.get("tags", {}), run.get("metrics", {})
+        start = run.get("start_time")
+        rows.append({
+            "run": run.get("run_name") or run["run_id"][:8],
+            "status": run.get("status"),
+            "method": tags.get("method", run.get("params", {}).get("adapter.method")),
+            "base model": tags.get("base_model", tags.get("preset")),
+            "preset": tags.get("preset", run.get("params", {}).get("model.preset")),
+            "started": datetime.fromtimestamp(start / 1000) if start else None,
+            "loss": metrics.get("loss"),
+            "holdout_loss": metrics.get("holdout_loss"),
+            "run_id": run["run_id"],
+        })
+    columns = ["run", "status", "method", "base model", "preset", "started", "loss", "holdout_loss", "run_id"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def filter_runs(table: pd.DataFrame, methods: Iterable[str] = (), bases: Iterable[str] = (),
+                statuses: Iterable[str] = ()) -> pd.DataFrame:
+    """Rows matching every non-empty filter (an empty filter keeps everything)."""
+    keep = pd.Series(True, index=table.index)
+    for column, wanted in (("method", methods), ("base model", bases), ("status", statuses)):
+        wanted = list(wanted)
+        if wanted:
+            keep &= table[column].isin(wanted)
+    return table[keep]
+
+
+def metric_frame(histories: dict[str, dict[str, list[dict[str, Any]]]], metric: str) -> pd.DataFrame:
+    """Long-form ``run, step, value`` of one metric for several runs (``read_run(...)["metrics"]`` each), ready
+    for an overlaid line chart."""
+    rows = [{"run": label, "step": int(point["step"]), "value": float(point["value"])}
+            for label, metrics in histories.items() for point in metrics.get(metric, [])]
+    return pd.DataFrame(rows, columns=["run", "step", "value"])
+
+
+def params_diff(params: dict[str, dict[str, str]], only_differences: bool = False) -> pd.DataFrame:
+    """Parameters side by side (one column per run) with a ``differs`` column; a missing value shows as ''."""
+    labels = list(params)
+    keys = sorted({k for values in params.values() for k in values})
+    rows = []
+    for key in keys:
+        values = [params[label].get(key, "") for label in labels]
+        rows.append({"parameter": key, **dict(zip(labels, values)), "differs": len(set(values)) > 1})
+    frame = pd.DataFrame(rows, columns=["parameter", *labels, "differs"])
+    if only_differences:
+        frame = frame[frame["differs"]]
+    return frame.set_index("parameter")
+
+
+def run_dirs_by_id(workspace: Workspace) -> dict[str, Path]:
+    """MLflow run id -> run folder, from each folder's ``started`` events (a resumed folder keeps its id)."""
+    found: dict[str, Path] = {}
+    for run_dir in workspace.run_dirs():
+        for event in read_events(run_dir):
+            if event.get("event") == "started" and event.get("run_id"):
+                found[str(event["run_id"])] = run_dir
+    return found
+
+
+def run_dir_for(workspace: Workspace, run: dict[str, Any], by_id: Optional[dict[str, Path]] = None) -> \
+        Optional[Path]:
+    """The run folder of an MLflow run: by its id in events.jsonl, else ``runs/<run name>`` if that exists."""
+    by_id = run_dirs_by_id(workspace) if by_id is None else by_id
+    if run.get("run_id") in by_id:
+        return by_id[run["run_id"]]
+    name = run.get("run_name")
+    if name and (workspace.runs_dir / name).is_dir() and "/" not in name:
+        return workspace.runs_dir / name
+    return None
+
+
+def local_artifact_dir(artifact_uri: Optional[str]) -> Optional[Path]:
+    """A local folder for a ``file://`` (or plain path) artifact URI; None for remote stores."""
+    if not artifact_uri:
+        return None
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme in ("", "file"):
+        path = Path(unquote(parsed.path if parsed.scheme else artifact_uri))
+        return path if path.is_dir() else None
+    return None
+
+
+def preview_steps(*folders: Optional[Path]) -> dict[int, list[Path]]:
+    """Preview images by training step from the first folder that has any (``previews/step-000030*.png``)."""
+    for folder in folders:
+        if folder is None or not folder.is_dir():
+            continue
+        by_step: dict[int, list[Path]] = {}
+        for path in sorted(folder.glob("step-*.png")):
+            match = _STEP_FILE.match(path.name)
+            if match:
+                by_step.setdefault(int(match.group(1)), []).append(path)
+        if by_step:
+            return dict(sorted(by_step.items()))
+    return {}
+
+
+def adapter_files(run_dir: Path) -> list[Path]:
+    """Exported adapters of a run: ``export/*.safetensors`` files and PEFT folders."""
+    export = run_dir / "export"
+    if not export.is_dir():
+        return []
+    return sorted(p for p in export.iterdir() if (p.is_file() and p.suffix == ".safetensors")
+                  or (p.is_dir() and (p / "adapter_config.json").exists()))
+
+
+def checkpoint_dirs(run_dir: Path) -> dict[int, Path]:
+    """Complete checkpoints of a run by step (``checkpoints/step-XXXXXXXX`` with its COMPLETE marker)."""
+    ckpts = run_dir / "checkpoints"
+    if not ckpts.is_dir():
+        return {}
+    found = {}
+    for path in ckpts.glob("step-*"):
+        match = _STEP_FILE.match(path.name)
+        if match and (path / "COMPLETE").exists():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the run's complete checkpoints, oldest first."""
+    return list(checkpoint_dirs(run_dir))
+
+
+def _run_recipe(run_dir: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_method(run_dir: Path) -> Optional[str]:
+    """The adapter method of a run, from the recipe it saved."""
+    return (_run_recipe(run_dir).get("adapter") or {}).get("method")
+
+
+def run_preset(run_dir: Path) -> Optional[str]:
+    """The model preset of a run, from the recipe it saved."""
+    return (_run_recipe(run_dir).get("model") or {}).get("preset")
+
+
+def zip_folder(folder: Path) -> bytes:
+    """A folder (e.g. a PEFT export) as zip bytes for a download button."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, Path(folder.name) / path.relative_to(folder))
+    return buffer.getvalue()

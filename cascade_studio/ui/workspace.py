@@ -1,0 +1,129 @@
+"""Where the studio keeps things: one workspace folder (runs, jobs, recipes, mlflow.db) plus the repository's
+shipped recipes and datasets.
+
+Layout under the workspace (the same one ``run.py`` writes, plus the studio's own folders)::
+
+    recipes/<name>.yaml      recipes saved from the studio
+    jobs/<id>.json|.log      the job queue (see jobs.py)
+    runs/<name>/             training runs (events.jsonl, checkpoints/, export/, previews/)
+    compare/<date-time>/     outputs of ``cascade-studio compare`` (grid.png, cells/, manifest.json)
+    mlflow.db, mlartifacts/  MLflow's SQLite store and artifacts
+
+No torch, no Streamlit.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .paths import confine
+
+__all__ = ["REPO_ROOT", "WORKSPACE_ENV", "Workspace", "RecipeEntry", "ensure_repo_cwd"]
+
+# cascade_studio/ui/workspace.py -> the repository root (the editable install's checkout).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKSPACE_ENV = "CASCADE_STUDIO_WORKSPACE"
+EXPERIMENT = "cascade-studio"
+
+
+def ensure_repo_cwd() -> None:
+    """Run from the repository root, as recipes expect: their relative paths (``datasets/tiny-shapes``) resolve
+    against the current directory both when validating here and when the job runs (jobs start there too)."""
+    if Path.cwd().resolve() != REPO_ROOT:
+        os.chdir(REPO_ROOT)
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    """A recipe file the studio offers: ``label`` is what the picker shows, ``shipped`` means read-only."""
+
+    label: str
+    path: Path
+    shipped: bool
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The studio's folders. Create with :meth:`from_env` (the server) or directly (tests)."""
+
+    root: Path
+    repo_root: Path = REPO_ROOT
+
+    @classmethod
+    def from_env(cls, default: str = "workspace") -> "Workspace":
+        """The workspace named by ``$CASCADE_STUDIO_WORKSPACE`` (set by ``cascade-studio ui``)."""
+        return cls(Path(os.environ.get(WORKSPACE_ENV) or (REPO_ROOT / default)).resolve())
+
+    # ------------------------------------------------------------------------------------------------ folders
+    @property
+    def recipes_dir(self) -> Path:
+        return self.root / "recipes"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def comparisons_dir(self) -> Path:
+        # The same folder `cascade-studio compare` writes to by default, so CLI comparisons show up here too.
+        return self.root / "compare"
+
+    @property
+    def shipped_recipes_dir(self) -> Path:
+        return self.repo_root / "recipes"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.repo_root / "datasets"
+
+    def tracking_uri(self) -> str:
+        """The MLflow store runs launched from here log to (``$MLFLOW_TRACKING_URI`` wins, as in recipes)."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + (self.root / "mlflow.db").as_posix()
+
+    # ---------------------------------------------------------------------------------------- confinement
+    def data_roots(self) -> list[Path]:
+        """Folders a dataset path may point into."""
+        return [self.root, self.datasets_dir]
+
+    def confine_data(self, text: str) -> Path:
+        """A dataset path typed by the user: relative to the repository root, inside the workspace or datasets/."""
+        return confine(text, self.data_roots(), base=self.repo_root)
+
+    def confine_workspace(self, text: str | os.PathLike[str]) -> Path:
+        """A path that must lie inside the workspace (adapter files, run folders); relative = from the workspace."""
+        return confine(text, [self.root], base=self.root)
+
+    def confine_recipe(self, text: str | os.PathLike[str]) -> Path:
+        """A recipe file: a shipped one under recipes/ or a saved one under the workspace's recipes/."""
+        return confine(text, [self.shipped_recipes_dir, self.recipes_dir], base=self.repo_root)
+
+    # --------------------------------------------------------------------------------------------- recipes
+    def list_recipes(self) -> list[RecipeEntry]:
+        """Shipped recipes (``recipes/**``, tiny first, the tiny LoRA at the top) then the workspace's saved ones."""
+        shipped = sorted(self.shipped_recipes_dir.rglob("*.yaml"),
+                         key=lambda p: (p.parent.name != "tiny", p.name != "lora.yaml",
+                                        str(p.relative_to(self.shipped_recipes_dir))))
+        entries = [RecipeEntry(f"shipped: {p.relative_to(self.shipped_recipes_dir)}", p, True) for p in shipped]
+        if self.recipes_dir.is_dir():
+            entries += [RecipeEntry(f"saved: {p.name}", p, False) for p in sorted(self.recipes_dir.glob("*.yaml"))]
+        return entries
+
+    def recipe_label(self, path: Path) -> Optional[str]:
+        """The picker label of ``path``, if the studio lists it."""
+        for entry in self.list_recipes():
+            if entry.path == path:
+                return entry.label
+        return None
+
+    def run_dirs(self) -> list[Path]:
+        """Run folders (newest first by modification time)."""
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted((p for p in self.runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime,
+                      reverse=True)
