@@ -116,7 +116,8 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
         context = AdapterContext(preset=recipe.model.preset, base_fingerprint=models.fingerprint(),
                                  stage_c_config=dict(models.preset.stage_c, c_hidden=list(
                                      models.preset.stage_c.get("c_hidden", [2048, 2048]))),
-                                 extra={"models": models})
+                                 extra={"models": models,
+                                        "ip_image_encoder_loader": _ip_encoder_loader(recipe, models)})
         events.emit("phase", phase="data")
         train_set, holdout_set, extras, skipped, preview_embeddings = _prepare_data(
             recipe, models, method, method_cfg, context, accelerator, run_dir, progress)
@@ -245,6 +246,28 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
                         heldout_after=result.heldout_after)
         elif status == "KILLED":
             events.emit("killed")
+
+
+def _ip_encoder_loader(recipe, models):
+    """Name -> frozen image encoder for the IP-Adapter, from the recipe's weights (never random for real use)."""
+    def load(name: str):
+        import torch
+
+        if name == "tiny":
+            from .models.encoders import build_ip_image_encoder
+
+            return build_ip_image_encoder("tiny")
+        from .models.loading import load_ip_image_encoder
+
+        ip_cfg = recipe.adapter.ip_adapter
+        source = ip_cfg.image_encoder_weights or recipe.model.image_encoder or recipe.model.repo_id
+        if source is None:
+            raise ValueError(f"adapter.ip_adapter.image_encoder {name!r} needs weights: set "
+                             "adapter.ip_adapter.image_encoder_weights to its file or folder")
+        dtype = torch.float32 if models.device.type == "cpu" else models.dtype
+        return load_ip_image_encoder(name, source, dtype=dtype, device=models.device,
+                                     allow_pickle=bool(recipe.model.allow_pickle))
+    return load
 
 
 def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool):

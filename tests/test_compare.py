@@ -134,7 +134,6 @@ def test_mixed_column_is_generate_with_the_same_adapters(grid, files, tmp_path, 
         assert (latent(grid, row_of(prompt, 0), 5) - latent(grid, row_of(prompt, 0), 2)).abs().mean() > 0.01
 
 
-@pytest.mark.slow
 def test_single_cell_calls_with_the_full_cascade_equal_single_prompt_generate(tmp_path, capsys):
     code, _, err = run_cli(["compare", "--columns", "base", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
                             "--seed", "5", "--max-batch", "1", "--decoder", "cascade", *FAST,
@@ -209,7 +208,6 @@ def test_run_and_ckpt_specs_resolve_to_the_right_files(runs):
         path(f"ckpt:{runs.run_dir}@30")
 
 
-@pytest.mark.slow
 def test_run_and_checkpoint_columns_compare_and_link_to_mlflow(runs, files, tmp_path, capsys):
     from cascade_studio.tracking import list_runs, read_run
 

@@ -130,6 +130,8 @@ def test_spec_syntax_errors_say_what_to_write():
     # Settings given by flags fill only what the string leaves open.
     spec = parse_adapter_spec("cn:c.safetensors@0.3", weight=1.0, control="a.png")
     assert (spec.weight, spec.control) == (0.3, "a.png")
+    assert parse_adapter_spec("cn:c.safetensors@0", weight=1.0).weight == 0.0  # an explicit 0 is kept
+    assert parse_adapter_spec("cn:c.safetensors", weight=1.0).weight == 1.0
 
 
 def test_wrong_kind_prefix_is_refused(files):

@@ -90,7 +90,11 @@ class AdapterSpec:
 
     def with_defaults(self, **settings: Any) -> AdapterSpec:
         """A copy with ``settings`` applied to the fields still at their defaults (None / empty)."""
-        unset = {k: v for k, v in settings.items() if getattr(self, k) in (None, (), "", False) and v is not None}
+        def is_unset(value: Any) -> bool:
+            # Identity, not ==: an explicit weight of 0 must not count as unset (0 == False).
+            return value is None or value is False or (isinstance(value, (tuple, str)) and not value)
+
+        unset = {k: v for k, v in settings.items() if is_unset(getattr(self, k)) and v is not None}
         return replace(self, **unset)
 
 
@@ -311,7 +315,7 @@ def resolve_adapter(spec: AdapterSpec, workspace: str | Path = "workspace",
             run_dir, _ = _run_dir(spec.source, workspace, tracking_uri, "ckpt:")
             if run_dir is None:
                 raise FileNotFoundError(f"ckpt:{spec.source}: the run folder is gone (only its exported adapter is "
-                                        "in MLflow); use run:{spec.source} instead")
+                                        f"in MLflow); use run:{spec.source} instead")
             checkpoints = dict(_checkpoints(run_dir))
             if not checkpoints:
                 raise FileNotFoundError(f"ckpt:{spec.source}: {run_dir} has no complete checkpoint")
@@ -323,8 +327,8 @@ def resolve_adapter(spec: AdapterSpec, workspace: str | Path = "workspace",
         path = ckpt_path / "adapter.safetensors"
     method = detect_method(path)
     if spec.method is not None and spec.method != method:
-        raise AdapterMismatchError(f"{path}: asked for a {spec.method} but the file holds a {method}; write "
-                                   f"{SHORT_KIND[method]}:{spec.source} instead")
+        raise AdapterMismatchError(f"{path}: asked for a {spec.method} but the file holds a {method}; give it as "
+                                   f"a {SHORT_KIND[method]}: spec (or without a kind prefix: files say what they are)")
     run_id = _run_id_of(run_dir)
     if run_id is None and spec.origin != "file" and _MLFLOW_RUN_ID.match(spec.source):
         run_id = spec.source
@@ -604,10 +608,11 @@ class AdapterInputs:
 
 
 # ------------------------------------------------------------------------------------------------ generate
-def generate_with_adapters(components: Any, settings: Any, specs: Sequence[AdapterSpec], *,
-                           workspace: str | Path = "workspace", tracking_uri: str | None = None,
-                           ip_image_encoder: str | None = None,
-                           progress: Callable[[str, int, int], None] | None = None) -> tuple[list, list[ResolvedAdapter]]:
+def generate_with_adapters(
+    components: Any, settings: Any, specs: Sequence[AdapterSpec], *, workspace: str | Path = "workspace",
+    tracking_uri: str | None = None, ip_image_encoder: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list, list[ResolvedAdapter]]:
     """``pipeline.generate`` with adapters on Stage C; returns (images, resolved adapters).
 
     Every adapter is resolved before any model loads (a wrong path fails in milliseconds); image prompts are

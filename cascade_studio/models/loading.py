@@ -727,11 +727,11 @@ def _assign_official(module: nn.Module, checkpoint: Checkpoint, dtype: torch.dty
     Does what ``load_official_state_dict(assign=True)`` does, but drops each fused tensor as soon as its q/k/v
     parts exist, so peak memory is one model plus one layer. The names come from official.py's own plan.
     """
-    from .official import _fusion_plan  # the single source of the official <-> module name mapping
+    from .official import official_key_plan  # the single source of the official <-> module name mapping
 
     own = module.state_dict()
     state: dict[str, torch.Tensor] = {}
-    for official, ours in _fusion_plan(own.keys()):
+    for official, ours in official_key_plan(own.keys()):
         if official not in checkpoint.shapes:  # an absent BatchNorm counter (checked by _mismatch): start at 0
             state[ours[0]] = torch.zeros((), dtype=torch.long, device=device)
             continue

@@ -65,7 +65,7 @@ def _hint(unexpected: list[str], mismatched: list) -> str:
     return "Check that the file holds this stage (Stage C, B, A, previewer, ControlNet) in the official layout."
 
 
-def _fusion_plan(keys: Iterable[str]) -> list[tuple[str, list[str]]]:
+def official_key_plan(keys: Iterable[str]) -> list[tuple[str, list[str]]]:
     """(official key, our keys) in module order; attention q/k/v collapse into one fused official key."""
     keys = list(keys)
     present = set(keys)
@@ -95,7 +95,7 @@ def official_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     own = module.state_dict()
     return {
         official: own[ours[0]] if len(ours) == 1 else torch.cat([own[k] for k in ours], dim=0)
-        for official, ours in _fusion_plan(own.keys())
+        for official, ours in official_key_plan(own.keys())
     }
 
 
@@ -110,7 +110,7 @@ def load_official_state_dict(
     extra or of the wrong shape raises :class:`StateDictMismatchError` naming the keys.
     """
     own = module.state_dict()
-    plan = _fusion_plan(own.keys())
+    plan = official_key_plan(own.keys())
     # Fused shapes are computed, not materialised: a 3.6B model must not be copied just to check a file.
     expected = {official: _official_shape([own[k].shape for k in ours]) for official, ours in plan}
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]

@@ -103,14 +103,18 @@ class BaseModels:
         """A short id of the base Stage C weights (recorded in adapter files, checked on load)."""
         source = self._weights_source("stage_c")
         if source is None:
-            return f"{self.preset_name}-seed{BASE_SEED}"
+            from ..models.random_init import RANDOM_INIT_SEED
+
+            return f"{self.preset_name}-random-seed{RANDOM_INIT_SEED}"
         from pathlib import Path
 
-        if Path(str(source)).exists():
-            from ..models.loading import weights_fingerprint
+        from ..models.loading import weights_fingerprint
 
+        if Path(str(source)).exists():
             return weights_fingerprint(source)
-        return str(source)
+        # A repo id: hash the resolved file once it is loaded (the loader records where it came from).
+        resolved = getattr(self._cache.get("stage_c"), "source_path", None)
+        return weights_fingerprint(resolved) if resolved and Path(str(resolved)).is_file() else str(source)
 
     def free(self, *names: str) -> None:
         """Drop components (encoders after caching) and return their memory."""

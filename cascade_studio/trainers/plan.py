@@ -400,7 +400,10 @@ class Advice:
 
 
 def suggest(setup: Setup, budget: int, layout: Layout | None = None) -> Advice:
-    """Apply the switches cheapest first, cumulatively, until the plan fits ``budget`` bytes (or none is left)."""
+    """Apply the switches cheapest first, cumulatively, until the plan fits ``budget`` bytes (or none is left).
+
+    A switch that would save less than 1% of the peak is not worth its cost and is passed over.
+    """
     layout = layout or stage_c_layout(setup.stage_c)
     plan = plan_memory(setup, layout)
     applied: list[tuple[str, str, int]] = []
@@ -409,15 +412,16 @@ def suggest(setup: Setup, budget: int, layout: Layout | None = None) -> Advice:
             changed = switch.apply(setup)
             if changed is None:
                 break
-            setup = changed
-            plan = plan_memory(setup, layout)
+            candidate = plan_memory(changed, layout)
+            if plan.peak - candidate.peak < 0.01 * plan.peak:
+                break
+            setup, plan = changed, candidate
             text = switch.override.format(accum=setup.grad_accum, rank=setup.rank)
             if applied and applied[-1][0].split("=")[0] == text.split("=")[0]:
-                applied[-1] = (text, switch.cost, plan.peak)  # rank 16 -> 8 -> 4: say only the last value
+                # rank 16 -> 8 -> 4, or int8 -> nf4: only the last value is the advice
+                applied[-1] = (text, switch.cost, plan.peak)
             else:
                 applied.append((text, switch.cost, plan.peak))
-            if switch.override.startswith(("train.quantize_base=int8",)):
-                break  # int8 is its own step; nf4 is the next switch
     return Advice(plan.peak <= budget, applied, plan)
 
 

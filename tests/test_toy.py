@@ -1,0 +1,140 @@
+"""The pretrained toy cascade (``preset: toy``) and its adapters, measured with simple pixel statistics.
+
+Every number here comes from fixed seeds and from the toy-shapes palette: a shape's colour is the hue most of
+its saturated pixels are closest to (backgrounds are near-grey), and its mask is the set of saturated pixels.
+No learned judge is involved, so a failing threshold means the pictures really changed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cascade_studio.demo import (control_hints, held_out_share, image_prompts, load_trained, sample_previews,
+                                 toy_shapes, train_toy_recipe)
+from cascade_studio.models.toy import ASSET_DIR, SHIPPED, load_toy_component
+
+SHAPES = toy_shapes()
+SAMPLES = 50
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("toy")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_toy_component("stage_c")
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+# ------------------------------------------------------------------------------------------------- the data
+
+def test_toy_shapes_are_deterministic_and_measurable():
+    specs = SHAPES.sample_specs("test")
+    assert specs == SHAPES.sample_specs("test")
+    assert np.array_equal(SHAPES.render(specs[0]), SHAPES.render(specs[0]))
+    # The pixel measure the thresholds rely on is exact on the data itself.
+    assert all(SHAPES.dominant_colour(SHAPES.render(s)) == s.colour for s in specs[:60])
+    # The held-out colour never appears in the base's training split, and only it in the concept split.
+    assert not any("purple" in s.caption for s in SHAPES.sample_specs("train"))
+    assert {s.colour for s in SHAPES.sample_specs("purple")} == {"purple"}
+    assert SHAPES.sample_specs("purple")[0].caption.startswith("a ")
+
+
+def test_written_split_is_a_folder_the_data_module_reads(tmp_path):
+    from cascade_studio.data import scan_source
+
+    folder = SHAPES.ensure_split("purple", tmp_path, limit=6)
+    scan = scan_source({"source": "folder", "path": str(folder)}, control_column="_control")
+    assert len(scan.records) == 6 and not scan.skipped
+    assert all("purple" in r.caption and r.has_control for r in scan.records)
+    assert SHAPES.ensure_split("purple", tmp_path, limit=6) == folder  # second call reuses the folder
+
+
+# ----------------------------------------------------------------------------------------------- the base
+
+def test_shipped_weights_are_small_and_strict():
+    files = [ASSET_DIR / f"{name}.safetensors" for name in SHIPPED]
+    assert all(f.exists() for f in files)
+    assert sum(f.stat().st_size for f in files) < 4_000_000
+    for name in SHIPPED:
+        module = load_toy_component(name)
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+    # The text encoder is not shipped: it is the deterministic random init, identical on every call.
+    a, b = load_toy_component("text_encoder"), load_toy_component("text_encoder")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_compressor_and_previewer_round_trip_colours():
+    specs = SHAPES.sample_specs("test")[:40]
+    images = torch.from_numpy(np.stack([SHAPES.render(s) for s in specs])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        latents = load_toy_component("effnet").encode(images)
+        pixels = load_toy_component("previewer")(latents)
+    assert latents.shape == (40, 16, 8, 8)
+    assert 0.5 < latents.std().item() < 1.5  # normalised latents, what the diffusion schedule assumes
+    decoded = [SHAPES.dominant_colour(a) for a in (pixels.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()]
+    assert sum(d == s.colour for d, s in zip(decoded, specs)) >= 36
+
+
+@pytest.mark.slow
+def test_toy_base_follows_colour_prompts(base):
+    colours = [SHAPES.BASE_COLOURS[i % 4] for i in range(SAMPLES)]
+    prompts = [f"a {'large' if i % 3 else 'small'} {c} {SHAPES.SHAPES[i % 4]}" for i, c in enumerate(colours)]
+    images = sample_previews(base, prompts, seed=0)
+    hits = sum(SHAPES.dominant_colour(im) == c for im, c in zip(images, colours))
+    assert hits >= 0.8 * SAMPLES, f"prompted colour dominant in {hits}/{SAMPLES} samples"
+
+
+# --------------------------------------------------------------------------------------------- the adapters
+
+def _purple_prompts() -> list[str]:
+    return [f"a {'large' if i % 3 else 'small'} purple {SHAPES.SHAPES[i % 4]}" for i in range(SAMPLES)]
+
+
+@pytest.mark.slow
+def test_toy_lora_teaches_the_held_out_colour(workspace):
+    adapter = train_toy_recipe("lora", workspace, "purple")
+    model = load_trained(adapter, name="lora")
+    model.set_enabled("lora", False)
+    before = held_out_share(sample_previews(model, _purple_prompts(), seed=1), "purple")
+    model.set_enabled("lora", True)
+    after = held_out_share(sample_previews(model, _purple_prompts(), seed=1), "purple")
+    assert before < 0.1, f"the base already draws purple in {before:.0%} of samples"
+    assert after >= 0.8, f"purple in {after:.0%} of samples after the LoRA"
+
+
+@pytest.mark.slow
+def test_toy_controlnet_places_the_shape_on_the_edges(workspace):
+    adapter = train_toy_recipe("controlnet", workspace, "control")
+    model = load_trained(adapter, name="controlnet")
+    specs = SHAPES.sample_specs("test")[:24]
+    prompts = [f"a {s.size} {s.colour} {s.shape}" for s in specs]  # no position: only the edges say where
+    masks = [SHAPES.shape_mask(s, 64) for s in specs]
+    hints = control_hints(specs)
+    scores = {}
+    for enabled in (False, True):
+        model.set_enabled("controlnet", enabled)
+        images = sample_previews(model, prompts, seed=2, extra_cond={"control": hints})
+        scores[enabled] = float(np.mean([iou(SHAPES.saturated_mask(im), m) for im, m in zip(images, masks)]))
+    assert scores[True] >= 0.5, scores
+    assert scores[False] < 0.2, scores
+
+
+@pytest.mark.slow
+def test_toy_ip_adapter_adopts_the_image_colour(workspace):
+    adapter = train_toy_recipe("ip-adapter", workspace, "control")
+    model = load_trained(adapter, name="ip_adapter")
+    specs = SHAPES.sample_specs("test")[:40]
+    embeds = image_prompts(specs)
+    prompts = ["a large shape"] * len(specs)  # neutral: the colour can only come from the image
+    images = sample_previews(model, prompts, seed=3, extra_cond={"ip_image_embeds": embeds},
+                             extra_uncond={"ip_image_embeds": torch.zeros_like(embeds)})
+    adopted = sum(SHAPES.dominant_colour(im) == s.colour for im, s in zip(images, specs))
+    assert adopted >= 0.7 * len(specs), f"image colour adopted in {adopted}/{len(specs)} samples"
