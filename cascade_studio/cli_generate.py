@@ -6,7 +6,6 @@ Argument parsing only; the work is in ``inference.pipeline``, ``inference.adapte
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path

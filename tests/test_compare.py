@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,8 +20,11 @@ from cascade_studio.adapters.files import save_adapter_tensors
 from cascade_studio.inference.adapters import parse_adapter_spec, resolve_adapter, resolve_adapter_path
 from cascade_studio.inference.compare import COMPARED_RUNS_TAG, CompareSettings, run_compare
 from cascade_studio.inference.grid import make_grid
-# test_generate_cli.py holds the adapter-file builders both CLI test files share (pytest puts tests/ on sys.path).
-from test_generate_cli import FAST, build_adapter_files, lora_adapter, pixels, run_cli
+
+# test_generate_cli.py holds the adapter-file builders both CLI test files share; put its folder on the path so
+# the import works under every pytest import mode.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_generate_cli import FAST, build_adapter_files, lora_adapter, pixels, run_cli  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square"]
 SEEDS = [0, 3]

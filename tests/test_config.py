@@ -87,9 +87,9 @@ def test_tiny_lora_recipe_holds_the_documented_settings():
     r = load_recipe(REPO / "recipes/tiny/lora.yaml")
     assert (r.model.preset, r.model.dtype, r.train.mixed_precision) == ("tiny", "fp32", "no")
     assert (r.data.resolution, r.data.holdout_fraction, r.data.caption_dropout) == (256, 0.25, 0.05)
-    assert (r.train.max_steps, r.train.batch_size, r.train.checkpoint_every) == (60, 4, 20)
-    assert (r.optimizer.name, r.optimizer.lr, r.adapter.lora.rank) == ("adamw8bit", 2e-3, 8)
-    assert (r.preview.every, len(r.preview.prompts), r.preview.seeds) == (30, 2, (0, 1))
+    assert (r.train.max_steps, r.train.batch_size, r.train.checkpoint_every) == (100, 4, 25)
+    assert (r.optimizer.name, r.optimizer.lr, r.adapter.lora.rank) == ("adamw8bit", 3e-3, 8)
+    assert (r.preview.every, len(r.preview.prompts), r.preview.seeds) == (50, 2, (0, 1))
 
 
 def test_real_size_recipes_use_the_published_defaults():

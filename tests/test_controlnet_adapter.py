@@ -69,8 +69,9 @@ def _run(model, inputs, **extra) -> torch.Tensor:
 def test_fresh_controlnet_leaves_stage_c_output_unchanged(model, context, inputs):
     base = _run(model, inputs)
     adapter = cn.create_adapter({"control": "canny"}, model, context)
-    assert adapter.spec == ControlNetSpec(c_in=1, c_proj=64, proj_blocks=TINY_BLOCKS, bottleneck="simple",
-                                          control="canny", hint_size=32)
+    # tiny default: the tiny compressor architecture as backbone, fed the hint at image resolution
+    assert adapter.spec == ControlNetSpec(c_in=1, c_proj=64, proj_blocks=TINY_BLOCKS, bottleneck="effnet_tiny",
+                                          control="canny", hint_size=None)
     assert torch.equal(_run(model, inputs, control=_hint()), base)
 
 
@@ -173,7 +174,7 @@ def test_export_then_import_reproduces_outputs_exactly(tmp_path, model, context,
     assert meta["modelspec.architecture"] == "stable-cascade-v1-prior/controlnet"
     assert json.loads(meta["cascade_studio.proj_blocks"]) == list(TINY_BLOCKS)
     assert (meta["cascade_studio.c_in"], meta["cascade_studio.c_proj"], meta["cascade_studio.bottleneck"]) == (
-        "4", "64", "simple")
+        "4", "64", "effnet_tiny")
     assert (meta["cascade_studio.base_width"], meta["cascade_studio.base_fingerprint"]) == ("64", "tiny-test")
     assert meta["cascade_studio.control"] == "inpainting" and meta["cascade_studio.recipe"] == "{}"
     assert detect_method(path) == "controlnet"
@@ -230,7 +231,10 @@ def test_recipe_defaults_per_base():
     assert (lite.c_in, lite.c_proj, lite.proj_blocks) == (4, 1536, (0, 2, 4, 6, 25, 27, 29, 31))
     image = cn.spec_from_config({"control": "image", "channels": 1, "proj_blocks": [1, 3]}, 64,
                                 AdapterContext(preset="tiny"))
-    assert (image.c_in, image.proj_blocks, image.bottleneck, image.hint_size) == (1, (1, 3), "simple", 32)
+    assert (image.c_in, image.proj_blocks, image.bottleneck, image.hint_size) == (1, (1, 3), "effnet_tiny", None)
+    simple = cn.spec_from_config({"control": "image", "channels": 1, "bottleneck": "simple"}, 64,
+                                 AdapterContext(preset="tiny"))
+    assert (simple.bottleneck, simple.hint_size) == ("simple", 32)
 
 
 def test_published_big_file_is_refused_on_a_smaller_base(tmp_path, model, context):
@@ -264,8 +268,8 @@ def test_effnet_file_without_metadata_loads_with_preset_blocks(tmp_path, model, 
 def test_two_controlnets_sum_their_residuals(model, context, inputs):
     first = cn.create_adapter({"control": "canny"}, model, context, name="edges")
     _randomize(first, 9)
-    second = ControlNetAdapter(ControlNetSpec(c_in=4, c_proj=64, proj_blocks=(2, 5), bottleneck="simple",
-                                              control="inpainting", hint_size=32), name="paint", input_name="mask")
+    second = ControlNetAdapter(ControlNetSpec(c_in=4, c_proj=64, proj_blocks=(2, 5), bottleneck="effnet_tiny",
+                                              control="inpainting"), name="paint", input_name="mask")
     _randomize(second, 10)
     model.add_adapter(second)
     edges, paint = _hint(1), _hint(4, seed=11)

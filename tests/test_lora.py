@@ -262,3 +262,18 @@ def test_garbage_files_refused(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(AdapterMismatchError, match="junk.safetensors"):
         load_adapter_file(path, AdaptedStageC(tiny_stage_c()), CONTEXT)
+
+
+def test_training_checkpoint_file_loads_directly(tmp_path):
+    """A checkpoint's adapter.safetensors (PEFT layout + studio metadata) loads without an adapter_config.json."""
+    inputs = tiny_inputs()
+    model = AdaptedStageC(tiny_stage_c())
+    adapter = LoraAdapter(LoraSpec(rank=3, alpha=5.0), name="a")
+    model.add_adapter(adapter)
+    randomize(adapter)
+    trained = run(model, inputs)
+    path = save_adapter_tensors(adapter.adapter_state_dict(), tmp_path / "adapter.safetensors", adapter.metadata())
+    fresh = AdaptedStageC(tiny_stage_c())
+    loaded = load_adapter_file(path, fresh, CONTEXT, name="ckpt")
+    assert (loaded.spec.rank, loaded.spec.alpha) == (3, 5.0)
+    torch.testing.assert_close(run(fresh, inputs), trained, atol=1e-5, rtol=0)

@@ -14,7 +14,7 @@ import math
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -173,6 +173,8 @@ class ResolvedAdapter:
             parts.append(f"{self.spec.control_mode or 'auto'}:{Path(self.spec.control).name}")
         if self.method == "ip_adapter" and self.spec.image_prompts:
             parts.append("+".join(Path(p).name for p in self.spec.image_prompts))
+            if len(self.spec.image_prompts) > 1:
+                parts.append(f"({self.spec.multi_image})")
         return " ".join(parts)
 
     def describe(self) -> dict[str, Any]:

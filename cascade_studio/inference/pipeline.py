@@ -76,6 +76,7 @@ class ModelSpec:
     previewer: str | None = None
     text_encoder: str | None = None
     effnet: str | None = None
+    image_encoder: str | None = None
     repo_id: str | None = None
     variant: str | None = None
     allow_pickle: bool = False

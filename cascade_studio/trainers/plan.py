@@ -272,7 +272,7 @@ def optimizer_state_bytes(sizes: Sequence[int], name: str) -> int:
             side = int(math.sqrt(n))  # factored second moment: about one row and one column per matrix
             total += 4 * 2 * side
         else:
-            total += 8 * n
+            total += 8 * n + 4  # two fp32 moments, plus torch's fp32 step counter per tensor
     return total
 
 

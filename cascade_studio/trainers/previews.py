@@ -39,6 +39,8 @@ def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Pa
         if "ip_image_embeds" in extra_cond:
             extra_uncond["ip_image_embeds"] = torch.zeros_like(extra_cond["ip_image_embeds"])
 
+    control_image = _control_to_image(extra_cond.get("control"))
+
     def render(step: int) -> None:
         previewer = models.previewer()
         h, w = stage_c_latent_size(size, size)
@@ -59,9 +61,12 @@ def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Pa
                         pixels = previewer(latents.to(next(previewer.parameters()).device).float())
                     row.append(_to_image(pixels[0]))
                 model.set_enabled(adapter.name, True)
+                if control_image is not None:
+                    row.insert(0, control_image)
                 rows.append(row)
                 labels.append(f"{prompt} (seed {seed})")
-        grid = make_grid(rows, labels, ["base", f"{adapter.method} @ step {step}"])
+        columns = (["control"] if control_image is not None else []) + ["base", f"{adapter.method} @ step {step}"]
+        grid = make_grid(rows, labels, columns)
         out = run_dir / "previews" / f"step-{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)
@@ -76,3 +81,13 @@ def _to_image(pixels: torch.Tensor):
 
     array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
+
+
+def _control_to_image(control: torch.Tensor | None):
+    """The control hint as a picture: 1 channel as grey, RGB(+mask) as its first three channels."""
+    if control is None or control.dim() != 4 or control.shape[1] not in (1, 3, 4):
+        return None
+    hint = control[0, :3].float()
+    if hint.shape[0] == 1:
+        hint = hint.expand(3, -1, -1)
+    return _to_image(hint)

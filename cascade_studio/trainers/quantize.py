@@ -12,6 +12,7 @@ that names the recipe switch, so a run fails at its start rather than after the 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from typing import Iterable
@@ -173,10 +174,8 @@ def check_quantization_supported(mode: str, device: torch.device | str, dtype: t
         reference = nn.Linear(128, 128)
         with torch.no_grad():
             reference.weight.copy_(torch.randn(128, 128, generator=generator) / 128**0.5)
+        probe = nn.Sequential(copy.deepcopy(reference)).to(device, dtype).requires_grad_(False)
         reference = reference.to(device, dtype).requires_grad_(False)
-        probe = nn.Sequential(nn.Linear(128, 128))
-        probe[0].load_state_dict(reference.state_dict())
-        probe = probe.to(device, dtype).requires_grad_(False)
         quantize_frozen_linears(probe, mode, skip=())
         # 4-D like a ResBlock's channelwise input (BHWC): kernels that only handle 2-D inputs fail here.
         x = torch.randn(2, 3, 3, 128, generator=generator).to(device, dtype).requires_grad_(True)
@@ -196,18 +195,22 @@ def check_quantization_supported(mode: str, device: torch.device | str, dtype: t
 
 
 def quantized_bytes(stage_c: nn.Module) -> int:
-    """Bytes held by ``stage_c``'s parameters and buffers, counting bitsandbytes' quantization statistics."""
+    """Bytes held by ``stage_c``'s parameters and buffers, counting bitsandbytes' quantization statistics (int8
+    row scales, which move from the weight to the layer's state on the first call, and NF4 absmax values)."""
     total = 0
     seen: set[int] = set()
     for tensor in list(stage_c.parameters()) + list(stage_c.buffers()):
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-        scb = getattr(tensor, "SCB", None)
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    for module in stage_c.modules():
+        weight = getattr(module, "weight", None)
+        scb = getattr(weight, "SCB", None)
+        if scb is None and getattr(module, "state", None) is not None:
+            scb = getattr(module.state, "SCB", None)
         if torch.is_tensor(scb):
             total += scb.numel() * scb.element_size()
-        state = getattr(tensor, "quant_state", None)
+        state = getattr(weight, "quant_state", None)
         if state is not None:
             total += state.absmax.numel() * state.absmax.element_size()
             if getattr(state, "state2", None) is not None:

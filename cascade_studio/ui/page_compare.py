@@ -75,13 +75,15 @@ def render() -> None:
                                                           if chosen_ckpts else None)
     st.subheader("Rows and model")
     prompts_default = "\n".join((_run_prompts(first_run) if first_run else []) or [_DEFAULT_PROMPT])
-    prompts_text = st.text_area("Prompts (one per line)", value=prompts_default, key="cmp_prompts", height=90)
+    # Keys follow the first chosen run: picking another run brings in its prompts and preset.
+    prompts_text = st.text_area("Prompts (one per line)", value=prompts_default, key=f"cmp_prompts-{first_run}",
+                                height=90)
     seeds_text = st.text_input("Seeds", value="0", key="cmp_seeds", help="Whole numbers; one row per prompt and seed")
     presets = _presets()
     preset_default = (run_preset(first_run) if first_run else None) or presets[0]
     a, b, c = st.columns(3)
     preset = a.selectbox("Base model preset", presets, index=presets.index(preset_default)
-                         if preset_default in presets else 0, key="cmp_preset",
+                         if preset_default in presets else 0, key=f"cmp_preset-{first_run}",
                          help="Must match the preset the adapters were trained on")
     decoder = b.selectbox("Decoder", ["previewer", "cascade"], key="cmp_decoder",
                           help="previewer: fast and small; cascade: Stage B + A, full quality, slow")

@@ -97,6 +97,10 @@ def load_adapter_file(path: Path, model: AdaptedStageC, context=None, name: str 
             spec, targets, peft_sd = comfyui_to_peft(tensors, model.stage_c)
         elif fmt == "official":
             spec, targets, peft_sd = official_to_peft(tensors, model.stage_c)
+        elif fmt == "peft" and metadata.get("cascade_studio.method") == "lora":
+            # a training checkpoint's adapter.safetensors: PEFT layout, settings in the metadata
+            spec, targets, peft_sd = _spec_from_metadata(tensors, metadata), None, tensors
+            targets = list(spec.targets)
         elif fmt == "peft":
             raise AdapterMismatchError(f"{path}: PEFT tensors need their adapter_config.json; pass the folder")
         else:
@@ -113,6 +117,15 @@ def load_adapter_file(path: Path, model: AdaptedStageC, context=None, name: str 
     if multiplier != 1.0:
         adapter.set_multiplier(multiplier)
     return adapter
+
+
+def _spec_from_metadata(tensors: dict, metadata: dict[str, str]) -> LoraSpec:
+    from .formats import _split_peft_key
+
+    modules = sorted({_split_peft_key(k)[0] for k in tensors})
+    return LoraSpec(rank=int(metadata.get("cascade_studio.rank", 16)),
+                    alpha=float(metadata.get("cascade_studio.alpha", 16.0)),
+                    type=metadata.get("cascade_studio.lora_type", "lora"), targets=tuple(modules))
 
 
 def _spec_from_peft_config(config: dict, metadata: dict[str, str]) -> LoraSpec:

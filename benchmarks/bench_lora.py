@@ -1,0 +1,316 @@
+"""LoRA training step: this studio against the baseline a diffusers user would write, on one machine, in one run.
+
+Variants (each measurement is its own process, variants alternate, several repetitions, medians reported):
+
+* ``studio-speed``: our ``StageC`` + ``LoraAdapter`` (PEFT on to_q/to_k/to_v/out_proj) inside ``AdaptedStageC``,
+  our loss step (``trainers.steps.diffusion_training_loss``), torch AdamW, no checkpointing;
+* ``studio-memory``: the same with gradient checkpointing and bitsandbytes 8-bit AdamW (the memory switches);
+* ``diffusers``: diffusers' ``StableCascadeUNet`` with the same config, PEFT ``inject_adapter_in_model`` on
+  ``to_q/to_k/to_v/to_out.0`` (the UNet has no ``add_adapter``), torch AdamW, and the loss a diffusers user writes
+  (``DDPMWuerstchenScheduler.add_noise``, MSE on the noise, as in diffusers' Würstchen prior training example).
+
+Same batch, latent size, dtype (fp32: the CPU has no fast bf16 path), LoRA rank and optimizer step in every
+variant; the frozen base is in eval mode in all of them (our trainer runs it so: no dropout in the frozen model).
+A step is forward + backward + optimizer step + zero_grad, timed with ``time.perf_counter`` after one warm-up
+step. Memory per process, two figures:
+
+* **peak RSS delta**: ``getrusage(RUSAGE_SELF).ru_maxrss`` after the timed steps minus the RSS right after the
+  imports (every variant imports the same libraries first), i.e. everything the model, data and training added,
+  allocator caching included: what the machine sees;
+* **peak tensor bytes**: parameters, buffers and optimizer state plus the peak of live tensor bytes during one
+  more step, from ``torch.profiler``'s allocator events (``trainers.plan.measure_peak_tensor_bytes``).
+
+Also times one epoch of the tiny data set with the encoders running (what a trainer without a cache does every
+epoch) against one epoch read from the encode-once cache (``data.build_cache`` / ``CachedDataset``).
+
+    .venv/bin/python benchmarks/bench_lora.py                 # tiny + mid, writes benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/bench_lora.py --lite          # also the 1B lite config (slow, ~10 GB)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("diffusers", "studio-speed", "studio-memory")
+TINY_TEXT = dict(c_clip_text=64, c_clip_text_pooled=64, c_clip_img=32)
+SIZES = {
+    # name: (Stage C kwargs, batch, latent side, LoRA rank)
+    "tiny": (dict(c_cond=64, c_hidden=[64, 64], nhead=[2, 2], blocks=[[2, 4], [4, 2]], **TINY_TEXT), 4, 8, 8),
+    "mid": (dict(c_cond=512, c_hidden=[512, 512], nhead=[8, 8], blocks=[[2, 6], [6, 2]]), 2, 24, 16),
+    "lite": (dict(c_cond=1536, c_hidden=[1536, 1536], nhead=[24, 24], blocks=[[4, 12], [12, 4]]), 1, 24, 16),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ worker
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _diffusers_model(cfg: dict, rank: int):
+    import peft
+    from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
+
+    block = ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock")
+    unet = StableCascadeUNet(
+        in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1,
+        conditioning_dim=cfg["c_cond"], block_out_channels=tuple(cfg["c_hidden"]),
+        num_attention_heads=tuple(cfg["nhead"]), down_num_layers_per_block=tuple(cfg["blocks"][0]),
+        up_num_layers_per_block=tuple(cfg["blocks"][1]), down_blocks_repeat_mappers=(1, 1),
+        up_blocks_repeat_mappers=(1, 1), block_types_per_layer=(block, block),
+        clip_text_in_channels=cfg.get("c_clip_text", 1280),
+        clip_text_pooled_in_channels=cfg.get("c_clip_text_pooled", 1280),
+        clip_image_in_channels=cfg.get("c_clip_img", 768), clip_seq=4, dropout=(0.1, 0.1), self_attn=True,
+        timestep_conditioning_type=("sca", "crp"), switch_level=(False,))
+    unet.requires_grad_(False).eval()
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    peft.inject_adapter_in_model(config, unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    return unet, params
+
+
+def _studio_model(cfg: dict, rank: int, checkpointing: bool):
+    from cascade_studio.adapters.base import AdaptedStageC
+    from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
+    from cascade_studio.models import build_stage_c
+    from cascade_studio.models.random_init import make_learnable
+
+    stage_c = make_learnable(build_stage_c(**cfg)).requires_grad_(False).eval()
+    stage_c.gradient_checkpointing = checkpointing
+    model = AdaptedStageC(stage_c)
+    adapter = LoraAdapter(LoraSpec(rank=rank, alpha=float(rank), targets=("attention",)))
+    model.add_adapter(adapter)
+    return model, adapter.trainable_parameters()
+
+
+def worker(variant: str, size: str, steps: int) -> dict:
+    # The same imports in every variant, before the RSS baseline, so the delta is the training's own memory.
+    import bitsandbytes  # noqa: F401
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import torch
+
+    import cascade_studio.adapters.lora  # noqa: F401
+    from cascade_studio.trainers.optim import build_optimizer
+    from cascade_studio.trainers.plan import measure_peak_tensor_bytes
+    from cascade_studio.trainers.steps import diffusion_training_loss, step_generator
+
+    cfg, batch_size, side, rank = SIZES[size]
+    baseline_rss = _rss_bytes()
+    torch.manual_seed(0)
+    c_text, c_img = cfg.get("c_clip_text", 1280), cfg.get("c_clip_img", 768)
+    batch = {"latents": torch.randn(batch_size, 16, side, side), "clip_text": torch.randn(batch_size, 77, c_text),
+             "clip_text_pooled": torch.randn(batch_size, 1, c_text), "clip_img": torch.randn(batch_size, 1, c_img)}
+
+    if variant == "diffusers":
+        from diffusers import DDPMWuerstchenScheduler
+
+        model, params = _diffusers_model(cfg, rank)
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        scheduler = DDPMWuerstchenScheduler()
+
+        def loss_fn(step: int):
+            latents = batch["latents"]
+            noise = torch.randn_like(latents)
+            t = torch.rand(latents.shape[0]).clamp(0.001, 1.0)
+            noisy = scheduler.add_noise(latents, noise, t)
+            pred = model(noisy, t, clip_text_pooled=batch["clip_text_pooled"], clip_text=batch["clip_text"],
+                         clip_img=batch["clip_img"], return_dict=False)[0]
+            return torch.nn.functional.mse_loss(pred.float(), noise.float())
+    else:
+        memory = variant == "studio-memory"
+        model, params = _studio_model(cfg, rank, checkpointing=memory)
+        optimizer = build_optimizer(params, {"name": "adamw8bit" if memory else "adamw", "lr": 1e-4})
+
+        def loss_fn(step: int):
+            return diffusion_training_loss(model, batch, c_clip_img=c_img, caption_dropout=0.0, shift=1.0,
+                                           offset=0.0, generator=step_generator(0, step))
+
+    def train_step(step: int) -> float:
+        loss = loss_fn(step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    losses = [train_step(0)]  # warm-up: optimizer state, lazy kernels
+    times = []
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        losses.append(train_step(step))
+        times.append(time.perf_counter() - start)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tensors = list(model.parameters()) + list(model.buffers()) + [
+        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    resident = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    live_peak, _ = measure_peak_tensor_bytes(lambda: train_step(steps + 1))
+    return {"variant": variant, "size": size, "step_s": times, "rss_delta": peak_rss - baseline_rss,
+            "tensor_peak": resident + live_peak, "losses": losses, "trainable": sum(p.numel() for p in params),
+            "threads": torch.get_num_threads()}
+
+
+def cache_worker() -> dict:
+    """One epoch of tiny-shapes with the encoders (no cache) vs read back from the encode-once cache."""
+    os.chdir(REPO)
+    import torch
+
+    from cascade_studio.data import build_cache, scan_source
+    from cascade_studio.data.images import resize_and_crop, to_tensor01
+    from cascade_studio.trainers.components import BaseModels
+    from cascade_studio.trainers.features import base_feature_encoders
+    from cascade_studio.trainers.loop import collate
+
+    records = list(scan_source({"source": "folder", "path": "datasets/tiny-shapes"}).records)
+    models = BaseModels({"preset": "tiny", "dtype": "fp32"})
+    encoders = base_feature_encoders(models)
+    batch_size, size = 4, (256, 256)
+    encoders[1].encode(["warm up"])
+
+    def epoch_with_encoders() -> None:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            images = [to_tensor01(resize_and_crop(r.load_image(), size, crop="center")) for r in chunk]
+            encoders[0].encode(images)
+            encoders[1].encode([r.caption for r in chunk])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        dataset = build_cache(records, encoders, tmp, {"resolution": 256, "crop": "center"}, progress=False)
+        build_s = time.perf_counter() - start
+        encode_s, cached_s = [], []
+        for _ in range(3):
+            start = time.perf_counter()
+            epoch_with_encoders()
+            encode_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for i in range(0, len(dataset), batch_size):
+                collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+            cached_s.append(time.perf_counter() - start)
+    return {"images": len(records), "build_s": build_s, "encode_epoch_s": statistics.median(encode_s),
+            "cached_epoch_s": statistics.median(cached_s), "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------ orchestrator
+def _run_worker(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def machine() -> str:
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        mem_kb = 0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.1f} GiB RAM, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), load average at start {load:.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="tiny,mid", help="comma list of " + ", ".join(SIZES))
+    parser.add_argument("--lite", action="store_true", help="also the 1B lite config (fp32: ~4 GB weights, slow)")
+    parser.add_argument("--reps", type=int, default=3, help="processes per variant and size")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (after one warm-up)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--cache-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps)))
+        return 0
+    if args.cache_worker:
+        print(json.dumps(cache_worker()))
+        return 0
+
+    sizes = [s for s in args.sizes.split(",") if s] + (["lite"] if args.lite and "lite" not in args.sizes else [])
+    started = time.perf_counter()
+    about = machine()
+    results: dict[tuple[str, str], list[dict]] = {}
+    for size in sizes:
+        for rep in range(args.reps):
+            # Rotate the order every repetition so drifting machine load hits every variant alike.
+            order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+            for variant in order:
+                result = _run_worker(["--worker", variant, size, "--steps", str(args.steps)])
+                results.setdefault((size, variant), []).append(result)
+                print(f"{size:5s} {variant:14s} rep {rep}: step {statistics.median(result['step_s']):.3f} s, "
+                      f"RSS +{result['rss_delta'] / 2**20:.0f} MiB, tensors {result['tensor_peak'] / 2**20:.0f} MiB",
+                      flush=True)
+    cache = _run_worker(["--cache-worker"])
+    print(f"cache: {cache}", flush=True)
+    report = render(results, cache, sizes, about, args, time.perf_counter() - started)
+    Path(args.out).write_text(report)
+    print(report)
+    return 0
+
+
+def _median(runs: list[dict], key: str) -> float:
+    if key == "step_s":
+        return statistics.median(statistics.median(r[key]) for r in runs)
+    return statistics.median(r[key] for r in runs)
+
+
+def render(results, cache, sizes, about, args, seconds: float) -> str:
+    command = "python benchmarks/bench_lora.py" + (f" --sizes {args.sizes}" if args.sizes != "tiny,mid" else "") + \
+        (" --lite" if args.lite else "") + (f" --reps {args.reps}" if args.reps != 3 else "") + \
+        (f" --steps {args.steps}" if args.steps != 3 else "")
+    lines = ["# LoRA step benchmark: Cascade Studio vs a diffusers + PEFT baseline", "",
+             f"Machine: {about}.", f"Command: `{command}` (or `make bench`), {seconds / 60:.1f} min in all.",
+             f"Each cell: median over {args.reps} processes of the median of {args.steps} timed steps (after one "
+             "warm-up step); variants alternate. fp32, frozen base in eval mode, LoRA on q/k/v/out of every "
+             "attention block, AdamW (8-bit for studio-memory).", "",
+             "| size | config | variant | LoRA params | step (s) | step vs diffusers | peak RSS delta (MiB) | "
+             "RSS vs diffusers | peak tensor bytes (MiB) | tensors vs diffusers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for size in sizes:
+        cfg, batch, side, rank = SIZES[size]
+        base = results[(size, "diffusers")]
+        base_step, base_rss, base_tensor = (_median(base, k) for k in ("step_s", "rss_delta", "tensor_peak"))
+        config = (f"c {cfg['c_hidden'][0]}, blocks {cfg['blocks']}, {side}x{side} latents, batch {batch}, "
+                  f"rank {rank}")
+        for variant in VARIANTS:
+            runs = results[(size, variant)]
+            step, rss, tensor = (_median(runs, k) for k in ("step_s", "rss_delta", "tensor_peak"))
+            lines.append(f"| {size} | {config} | {variant} | {runs[0]['trainable']:,} | {step:.3f} | "
+                         f"{step / base_step:.2f} | {rss / 2**20:.0f} | {rss / base_rss:.2f} | {tensor / 2**20:.0f} | "
+                         f"{tensor / base_tensor:.2f} |")
+    lines += ["", "Peak RSS delta: `ru_maxrss` at the end minus RSS after the shared imports (allocator caching "
+              "included). Peak tensor bytes: parameters + buffers + optimizer state + the profiler-measured peak "
+              "of live tensors during one step.", "",
+              "## Encode-once cache (tiny preset, datasets/tiny-shapes)", "",
+              "| images | epoch with encoders (s) | epoch from cache (s) | speed-up | first build incl. writes (s) |",
+              "|---|---|---|---|---|",
+              f"| {cache['images']} | {cache['encode_epoch_s']:.3f} | {cache['cached_epoch_s']:.3f} | "
+              f"{cache['encode_epoch_s'] / cache['cached_epoch_s']:.0f}x | {cache['build_s']:.3f} |", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
