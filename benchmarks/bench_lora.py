@@ -44,10 +44,12 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("diffusers", "studio-speed", "studio-memory")
 TINY_TEXT = dict(c_clip_text=64, c_clip_text_pooled=64, c_clip_img=32)
 SIZES = {
-    # name: (Stage C kwargs, batch, latent side, LoRA rank)
-    "tiny": (dict(c_cond=64, c_hidden=[64, 64], nhead=[2, 2], blocks=[[2, 4], [4, 2]], **TINY_TEXT), 4, 8, 8),
-    "mid": (dict(c_cond=512, c_hidden=[512, 512], nhead=[8, 8], blocks=[[2, 6], [6, 2]]), 2, 24, 16),
-    "lite": (dict(c_cond=1536, c_hidden=[1536, 1536], nhead=[24, 24], blocks=[[4, 12], [12, 4]]), 1, 24, 16),
+    # name: (Stage C kwargs, batch, latent side, LoRA rank, timed steps per process)
+    "tiny": (dict(c_cond=64, c_hidden=[64, 64], nhead=[2, 2], blocks=[[2, 4], [4, 2]], **TINY_TEXT), 4, 8, 8, 5),
+    # Several seconds per step on 2 idle cores (tens when the machine is shared): one timed step per process,
+    # after the warm-up step, keeps the whole run near 10 minutes.
+    "mid": (dict(c_cond=512, c_hidden=[512, 512], nhead=[8, 8], blocks=[[2, 6], [6, 2]]), 2, 24, 16, 1),
+    "lite": (dict(c_cond=1536, c_hidden=[1536, 1536], nhead=[24, 24], blocks=[[4, 12], [12, 4]]), 1, 24, 16, 1),
 }
 
 
@@ -96,7 +98,10 @@ def _studio_model(cfg: dict, rank: int, checkpointing: bool):
     return model, adapter.trainable_parameters()
 
 
-def worker(variant: str, size: str, steps: int) -> dict:
+def worker(variant: str, size: str, steps: int | None, profile: bool = False) -> dict:
+    """Timed steps and peak RSS (``profile=False``), or the peak tensor bytes of one profiled step (``True``).
+
+    The profiled step runs in its own process: the profiler's bookkeeping would inflate RSS and step times."""
     # The same imports in every variant, before the RSS baseline, so the delta is the training's own memory.
     import bitsandbytes  # noqa: F401
     import diffusers  # noqa: F401
@@ -108,7 +113,10 @@ def worker(variant: str, size: str, steps: int) -> dict:
     from cascade_studio.trainers.plan import measure_peak_tensor_bytes
     from cascade_studio.trainers.steps import diffusion_training_loss, step_generator
 
-    cfg, batch_size, side, rank = SIZES[size]
+    if os.environ.get("CASCADE_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
+    cfg, batch_size, side, rank, default_steps = SIZES[size]
+    steps = steps or default_steps
     baseline_rss = _rss_bytes()
     torch.manual_seed(0)
     c_text, c_img = cfg.get("c_clip_text", 1280), cfg.get("c_clip_img", 768)
@@ -147,25 +155,30 @@ def worker(variant: str, size: str, steps: int) -> dict:
         return float(loss.detach())
 
     losses = [train_step(0)]  # warm-up: optimizer state, lazy kernels
+    result = {"variant": variant, "size": size, "trainable": sum(p.numel() for p in params),
+              "threads": torch.get_num_threads()}
+    if profile:
+        tensors = list(model.parameters()) + list(model.buffers()) + [
+            v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        resident = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+        live_peak, _ = measure_peak_tensor_bytes(lambda: train_step(1))
+        return {**result, "tensor_peak": resident + live_peak}
     times = []
     for step in range(1, steps + 1):
         start = time.perf_counter()
         losses.append(train_step(step))
         times.append(time.perf_counter() - start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tensors = list(model.parameters()) + list(model.buffers()) + [
-        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    resident = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-    live_peak, _ = measure_peak_tensor_bytes(lambda: train_step(steps + 1))
-    return {"variant": variant, "size": size, "step_s": times, "rss_delta": peak_rss - baseline_rss,
-            "tensor_peak": resident + live_peak, "losses": losses, "trainable": sum(p.numel() for p in params),
-            "threads": torch.get_num_threads()}
+    return {**result, "step_s": times, "rss_delta": peak_rss - baseline_rss, "losses": losses}
 
 
 def cache_worker() -> dict:
     """One epoch of tiny-shapes with the encoders (no cache) vs read back from the encode-once cache."""
     os.chdir(REPO)
     import torch
+
+    if os.environ.get("CASCADE_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
 
     from cascade_studio.data import build_cache, scan_source
     from cascade_studio.data.images import resize_and_crop, to_tensor01
@@ -237,13 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="tiny,mid", help="comma list of " + ", ".join(SIZES))
     parser.add_argument("--lite", action="store_true", help="also the 1B lite config (fp32: ~4 GB weights, slow)")
     parser.add_argument("--reps", type=int, default=3, help="processes per variant and size")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per process after one warm-up (default: 5 tiny, 1 mid/lite)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        os.environ["CASCADE_BENCH_THREADS"] = str(args.threads)  # inherited by the workers
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps, profile=args.profile)))
         return 0
     if args.cache_worker:
         print(json.dumps(cache_worker()))
@@ -253,19 +271,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     about = machine()
     results: dict[tuple[str, str], list[dict]] = {}
+    tensor_peaks: dict[tuple[str, str], dict] = {}
+    steps = ["--steps", str(args.steps)] if args.steps else []
     for size in sizes:
         for rep in range(args.reps):
             # Rotate the order every repetition so drifting machine load hits every variant alike.
             order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
             for variant in order:
-                result = _run_worker(["--worker", variant, size, "--steps", str(args.steps)])
+                result = _run_worker(["--worker", variant, size, *steps])
                 results.setdefault((size, variant), []).append(result)
                 print(f"{size:5s} {variant:14s} rep {rep}: step {statistics.median(result['step_s']):.3f} s, "
-                      f"RSS +{result['rss_delta'] / 2**20:.0f} MiB, tensors {result['tensor_peak'] / 2**20:.0f} MiB",
-                      flush=True)
+                      f"RSS +{result['rss_delta'] / 2**20:.0f} MiB", flush=True)
+        for variant in VARIANTS:  # deterministic: one process each
+            tensor_peaks[(size, variant)] = _run_worker(["--worker", variant, size, "--profile"])
+            print(f"{size:5s} {variant:14s} tensors {tensor_peaks[(size, variant)]['tensor_peak'] / 2**20:.0f} MiB",
+                  flush=True)
     cache = _run_worker(["--cache-worker"])
     print(f"cache: {cache}", flush=True)
-    report = render(results, cache, sizes, about, args, time.perf_counter() - started)
+    report = render(results, tensor_peaks, cache, sizes, about, args, time.perf_counter() - started)
     Path(args.out).write_text(report)
     print(report)
     return 0
@@ -277,27 +300,31 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def render(results, cache, sizes, about, args, seconds: float) -> str:
-    command = "python benchmarks/bench_lora.py" + (f" --sizes {args.sizes}" if args.sizes != "tiny,mid" else "") + \
-        (" --lite" if args.lite else "") + (f" --reps {args.reps}" if args.reps != 3 else "") + \
-        (f" --steps {args.steps}" if args.steps != 3 else "")
+def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> str:
+    command = ".venv/bin/python benchmarks/bench_lora.py" + \
+        (f" --sizes {args.sizes}" if args.sizes != "tiny,mid" else "") + (" --lite" if args.lite else "") + \
+        (f" --reps {args.reps}" if args.reps != 3 else "") + (f" --steps {args.steps}" if args.steps else "") + \
+        (f" --threads {args.threads}" if args.threads else "")
     lines = ["# LoRA step benchmark: Cascade Studio vs a diffusers + PEFT baseline", "",
              f"Machine: {about}.", f"Command: `{command}` (or `make bench`), {seconds / 60:.1f} min in all.",
-             f"Each cell: median over {args.reps} processes of the median of {args.steps} timed steps (after one "
-             "warm-up step); variants alternate. fp32, frozen base in eval mode, LoRA on q/k/v/out of every "
-             "attention block, AdamW (8-bit for studio-memory).", "",
+             f"Step time and RSS: median over {args.reps} processes per variant (variants alternate), each the "
+             "median of its timed steps (5 tiny, 1 mid/lite, after one warm-up step). Tensor bytes: one more "
+             "process per variant. fp32, frozen base in eval mode, LoRA on q/k/v/out of every attention block, "
+             "AdamW (8-bit for studio-memory).", "",
              "| size | config | variant | LoRA params | step (s) | step vs diffusers | peak RSS delta (MiB) | "
              "RSS vs diffusers | peak tensor bytes (MiB) | tensors vs diffusers |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for size in sizes:
-        cfg, batch, side, rank = SIZES[size]
+        cfg, batch, side, rank, _ = SIZES[size]
         base = results[(size, "diffusers")]
-        base_step, base_rss, base_tensor = (_median(base, k) for k in ("step_s", "rss_delta", "tensor_peak"))
+        base_step, base_rss = (_median(base, k) for k in ("step_s", "rss_delta"))
+        base_tensor = tensor_peaks[(size, "diffusers")]["tensor_peak"]
         config = (f"c {cfg['c_hidden'][0]}, blocks {cfg['blocks']}, {side}x{side} latents, batch {batch}, "
                   f"rank {rank}")
         for variant in VARIANTS:
             runs = results[(size, variant)]
-            step, rss, tensor = (_median(runs, k) for k in ("step_s", "rss_delta", "tensor_peak"))
+            step, rss = (_median(runs, k) for k in ("step_s", "rss_delta"))
+            tensor = tensor_peaks[(size, variant)]["tensor_peak"]
             lines.append(f"| {size} | {config} | {variant} | {runs[0]['trainable']:,} | {step:.3f} | "
                          f"{step / base_step:.2f} | {rss / 2**20:.0f} | {rss / base_rss:.2f} | {tensor / 2**20:.0f} | "
                          f"{tensor / base_tensor:.2f} |")

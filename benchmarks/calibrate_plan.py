@@ -111,8 +111,9 @@ def main() -> None:
             print(f"    # width {128 if row is rows[0] else 256}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()))
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         stream = 4 if dtype == "fp32" else 2
-        print(f"    ({dtype!r}, {'bf16' if amp else 'no'!r}): Coefficients("
-              + ", ".join(f"{k}={v:.1f}" for k, v in mean.items()) + f", stream={stream}, weight_copy={dtype == 'fp32' and amp}),")
+        values = ", ".join(f"{k}={v:.1f}" for k, v in mean.items())
+        print(f"    ({dtype!r}, {'bf16' if amp else 'no'!r}): Coefficients({values}, stream={stream}, "
+              f"weight_copy={dtype == 'fp32' and amp}),")
     print("}")
 
 

@@ -8,6 +8,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -127,8 +128,11 @@ def cmd_demo(args) -> int:
     from .run import print_summary, train
 
     os.chdir(REPO_ROOT)  # recipes name their data relative to the repository
-    result = train(args.recipe, list(args.overrides) + ["name=demo-lora"] if not any(
-        o.startswith("name=") for o in args.overrides) else args.overrides, resume=False)
+    overrides = list(args.overrides)
+    if not any(o.startswith("name=") for o in overrides):
+        # a fresh run name each time, so running the demo twice never collides with the first run's checkpoints
+        overrides.append(f"name=demo-lora-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train(args.recipe, overrides, resume=False)
     print_summary(result)
     return 0
 
@@ -145,8 +149,10 @@ def cmd_ui(args) -> int:
     app = Path(__file__).resolve().parent / "ui" / "app.py"
     env = dict(os.environ, CASCADE_STUDIO_WORKSPACE=str(Path(args.workspace).resolve()))
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
-           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    return subprocess.call(cmd, env=env)
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal"]
+    # recipes name their data relative to the repository root
+    return subprocess.call(cmd, env=env, cwd=REPO_ROOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_demo(sub)
     _add_ui(sub)
-    from . import cli_generate
+    from . import cli_generate, cli_plan
 
     cli_generate.add_commands(sub)
+    cli_plan.add_commands(sub)
     return parser
 
 

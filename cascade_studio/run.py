@@ -73,10 +73,14 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
     latest = checkpoints.latest() if resume else None
     if resume and latest is None and is_main:
         print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", flush=True)
-    if not resume and is_main and checkpoints.list():
+    # Every rank checks (not only the main one), or the other ranks would go on and wait for it forever.
+    if not resume and checkpoints.list():
         raise SystemExit(f"{run_dir} already has checkpoints from an earlier run named {recipe.name!r}: pass --resume "
                          "to continue it, or set name=<new name> to start a new run")
     run_state = checkpoints.load_run_state(latest) if latest is not None else RunState()
+    if resume and run_state.mlflow_run_id is None:
+        # Killed before its first checkpoint: continue the same MLflow run rather than leave it RUNNING forever.
+        run_state.mlflow_run_id = _previous_run_id(run_dir)
     events = EventLog(run_dir, enabled=is_main)
 
     # 3. tracking (fails fast, before any training, when the server is unreachable)
@@ -87,7 +91,8 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
         tracker = Tracker.start(uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
                                 run_name=recipe.tracking.run_name or recipe.name,
                                 tags={"method": recipe.adapter.method, "preset": recipe.model.preset,
-                                      "base_model": str(recipe.model.stage_c or recipe.model.repo_id or recipe.model.preset)},
+                                      "base_model": str(recipe.model.stage_c or recipe.model.repo_id
+                                                        or recipe.model.preset)},
                                 workspace=workspace, run_dir=run_dir, resume_run_id=run_state.mlflow_run_id)
         run_state.mlflow_run_id = tracker.run_id
     result = RunResult(run_dir=run_dir, run_id=getattr(tracker, "run_id", None),
@@ -134,6 +139,8 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
         from .adapters.base import AdaptedStageC
 
         model = AdaptedStageC(stage_c)
+        # The fresh adapter's random init must not depend on what ran before it (a cold cache runs encoders).
+        torch.manual_seed(recipe.train.seed)
         adapter = method.create_adapter(method_cfg, model, context)
         n_trainable = sum(p.numel() for p in model.trainable_parameters())
         if is_main:
@@ -190,6 +197,9 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             result.heldout_before = evaluate()
             if result.heldout_before is not None:
                 tracker.log_metrics({"holdout_loss": result.heldout_before}, step=0)
+                events.emit("holdout", step=0, loss=result.heldout_before)
+        elif is_main:
+            result.heldout_before = _logged_holdout_before(run_dir)
 
         preview = None
         if recipe.preview.every and is_main:
@@ -224,6 +234,7 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
         # 9. export (main process), with the held-out loss after training
         accelerator.wait_for_everyone()
         if is_main:
+            _refuse_nonfinite(unwrapped)
             result.heldout_after = evaluate()
             if result.heldout_after is not None:
                 tracker.log_metrics({"holdout_loss": result.heldout_after}, step=loop.step)
@@ -246,6 +257,32 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
                         heldout_after=result.heldout_after)
         elif status == "KILLED":
             events.emit("killed")
+
+
+def _previous_run_id(run_dir: Path) -> str | None:
+    """The MLflow run id an earlier process of this run started with (from its events), if any."""
+    from .trainers.events import read_events
+
+    ids = [e.get("run_id") for e in read_events(run_dir) if e.get("event") == "started" and e.get("run_id")]
+    return ids[-1] if ids else None
+
+
+def _logged_holdout_before(run_dir: Path) -> float | None:
+    """The untrained adapter's held-out loss, measured by the process that started this run."""
+    from .trainers.events import read_events
+
+    values = [e["loss"] for e in read_events(run_dir) if e.get("event") == "holdout" and e.get("step") == 0]
+    return values[0] if values else None
+
+
+def _refuse_nonfinite(model) -> None:
+    import torch
+
+    from .trainers.loop import NonFiniteLossError
+
+    if not all(bool(torch.isfinite(p.detach()).all()) for p in model.trainable_parameters()):
+        raise NonFiniteLossError("the trained adapter has NaN/inf weights, so it is not exported; lower "
+                                 "optimizer.lr and resume from an earlier checkpoint with --resume")
 
 
 def _ip_encoder_loader(recipe, models):
@@ -363,18 +400,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     def _terminate(signum, frame):
+        # Later SIGTERMs are ignored so they cannot cut short the cleanup that marks the run KILLED (a cancel
+        # that hangs still gets SIGKILL from the studio after its grace period).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, _terminate)
-
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = train(args.recipe, args.overrides, resume=args.resume, progress=not args.no_progress)
     except RecipeError as exc:
         print(f"recipe problems:\n{exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("[cascade-studio] interrupted: the run is marked KILLED; continue it with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = _user_message(exc)
+        if message is None or os.environ.get("CASCADE_STUDIO_DEBUG"):
+            raise
+        # A known failure says what to do in its message; the traceback is in the run's events.jsonl.
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # an in-process caller (tests, a notebook) gets its handler back
     if int(os.environ.get("RANK", "0")) == 0:
         print_summary(result)
     return 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Failures whose message tells the user what to do (no traceback needed)."""
+    from .adapters.base import AdapterMismatchError
+    from .data import CacheError, DataSourceError
+    from .models.loading import WeightsError
+    from .tracking import TrackingError
+    from .trainers.atomic import DiskFullError
+    from .trainers.checkpoints import CheckpointError
+    from .trainers.loop import NonFiniteLossError
+
+    return (AdapterMismatchError, CacheError, DataSourceError, TrackingError, DiskFullError, CheckpointError,
+            NonFiniteLossError, WeightsError)
+
+
+def _user_message(exc: BaseException) -> str | None:
+    """The message to show for a failure the user can act on, or None for a bug (shown with its traceback)."""
+    if isinstance(exc, _known_errors()):
+        # OSError subclasses (DiskFullError) print as "[Errno 28] ...: 'path'"; the message alone reads better.
+        return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    from .trainers.atomic import as_disk_full
+
+    # Disk full outside a checkpoint (cache shards, exports): raw OSErrors and safetensors' "(os error 28)".
+    where = getattr(exc, "filename", None) or "a file in the workspace"
+    full = as_disk_full(exc, where, kept="Completed checkpoints are intact.")
+    return full.strerror if full is not None else None
 
 
 def print_summary(result: RunResult) -> None:

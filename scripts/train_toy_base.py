@@ -196,6 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ae-steps", type=int, default=800)
     parser.add_argument("--previewer-steps", type=int, default=600)
     parser.add_argument("--stage-c-steps", type=int, default=1200)
+    parser.add_argument("--continue-stage-c", action="store_true",
+                        help="load the effnet, previewer and Stage C from --out and only train Stage C further "
+                             "(--stage-c-steps more steps at --stage-c-lr)")
+    parser.add_argument("--stage-c-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is fastest on a busy 2-core machine (OpenMP oversubscription)")
     args = parser.parse_args(argv)
@@ -215,11 +219,19 @@ def main(argv: list[str] | None = None) -> None:
     log(f"rendered {len(specs)} images", start)
 
     effnet, previewer = build_random("effnet", "toy"), build_random("previewer", "toy")
-    train_autoencoder(effnet, previewer, images, targets, weights, args.ae_steps, 16, 3e-3, start)
-    calibrate_batchnorm(effnet, images, min(1024, len(images)), 64)
-    latents = encode_all(effnet, images)
-    log(f"encoded: latent mean {latents.mean():.3f} std {latents.std():.3f}", start)
-    finetune_previewer(previewer, latents, targets, weights, args.previewer_steps, 32, 1e-3, start)
+    stage_c = build_random("stage_c", "toy")
+    if args.continue_stage_c:
+        from cascade_studio.models.toy import load_state
+
+        for name, module in (("effnet", effnet), ("previewer", previewer), ("stage_c", stage_c)):
+            load_state(module, args.out / asset_path(name).name).float().eval()
+        latents = encode_all(effnet, images)
+    else:
+        train_autoencoder(effnet, previewer, images, targets, weights, args.ae_steps, 16, 3e-3, start)
+        calibrate_batchnorm(effnet, images, min(1024, len(images)), 64)
+        latents = encode_all(effnet, images)
+        log(f"encoded: latent mean {latents.mean():.3f} std {latents.std():.3f}", start)
+        finetune_previewer(previewer, latents, targets, weights, args.previewer_steps, 32, 1e-3, start)
 
     text_encoder = build_random("text_encoder", "toy")
     captions = sorted({s.caption for s in specs}) + [""]
@@ -228,9 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     caption_ids = torch.tensor([index[s.caption] for s in specs])
     log(f"encoded {len(captions)} distinct captions", start)
 
-    stage_c = build_random("stage_c", "toy")
     stage_c = train_stage_c(stage_c, latents, caption_ids, hidden, pooled, index[""], args.stage_c_steps, 32,
-                            1e-3, 0.995, start)
+                            args.stage_c_lr, 0.995, start)
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, module in (("effnet", effnet), ("previewer", previewer), ("stage_c", stage_c)):

@@ -38,8 +38,10 @@ def tiny_base() -> nn.Module:
 
 def tiny_batch(batch: int = 2, side: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"latents": torch.randn(batch, 16, side, side, generator=g), "clip_text": torch.randn(batch, 77, 64, generator=g),
-            "clip_text_pooled": torch.randn(batch, 1, 64, generator=g), "clip_img": torch.randn(batch, 1, 32, generator=g)}
+    return {"latents": torch.randn(batch, 16, side, side, generator=g),
+            "clip_text": torch.randn(batch, 77, 64, generator=g),
+            "clip_text_pooled": torch.randn(batch, 1, 64, generator=g),
+            "clip_img": torch.randn(batch, 1, 32, generator=g)}
 
 
 def with_lora(stage_c: nn.Module, seed: int = 0, **spec) -> tuple[AdaptedStageC, LoraAdapter]:

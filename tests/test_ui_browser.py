@@ -8,6 +8,7 @@ required (``apt-get install -y chromium``; .ci/run installs it): without it this
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -102,7 +103,7 @@ def test_studio_end_to_end_in_chromium(tmp_path: Path) -> None:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             page.set_default_timeout(60_000)
 
-            page.goto(f"{url}/recipes")
+            page.goto(f"{url}/")  # the default page (Recipes) lives at the root URL
             expect(page.get_by_text("Valid recipe.", exact=True)).to_be_visible()
             _shot(page, "recipes.png")
 
@@ -120,7 +121,7 @@ def test_studio_end_to_end_in_chromium(tmp_path: Path) -> None:
             expect(page.get_by_text("Ready:")).to_be_visible()
             page.get_by_role("button", name="Queue training").click()
             expect(page.get_by_text("Queued train tiny-lora")).to_be_visible()
-            expect(page.get_by_text("step ").first).to_be_visible(timeout=JOB_TIMEOUT_MS)  # live progress
+            expect(page.get_by_text(re.compile(r"step [1-6]/6")).first).to_be_visible(timeout=JOB_TIMEOUT_MS)
             _shot(page, "launch.png")
             expect(page.get_by_text("train tiny-lora (shipped: tiny/lora.yaml) · finished")).to_be_visible(
                 timeout=JOB_TIMEOUT_MS)
@@ -154,7 +155,7 @@ def test_studio_end_to_end_in_chromium(tmp_path: Path) -> None:
 
             page.goto(f"{url}/export")
             page.get_by_role("button", name="Export", exact=True).click()
-            expect(page.get_by_text("Exported tiny-lora-comfyui.safetensors")).to_be_visible(timeout=120_000)
+            expect(page.get_by_text("Exported tiny-lora-step6-comfyui.safetensors")).to_be_visible(timeout=120_000)
             _shot(page, "export.png")
             browser.close()
     finally:

@@ -9,7 +9,8 @@ import pytest
 
 from cascade_studio.config import RecipeError
 from cascade_studio.ui.commands import (CLI, Column, CompareRequest, TrainRequest, compare_argv,
-                                        default_run_name, export_argv, parse_seeds, train_command)
+                                        default_run_name, export_argv, new_comparison_dir, parse_seeds,
+                                        train_command)
 from cascade_studio.ui.paths import PathNotAllowed
 from cascade_studio.ui.workspace import REPO_ROOT, Workspace
 
@@ -106,3 +107,12 @@ def test_export_argv_is_confined_to_the_workspace(ws: Workspace, tmp_path: Path)
         export_argv(ws, run, "comfyui", tmp_path / "out.safetensors")
     with pytest.raises(ValueError, match="unknown export format"):
         export_argv(ws, run, "pickle", run / "export" / "x")
+
+
+def test_comparison_folders_never_collide(ws: Workspace) -> None:
+    first = new_comparison_dir(ws, now=0.0)
+    assert first.parent == ws.comparisons_dir and not first.exists()
+    first.mkdir(parents=True)
+    second = new_comparison_dir(ws, now=0.0)
+    assert second.name == f"{first.name}-2"
+    assert new_comparison_dir(ws, now=0.0, taken=[str(second)]).name == f"{first.name}-3"

@@ -6,8 +6,6 @@ are checked in seconds with real processes and real signals; two slow tests run 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path

@@ -199,7 +199,7 @@ def test_data_page_shows_cache_status_once_a_run_recorded_its_encoders(ws: Works
 def test_launch_queues_a_validated_recipe_then_queues_the_next_behind_it(ws: Workspace) -> None:
     at = page("launch")
     assert at.selectbox(key="launch_recipe").value == "shipped: tiny/lora.yaml"
-    name = at.text_input(key=f"launch_name-{TINY_LORA}")
+    name = at.text_input(key=f"launch_name-{TINY_LORA}-0")
     assert name.value == "tiny-lora"
     at.text_area(key="launch_overrides").set_value("train.max_steps=4\npreview.every=0").run()
     at.button(key="launch_queue").click().run()
@@ -210,7 +210,7 @@ def test_launch_queues_a_validated_recipe_then_queues_the_next_behind_it(ws: Wor
                           "overrides": ["train.max_steps=4", "preview.every=0"], "processes": 1}
     assert first.run_dir == str(ws.runs_dir / "tiny-lora")
     # the next launch gets a fresh run name and waits in the queue
-    assert at.text_input(key=f"launch_name-{TINY_LORA}").value == "tiny-lora-2"
+    assert at.text_input(key=f"launch_name-{TINY_LORA}-1").value == "tiny-lora-2"
     at.button(key="launch_queue").click().run()
     first_now, second = JobQueue(ws).jobs()
     assert (first_now.status, second.status, second.args["run_name"]) == ("running", "queued", "tiny-lora-2")
@@ -237,7 +237,7 @@ def test_launch_refuses_an_invalid_recipe_and_lists_its_problems(ws: Workspace) 
 
 def test_a_crashed_job_shows_as_failed_with_its_log_tail(ws: Workspace) -> None:
     at = page("launch")
-    at.text_input(key=f"launch_name-{TINY_LORA}").set_value("crashes").run()
+    at.text_input(key=f"launch_name-{TINY_LORA}-0").set_value("crashes").run()
     at.button(key="launch_queue").click().run()
     queue = JobQueue(ws)
     deadline = time.monotonic() + 30
@@ -410,6 +410,7 @@ def test_export_page_exports_a_checkpoint_in_a_subprocess(ws: Workspace) -> None
     at = page("export")
     assert at.selectbox(key="exp_run").value == str(run_dir)
     assert at.selectbox(key="exp_fmt-lora").options == ["comfyui", "peft"]
+    assert at.selectbox(key="exp_src-to-export").options == ["step 4", "step 2"]  # newest first
     at.selectbox(key="exp_src-to-export").set_value("step 2")
     at.selectbox(key="exp_fmt-lora").set_value("peft")
     at.run()

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
 _METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
 # Errors that will fail the same way on every retry: drop the record (with a warning) instead of buffering it.
+_MLFLOW_SQL_LOGGER = "mlflow.store.db.utils"
 _PERMANENT_ERROR_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
 # MLflow's REST defaults (7 retries, backoff factor 2, 120 s timeout) can stall one training step for minutes
 # while a server is away; a short wait plus our own buffer is the better trade for a training loop.
@@ -66,6 +68,17 @@ def _mlflow_client(uri: str) -> Any:
             "MLflow is not installed: `pip install mlflow`, or turn tracking off in the recipe."
         ) from exc
     return MlflowClient(tracking_uri=uri)
+
+
+def _store_lock(uri: str) -> Any:
+    """A file lock beside a SQLite store (held while opening it and creating the run), else no lock."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(database) + ".lock", timeout=300)
 
 
 def _is_http(uri: str) -> bool:
@@ -207,35 +220,38 @@ class Tracker:
         # A remote server stores artifacts where it was told to (--artifacts-destination); a local path of ours
         # would be meaningless there.
         artifact_location = None if _is_http(resolved) else default_artifact_location(workspace)
-        client = _mlflow_client(resolved)
-        try:
-            experiment_id = _get_or_create_experiment(client, experiment, artifact_location)
-            if resume_run_id:
-                run = client.get_run(resume_run_id)
-                tracker = cls(client, run.info.run_id, resolved, run.info.artifact_uri, run_dir, retry_interval_s)
-                if run.info.experiment_id != experiment_id:
-                    logger.warning("Resumed run %s belongs to experiment id %s, not %r; logging there.",
-                                   resume_run_id, run.info.experiment_id, experiment)
-                # Send what an earlier process buffered (including its end status) before marking RUNNING again.
-                tracker._flush(force=True)
-                client.update_run(tracker.run_id, status="RUNNING")
-                if tags:
-                    tracker.set_tags(tags)
-            else:
-                clean_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-                run = client.create_run(experiment_id, tags=clean_tags, run_name=run_name)
-                tracker = cls(client, run.info.run_id, resolved, run.info.artifact_uri, run_dir, retry_interval_s)
-                tracker._params_by_run[tracker.run_id] = {}
-        except TrackingError:
-            raise
-        except Exception as exc:
-            hint = ""
-            if resume_run_id and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-                hint = (f" Run {resume_run_id} is not in this store: check the workspace/tracking URI, or resume "
-                        "without a run id to start a new MLflow run.")
-            elif resolved.startswith("file:") or "://" not in resolved:
-                hint = " MLflow's file store is in maintenance mode: use sqlite:///<path>/mlflow.db instead."
-            raise TrackingUnavailableError(f"Could not open an MLflow run at {resolved}: {exc}.{hint}") from exc
+        # Runs starting together on a new SQLite store would each create its tables, and all but one fail
+        # ("table ... already exists"); one at a time, the later ones find the tables made.
+        with _store_lock(resolved):
+            client = _mlflow_client(resolved)
+            try:
+                experiment_id = _get_or_create_experiment(client, experiment, artifact_location)
+                if resume_run_id:
+                    run = client.get_run(resume_run_id)
+                    tracker = cls(client, run.info.run_id, resolved, run.info.artifact_uri, run_dir, retry_interval_s)
+                    if run.info.experiment_id != experiment_id:
+                        logger.warning("Resumed run %s belongs to experiment id %s, not %r; logging there.",
+                                       resume_run_id, run.info.experiment_id, experiment)
+                    # Send what an earlier process buffered (including its end status) before marking RUNNING again.
+                    tracker._flush(force=True)
+                    client.update_run(tracker.run_id, status="RUNNING")
+                    if tags:
+                        tracker.set_tags(tags)
+                else:
+                    clean_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+                    run = client.create_run(experiment_id, tags=clean_tags, run_name=run_name)
+                    tracker = cls(client, run.info.run_id, resolved, run.info.artifact_uri, run_dir, retry_interval_s)
+                    tracker._params_by_run[tracker.run_id] = {}
+            except TrackingError:
+                raise
+            except Exception as exc:
+                hint = ""
+                if resume_run_id and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                    hint = (f" Run {resume_run_id} is not in this store: check the workspace/tracking URI, or resume "
+                            "without a run id to start a new MLflow run.")
+                elif resolved.startswith("file:") or "://" not in resolved:
+                    hint = " MLflow's file store is in maintenance mode: use sqlite:///<path>/mlflow.db instead."
+                raise TrackingUnavailableError(f"Could not open an MLflow run at {resolved}: {exc}.{hint}") from exc
         return tracker
 
     # ------------------------------------------------------------------------------------------- logging
@@ -346,6 +362,8 @@ class Tracker:
     def _go_offline(self, exc: BaseException) -> None:
         if self._offline_since is None:
             self._offline_since = time.monotonic()
+            # MLflow's SQL store logs a full traceback for every failed call; our one warning says it all.
+            logging.getLogger(_MLFLOW_SQL_LOGGER).setLevel(logging.CRITICAL)
         self._last_attempt = time.monotonic()
         if not self._warned_offline:
             self._warned_offline = True
@@ -374,6 +392,7 @@ class Tracker:
         self.buffer_path.unlink(missing_ok=True)
         if self._offline_since is not None:
             logger.info("MLflow at %s answers again; sent %d buffered record(s).", self.tracking_uri, len(records))
+            logging.getLogger(_MLFLOW_SQL_LOGGER).setLevel(logging.NOTSET)
         self._offline_since = None
         return True
 

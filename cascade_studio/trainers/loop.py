@@ -156,10 +156,14 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
         if ok:
             result.losses.append(mean_loss)
         if nonfinite_in_a_row >= settings.max_nonfinite_steps:
+            good = checkpoints.list()
+            kept = (f"The last good checkpoint ({good[-1]}) is kept; resume from it with --resume after fixing "
+                    "the recipe." if good else "No checkpoint was saved before the fault; start the run again "
+                    "after fixing the recipe.")
             raise NonFiniteLossError(
-                f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
-                "lower optimizer.lr, use mixed_precision bf16 rather than fp16, or check the data. The last good "
-                "checkpoint is kept; resume with --resume after fixing the recipe.")
+                f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}, "
+                f"{result.skipped_nonfinite} skipped in all): lower optimizer.lr, use mixed_precision bf16 rather "
+                f"than fp16, or check the data. {kept}")
         seconds = time.perf_counter() - step_start
         lr = scheduler.get_last_lr()[0]
         if accelerator.is_main_process:
@@ -176,12 +180,24 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
         run_state.skipped_steps_total = result.skipped_nonfinite
         if preview is not None and settings.preview_every and step % settings.preview_every == 0:
             preview(step)
-        if settings.checkpoint_every and (step % settings.checkpoint_every == 0) and step < settings.max_steps:
-            save_checkpoint(accelerator, checkpoints, step, optimizer, scheduler, sampler, run_state, save_adapter,
-                            events)
+        # The last step is always checkpointed: it is the trained adapter (exports and `cascade-studio export`
+        # are made from it), and a run killed during export resumes straight to exporting.
+        due = step == settings.max_steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0)
+        if due:
+            if nonfinite_in_a_row == 0 and _all_finite(params):
+                save_checkpoint(accelerator, checkpoints, step, optimizer, scheduler, sampler, run_state,
+                                save_adapter, events)
+            else:
+                # Never let a checkpoint of a diverging run replace the last good one.
+                events.emit("warning", step=step, message="checkpoint skipped: the adapter or the last step is "
+                            "not finite; the previous checkpoint is kept")
     bar.close()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _all_finite(params) -> bool:
+    return all(bool(torch.isfinite(p.detach()).all()) for p in params)
 
 
 def _grad_norm(accelerator, params, max_norm: float) -> float:

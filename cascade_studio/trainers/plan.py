@@ -9,11 +9,12 @@ Parts of the peak (each printed by ``cascade-studio plan``):
 * **optimizer state**: AdamW 8 bytes per parameter; bitsandbytes' 8-bit AdamW 2 bytes plus one fp32 absmax per
   256-value block per state (tensors under ``optim.MIN_8BIT_SIZE`` values keep 32-bit state).
 * **activations**: what autograd keeps for the backward pass at the recipe's batch and latent size, plus the
-  largest transient while one block runs its backward. Analytic per block, in units of one ``[tokens x width]``
-  tensor (tokens = batch x h x w; the cond tokens are the 77 text + 4 pooled + 4 image tokens):
-  a ResBlock keeps ``RES`` such tensors, an attention block with LoRA on q/k/v/out keeps ``ATTN_IMAGE`` of them
-  plus ``ATTN_COND`` tensors over image+cond tokens (keys/values), TimestepBlocks keep nothing large. Blocks that
-  run before the first LoRA need no gradient and keep nothing. Attention is assumed to run in SDPA's flash or
+  largest transient while one block runs its backward. Analytic per block, in bytes per element of one
+  ``[tokens x width]`` tensor (tokens = batch x h x w; cond tokens = batch x (77 text + 4 pooled + 4 image)):
+  a ResBlock keeps ``res`` (fp32: 40 bytes = ten such tensors: conv and LayerNorm inputs, the 4x-wide Linear
+  output and GELU output), an attention block with LoRA on q/k/v/out keeps ``attn_image`` per image token and
+  ``attn_cond`` per cond token (keys, values and the LoRA inputs over them) plus the LoRA-A outputs,
+  TimestepBlocks keep nothing large. Blocks that run before the first LoRA need no gradient and keep nothing. Attention is assumed to run in SDPA's flash or
   memory-efficient kernels (no ``tokens x tokens`` matrix is kept), which is what Stage C's
   ``F.scaled_dot_product_attention`` gets on CUDA and on CPU without dropout. With gradient checkpointing each
   block keeps only its input, and one block at a time holds its full activations during its backward.
@@ -129,7 +130,8 @@ def stage_c_layout(stage_c_kwargs: dict[str, Any]) -> Layout:
     linears = {name: (m.in_features, m.out_features, m.bias is not None)
                for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     n_params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    n_switches = sum(1 for m in list(model.down_downscalers) + list(model.up_upscalers) if not isinstance(m, nn.Identity))
+    switches = list(model.down_downscalers) + list(model.up_upscalers)
+    n_switches = sum(1 for m in switches if not isinstance(m, nn.Identity))
     return Layout(tuple(blocks), linears, n_params, c_cond=model.clip_txt_mapper.out_features,
                   c_clip_seq=model.c_clip_seq, n_switches=n_switches)
 
@@ -378,7 +380,8 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("train.gradient_checkpointing=true", "about 30% slower steps",
            lambda s: None if s.gradient_checkpointing else replace(s, gradient_checkpointing=True)),
     Switch("optimizer.name=adamw8bit", "none measurable (8-bit Adam state)",
-           lambda s: None if s.optimizer in ("adamw8bit", "lion8bit", "adafactor") else replace(s, optimizer="adamw8bit")),
+           lambda s: None if s.optimizer in ("adamw8bit", "lion8bit", "adafactor")
+           else replace(s, optimizer="adamw8bit")),
     Switch("model.dtype=bf16 train.mixed_precision=bf16", "bf16 rounding of the frozen base",
            lambda s: None if (s.dtype, s.mixed_precision) == ("bf16", "bf16")
            else replace(s, dtype="bf16", mixed_precision="bf16")),

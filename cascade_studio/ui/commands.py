@@ -195,11 +195,11 @@ def compare_argv(request: CompareRequest, workspace: Workspace) -> list[str]:
     return argv
 
 
-def new_comparison_dir(workspace: Workspace, now: Optional[float] = None) -> Path:
-    """``<workspace>/compare/<date-time>`` (not created here)."""
+def new_comparison_dir(workspace: Workspace, now: Optional[float] = None, taken: Sequence[str] = ()) -> Path:
+    """``<workspace>/compare/<date-time>`` not yet on disk nor ``taken`` by a queued job (not created here)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now if now is not None else time.time()))
     path, n = workspace.comparisons_dir / stamp, 1
-    while path.exists():
+    while path.exists() or str(path) in taken:
         n += 1
         path = workspace.comparisons_dir / f"{stamp}-{n}"
     return path

@@ -15,7 +15,7 @@ from ..config import Recipe, describe_fields
 from .commands import Column, CompareRequest, compare_argv, new_comparison_dir, parse_seeds
 from .common import page_link, queue, show_problems, workspace
 from .jobs import ACTIVE, FAILED
-from .runs_data import adapter_files, checkpoint_steps, run_preset, zip_folder
+from .runs_data import adapter_files, checkpoint_steps, run_preset, run_prompts, zip_folder
 from .workspace import Workspace
 
 REFRESH_S = 2.0
@@ -28,18 +28,6 @@ def _presets() -> list[str]:
     """The model presets the recipe schema knows (tiny and toy first: they run on a CPU)."""
     choices = next(f.choices for f in describe_fields(Recipe) if f.path == "model.preset") or ("tiny",)
     return sorted(choices, key=lambda p: (p not in ("tiny", "toy"), p))
-
-
-def _run_prompts(run_dir: Path) -> list[str]:
-    """The preview prompts a run was trained with (a sensible first comparison)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    prompts = (data.get("preview") or {}).get("prompts") or []
-    return [str(p) for p in prompts if str(p).strip()]
 
 
 def comparisons(ws: Workspace) -> list[Path]:
@@ -74,7 +62,7 @@ def render() -> None:
     first_run = Path(chosen_runs[0]) if chosen_runs else (Path(chosen_ckpts[0].rsplit("@", 1)[0])
                                                           if chosen_ckpts else None)
     st.subheader("Rows and model")
-    prompts_default = "\n".join((_run_prompts(first_run) if first_run else []) or [_DEFAULT_PROMPT])
+    prompts_default = "\n".join((run_prompts(first_run) if first_run else []) or [_DEFAULT_PROMPT])
     # Keys follow the first chosen run: picking another run brings in its prompts and preset.
     prompts_text = st.text_area("Prompts (one per line)", value=prompts_default, key=f"cmp_prompts-{first_run}",
                                 height=90)
@@ -96,7 +84,7 @@ def render() -> None:
         seeds = parse_seeds(seeds_text)
     except ValueError as exc:
         seeds, problems = (), [str(exc)]
-    out = new_comparison_dir(ws)
+    out = new_comparison_dir(ws, taken=[str(j.run_dir) for j in queue().jobs() if j.status in ACTIVE])
     request = CompareRequest(tuple(columns), prompts, seeds, preset, decoder, steps, log_mlflow, str(out))
     problems += request.problems(ws)
     if problems:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 import streamlit as st
 
@@ -17,13 +16,12 @@ from .runs_data import adapter_files, checkpoint_dirs, run_method, zip_folder
 from .workspace import Workspace
 
 EXPORT_TIMEOUT_S = 600
-_LATEST = "latest checkpoint"
 
 
-def export_target(run_dir: Path, fmt: str, step: Optional[int]) -> Path:
-    """Where an export goes: ``<run>/export/<run>[-step<N>]-<format>[.safetensors]`` (PEFT is a folder)."""
-    stem = f"{run_dir.name}-step{step}" if step is not None else run_dir.name
-    return run_dir / "export" / (f"{stem}-{fmt}" + ("" if fmt == "peft" else ".safetensors"))
+def export_target(run_dir: Path, fmt: str, step: int) -> Path:
+    """Where an export goes: ``<run>/export/<run>-step<N>-<format>[.safetensors]`` (PEFT is a folder). The step
+    is in the name so an export never overwrites the file the run itself wrote when it finished."""
+    return run_dir / "export" / (f"{run_dir.name}-step{step}-{fmt}" + ("" if fmt == "peft" else ".safetensors"))
 
 
 def run_export(ws: Workspace, source: Path, fmt: str, out: Path) -> tuple[bool, str]:
@@ -48,9 +46,9 @@ def render() -> None:
     run_dir = Path(st.selectbox("Run", list(names), format_func=names.get, key="exp_run"))
     method = run_method(run_dir) or "lora"
     steps = checkpoint_dirs(run_dir)
-    which = st.selectbox("Adapter from", [_LATEST, *[f"step {s}" for s in steps]], key=f"exp_src-{run_dir.name}")
-    step = None if which == _LATEST else int(which.split()[1])
-    source = run_dir if step is None else steps[step]
+    labels = [f"step {s}" for s in reversed(steps)]  # newest first: the default is the latest checkpoint
+    step = int(st.selectbox("Adapter from checkpoint", labels, key=f"exp_src-{run_dir.name}").split()[1])
+    source = steps[step]
     formats = EXPORT_FORMATS.get(method, ("comfyui",))
     fmt = st.selectbox("Format", formats, key=f"exp_fmt-{method}",
                        help={"lora": "comfyui: kohya-style keys ComfyUI loads; peft: a PEFT adapter folder",

@@ -18,6 +18,7 @@ from .paths import PathNotAllowed
 
 REFRESH_S = 2.0
 _FLASH = "launch_flash"
+_LAUNCHES = "launch_count"
 _STATUS_ICON = {FINISHED: "✅", FAILED: "❌", CANCELLED: "⏹️"}
 
 
@@ -41,7 +42,8 @@ def render() -> None:
     label = st.selectbox("Recipe", labels, key="launch_recipe", help="Edit or create recipes on the Recipes page")
     entry = entries[labels.index(label)]
     taken = [str(j.args.get("run_name")) for j in job_queue.jobs() if j.status in ACTIVE]
-    name_key = f"launch_name-{entry.path}"
+    # A new key after each launch: the browser then shows the fresh default name instead of keeping the old one.
+    name_key = f"launch_name-{entry.path}-{st.session_state.get(_LAUNCHES, 0)}"
     run_name = st.text_input("Run name", value=default_run_name(ws, _recipe_name(entry.path), taken), key=name_key,
                              help=f"Names the run folder {ws.runs_dir}/<name> and the MLflow run; letters, digits, "
                                   "'.', '-', '_'")
@@ -61,7 +63,7 @@ def render() -> None:
             st.error(str(exc))
         else:
             job_queue.pump()  # start at once when nothing else runs
-            st.session_state.pop(name_key, None)  # the next launch gets a fresh run name
+            st.session_state[_LAUNCHES] = st.session_state.get(_LAUNCHES, 0) + 1  # a fresh run name next time
             st.session_state[_FLASH] = f"Queued {job.label} (job {job.id})."
             st.rerun()
     st.divider()
@@ -119,7 +121,8 @@ def _queue_panel() -> None:
 
 def _running_card(job_queue: JobQueue, job: Job) -> None:
     with st.container(border=True):
-        st.markdown(f"**{job.label}** · job `{job.id}` · started {time.strftime('%H:%M:%S', time.localtime(job.started or 0))}")
+        started = time.strftime("%H:%M:%S", time.localtime(job.started or 0))
+        st.markdown(f"**{job.label}** · job `{job.id}` · started {started}")
         if job.kind == "train":
             progress = job_progress(job)
             if progress.max_steps:
@@ -130,7 +133,8 @@ def _running_card(job_queue: JobQueue, job: Job) -> None:
             else:
                 st.progress(0.0, text=f"phase: {progress.phase or 'starting'}")
             if progress.run_id:
-                st.caption(f"MLflow run `{progress.run_id}` in `{progress.tracking_uri}`")
+                st.caption(f"MLflow run `{progress.run_id}` in `{progress.tracking_uri}` (browse it with `mlflow ui "
+                           f"--backend-store-uri {progress.tracking_uri}`)")
                 page_link("runs", "Open this run on the Runs page", {"run_id": progress.run_id})
             if len(progress.losses) > 1:
                 st.line_chart(pd.DataFrame(progress.losses, columns=["step", "loss"]), x="step", y="loss",

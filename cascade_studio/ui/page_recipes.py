@@ -81,14 +81,17 @@ def _form(ws: Workspace, entry: RecipeEntry, data: dict, source_key: str) -> Non
     sections = list(dict.fromkeys(f.section for f in fields))
     for section in sections:
         with st.expander(SECTION_TITLES.get(section, section), expanded=section in _EXPANDED):
+            columns, shown = st.columns(2), 0
             for field in (f for f in fields if f.section == section):
                 method = get_dotted(edited, "adapter.method")
                 if field.path.startswith("adapter.") and field.path.count(".") == 2 \
                         and not field.path.startswith(f"adapter.{method}."):
                     continue  # only the chosen method's settings; the others keep their values
-                raw = _widget(field, get_dotted(data, field.path), key=f"rf-{source_key}-{field.path}")
-                set_dotted(edited, field.path, from_widget(field, raw))
-                slots[field.path] = st.empty()
+                with columns[shown % 2]:
+                    raw = _widget(field, get_dotted(data, field.path), key=f"rf-{source_key}-{field.path}")
+                    set_dotted(edited, field.path, from_widget(field, raw))
+                    slots[field.path] = st.empty()  # filled with this field's problems after validation
+                shown += 1
     recipe, problems = validate_data(edited)
     by_field, _ = problems_by_field(problems, list(slots))  # the rest shows in the summary
     for path, found in by_field.items():

@@ -20,7 +20,7 @@ from .workspace import Workspace
 
 __all__ = ["runs_table", "filter_runs", "metric_frame", "params_diff", "run_dirs_by_id", "run_dir_for",
            "preview_steps", "local_artifact_dir", "adapter_files", "zip_folder", "checkpoint_steps", "checkpoint_dirs",
-           "run_method", "run_preset"]
+           "run_method", "run_preset", "run_prompts"]
 
 _STEP_FILE = re.compile(r"step-(\d+)")
 
@@ -170,6 +170,12 @@ def run_method(run_dir: Path) -> Optional[str]:
 def run_preset(run_dir: Path) -> Optional[str]:
     """The model preset of a run, from the recipe it saved."""
     return (_run_recipe(run_dir).get("model") or {}).get("preset")
+
+
+def run_prompts(run_dir: Path) -> list[str]:
+    """The preview prompts a run was trained with (a sensible first comparison)."""
+    prompts = (_run_recipe(run_dir).get("preview") or {}).get("prompts") or []
+    return [str(p) for p in prompts if str(p).strip()]
 
 
 def zip_folder(folder: Path) -> bytes:

@@ -1,0 +1,219 @@
+"""Crash and resume at the run level: a run killed again and again (SIGKILL at seeded random steps, SIGKILL in the
+middle of a checkpoint write, SIGTERM from outside) and resumed with --resume ends with the same adapter as the
+same run without interruption, and keeps one MLflow run.
+
+The recipe makes every piece of state matter: a cosine schedule with warmup (LR schedule), LoRA dropout (global
+RNG), caption dropout (per-step generator), 8-bit AdamW (optimizer state), and 12 steps of batch 4 over 18 images
+(the sampler crosses epoch boundaries). Checkpoints every 2 steps, so most kills repeat steps done since the last
+checkpoint; equality says those repeats draw exactly what the first attempt drew.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cascade_studio.trainers.checkpoints import CheckpointManager
+from cascade_studio.trainers.events import read_events
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
+MAX_STEPS = 12
+OVERRIDES = [f"data.path={REPO / 'datasets' / 'tiny-shapes'}", "preview.every=0", f"train.max_steps={MAX_STEPS}",
+             "train.checkpoint_every=2", "train.keep_checkpoints=2", "schedule.name=cosine",
+             "schedule.warmup_steps=3", "adapter.lora.dropout=0.1", "name=resumable"]
+
+# Runs the CLI in a child process with optional fault injection, so the faults hit the real code paths:
+#   CS_TEST_KILL_AT_STEP=k   SIGKILL right after step k is reported (before that step's checkpoint, if any)
+#   CS_TEST_TEAR_SAVE_AT=k   SIGKILL halfway through writing optimizer.safetensors of checkpoint k
+DRIVER = r"""
+import os, signal, sys
+from pathlib import Path
+
+kill_at = int(os.environ.get("CS_TEST_KILL_AT_STEP", "0"))
+tear_at = int(os.environ.get("CS_TEST_TEAR_SAVE_AT", "0"))
+if kill_at:
+    from cascade_studio.trainers import events
+
+    emit = events.EventLog.emit
+
+    def emit_then_die(self, event, **fields):
+        emit(self, event, **fields)
+        if event == "step" and fields.get("step") == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    events.EventLog.emit = emit_then_die
+if tear_at:
+    from cascade_studio.trainers import atomic
+
+    write_bytes = atomic.atomic_write_bytes
+
+    def torn_write(path, data):
+        path = Path(path)
+        if path.name == "optimizer.safetensors" and path.parent.name == f"tmp-step-{tear_at:08d}":
+            def half(handle):
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return atomic._atomic_write(path, half)
+        return write_bytes(path, data)
+
+    atomic.atomic_write_bytes = torn_write
+from cascade_studio.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    # One torch thread per process: the machine is shared, and the in-process baseline uses one thread too (the
+    # same thread count keeps float reductions in the same order).
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def start_child(workspace: Path, resume: bool, **faults: str) -> subprocess.Popen:
+    args = ["train", RECIPE, *OVERRIDES, f"workspace={workspace}", "--no-progress"] + (["--resume"] if resume else [])
+    return subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=REPO, env=child_env(**faults),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out + err
+
+
+def steps_of(events: list[dict]) -> list[int]:
+    return [e["step"] for e in events if e["event"] == "step"]
+
+
+def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = CheckpointManager(run_dir / "checkpoints").latest()
+    assert latest is not None and latest.name == f"step-{MAX_STEPS:08d}", latest
+    return load_file(str(latest / "adapter.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """The same run without interruption, in this process."""
+    from cascade_studio.run import train
+
+    workspace = tmp_path_factory.mktemp("uninterrupted")
+    result = train(RECIPE, [*OVERRIDES, f"workspace={workspace}"], progress=False)
+    events = read_events(result.run_dir)
+    steps = {e["step"]: e for e in events if e["event"] == "step"}
+    return {"result": result, "adapter": final_adapter(result.run_dir), "steps": steps}
+
+
+@pytest.mark.slow
+def test_killed_again_and_again_then_resumed_equals_uninterrupted(baseline, tmp_path):
+    from cascade_studio.run import train
+    from cascade_studio.tracking import list_runs, read_run
+
+    rng = random.Random(20240216)  # seeded: the same kill points on every CI run
+    workspace = tmp_path / "ws"
+    run_dir = workspace / "runs" / "resumable"
+    checkpoints = CheckpointManager(run_dir / "checkpoints")
+
+    # 1. SIGKILL at a random step, before any checkpoint beyond the first ones.
+    kill_step = rng.randint(3, 5)
+    code, log = finish(start_child(workspace, resume=False, CS_TEST_KILL_AT_STEP=str(kill_step)))
+    assert code == -signal.SIGKILL, log
+    assert max(steps_of(read_events(run_dir))) == kill_step
+    first_good = checkpoints.latest(clean=False)
+    assert first_good is not None and CheckpointManager.step_of(first_good) == (kill_step - 1) // 2 * 2
+
+    # 2. Resume, and SIGKILL halfway through writing the next checkpoint's optimizer state.
+    torn_step = CheckpointManager.step_of(first_good) + 2
+    code, log = finish(start_child(workspace, resume=True, CS_TEST_TEAR_SAVE_AT=str(torn_step)))
+    assert code == -signal.SIGKILL, log
+    staging = run_dir / "checkpoints" / f"tmp-step-{torn_step:08d}"
+    torn = list(staging.glob(".optimizer.safetensors.*.tmp"))
+    assert len(torn) == 1 and torn[0].stat().st_size > 0, list(staging.iterdir())  # the kill hit mid-write
+    assert not (staging.parent / f"step-{torn_step:08d}").exists()
+    assert checkpoints.latest(clean=False) == first_good  # the torn one is never taken for a good one
+
+    # 3. Resume, and cancel it with SIGTERM (what the studio sends) at a later random step: KILLED in MLflow.
+    term_step = rng.randint(torn_step + 1, MAX_STEPS - 3)
+    process = start_child(workspace, resume=True)
+    deadline = time.monotonic() + 300
+    while not any(s >= term_step for s in steps_of(read_events(run_dir))[-3:]):
+        assert process.poll() is None, finish(process)[1]
+        assert time.monotonic() < deadline, "the resumed run never reached its step"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    code, log = finish(process)
+    assert code == 130, log
+    assert "marked KILLED" in log and "Traceback" not in log
+    run_ids = {e["run_id"] for e in read_events(run_dir) if e["event"] == "started"}
+    assert len(run_ids) == 1, run_ids  # every process continued the first MLflow run
+    run_id = run_ids.pop()
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    assert read_run(uri, run_id)["status"] == "KILLED"
+    assert read_events(run_dir)[-1]["event"] == "killed"
+    assert not staging.exists()  # the resume cleaned the torn save
+
+    # 4. Resume to the end (in this process, like the baseline).
+    result = train(RECIPE, [*OVERRIDES, f"workspace={workspace}"], resume=True, progress=False)
+    assert result.step == MAX_STEPS and result.run_id == run_id
+
+    expected = baseline["adapter"]
+    got = final_adapter(run_dir)
+    assert got.keys() == expected.keys()
+    worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
+    assert worst <= 1e-6, f"resumed adapter differs from the uninterrupted one by {worst}"
+    # The adapter must really have trained, or equality would prove nothing.
+    assert max(float(v.abs().max()) for k, v in expected.items() if "lora_B" in k) > 1e-3
+
+    # Every step attempted after a kill (including the repeats) saw the same batch, noise, dropout and LR:
+    events = read_events(run_dir)
+    for e in (e for e in events if e["event"] == "step"):
+        reference = baseline["steps"][e["step"]]
+        assert e["loss"] == pytest.approx(reference["loss"], abs=1e-6), e
+        assert e["lr"] == pytest.approx(reference["lr"], rel=1e-9), e
+    starts = [e for e in events if e["event"] == "started"]
+    assert [s["resume"] for s in starts] == [False, True, True, True]
+    assert sorted(set(steps_of(events))) == list(range(1, MAX_STEPS + 1))
+
+    # One MLflow run, finished, with the metrics of every process appended to it.
+    run = read_run(uri, run_id)
+    assert run["status"] == "FINISHED"
+    assert [r["run_id"] for r in list_runs(uri, "cascade-studio")] == [run_id]
+    logged_steps = [p["step"] for p in run["metrics"]["loss"]]
+    assert sorted(set(logged_steps)) == list(range(1, MAX_STEPS + 1))
+    assert len(logged_steps) > MAX_STEPS  # repeated steps were logged again, not lost
+    assert run["metrics"]["holdout_loss"][0]["step"] == 0 and run["metrics"]["holdout_loss"][-1]["step"] == MAX_STEPS
+    assert result.heldout_before == pytest.approx(baseline["result"].heldout_before)
+    assert result.heldout_after == pytest.approx(baseline["result"].heldout_after, abs=1e-6)
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_exports_the_same(baseline):
+    """The final step is checkpointed, so --resume after a kill during export only exports again."""
+    from cascade_studio.run import train
+
+    result = baseline["result"]
+    export = result.exports[0]
+    before = load_file(str(export))
+    export.unlink()  # as if the first process died before its export was renamed into place
+    again = train(RECIPE, [*OVERRIDES, f"workspace={result.run_dir.parents[1]}"], resume=True, progress=False)
+    assert again.step == MAX_STEPS and again.run_id == result.run_id
+    assert again.final_loss is None  # no step ran
+    after = load_file(str(export))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_rerun_without_resume_refuses_to_overwrite(baseline):
+    from cascade_studio.run import train
+
+    with pytest.raises(SystemExit, match="--resume"):
+        train(RECIPE, [*OVERRIDES, f"workspace={baseline['result'].run_dir.parents[1]}"], progress=False)
