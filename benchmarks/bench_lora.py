@@ -240,9 +240,10 @@ def machine() -> str:
     except (OSError, StopIteration):
         mem_kb = 0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    threads = os.environ.get("CASCADE_BENCH_THREADS") or str(torch.get_num_threads())
     return (f"{cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.1f} GiB RAM, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), load average at start {load:.1f}")
+            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{threads} torch thread(s) per worker, load average at start {load:.1f} (other jobs were running)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,15 +7,20 @@ Phases, all with this studio's own models and diffusion functions:
    shape's colour (what prompts ask for) came out washed out. Small noise on the latents makes the decoder
    tolerant of imperfect Stage C samples.
 2. BatchNorm statistics recomputed over the data (the frozen effnet runs in eval mode), the training set
-   encoded once, and the previewer fine-tuned on exactly those eval-mode latents.
+   encoded once, and the previewer fine-tuned on exactly those eval-mode latents plus the held-out purple
+   split's: the decoder must draw colours the prior never saw (only Stage C is kept from purple).
 3. Stage C as a text-to-latent prior: epsilon target, P2 weight, cosine schedule (``diffusion.add_noise``,
    ``diffusion_loss``), 10% caption dropout so classifier-free guidance works, an EMA of the weights shipped.
    The text encoder stays at its deterministic random init; each caption is encoded once.
 4. Float16 safetensors written to ``cascade_studio/assets/toy/`` and a prompt-following check printed.
 
-Run time on 2 CPU cores (shared with other jobs, 1 torch thread): about 17 minutes with the defaults
-(autoencoder ~4 min, encode ~1 min, previewer ~1 min, Stage C ~10 min). Deterministic for a given thread
-count (seeded), though not bit-identical across machines.
+Run time, measured on 2 CPU cores shared with other jobs (load average 5-7, 1 torch thread): 30.5 minutes
+with the defaults (render 1 min, autoencoder 8.5 min, encode + previewer 3 min, Stage C 1500 steps 17 min).
+An idle machine should need about half of that. Seeded, but not bit-identical across machines or thread counts.
+
+How the shipped files were made: a default run (whose previewer phase then saw only the base colours),
+then, after purple decoded as red, the previewer phase once more on 1500 train + 240 purple images (600 steps,
+1 minute; what ``--continue-stage-c --stage-c-steps 0`` does with all 4000). A fresh default run does it in one go.
 
 Run: ``python scripts/train_toy_base.py [--out DIR] [--stage-c-steps N] [--threads N]``
 """
@@ -179,8 +184,9 @@ def check_prompts(stage_c: nn.Module, text_encoder, previewer: nn.Module, shapes
     from cascade_studio.inference.pipeline import GenerateSettings, _to_images, sample_stage_c
 
     hits = total = 0
+    # 320 px: the pipeline's ceil(320 / 42.67) = 8 latents, the 8x8 grid of 256 px training images.
     for colour in shapes.BASE_COLOURS:
-        settings = GenerateSettings(prompt=f"a large {colour} circle", batch=seeds, width=256, height=256,
+        settings = GenerateSettings(prompt=f"a large {colour} circle", batch=seeds, width=320, height=320,
                                     dtype="fp32", seed=0)
         latents = sample_stage_c(stage_c, text_encoder, settings)
         for image in _to_images(previewer(latents)):
@@ -195,10 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--ae-steps", type=int, default=800)
     parser.add_argument("--previewer-steps", type=int, default=600)
-    parser.add_argument("--stage-c-steps", type=int, default=1200)
+    parser.add_argument("--stage-c-steps", type=int, default=1500)
     parser.add_argument("--continue-stage-c", action="store_true",
-                        help="load the effnet, previewer and Stage C from --out and only train Stage C further "
-                             "(--stage-c-steps more steps at --stage-c-lr)")
+                        help="load the effnet, previewer and Stage C from --out and continue from them: the previewer "
+                             "phase (--previewer-steps, 0 skips it) and Stage C (--stage-c-steps at --stage-c-lr)")
     parser.add_argument("--stage-c-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is fastest on a busy 2-core machine (OpenMP oversubscription)")
@@ -231,7 +237,17 @@ def main(argv: list[str] | None = None) -> None:
         calibrate_batchnorm(effnet, images, min(1024, len(images)), 64)
         latents = encode_all(effnet, images)
         log(f"encoded: latent mean {latents.mean():.3f} std {latents.std():.3f}", start)
-        finetune_previewer(previewer, latents, targets, weights, args.previewer_steps, 32, 1e-3, start)
+    if not (args.continue_stage_c and args.previewer_steps == 0):
+        # The decoder must draw colours the prior never saw (an adapter teaches them later), so it also sees
+        # the held-out split: only Stage C is kept from purple. The compressor already separates purple from
+        # red; a decoder trained on the base colours alone drew purple latents red.
+        extra = shapes.sample_specs("purple")
+        extra_images = torch.from_numpy(np.stack([shapes.render(s) for s in extra])).permute(0, 3, 1, 2)
+        extra_masks = torch.from_numpy(np.stack([shapes.shape_mask(s, PREVIEW) for s in extra])).float()[:, None]
+        finetune_previewer(
+            previewer, torch.cat([latents, encode_all(effnet, extra_images)]),
+            torch.cat([targets, F.interpolate(extra_images.float() / 255, size=PREVIEW, mode="area")]),
+            torch.cat([weights, shape_weights(extra_masks, 8.0)]), args.previewer_steps, 32, 1e-3, start)
 
     text_encoder = build_random("text_encoder", "toy")
     captions = sorted({s.caption for s in specs}) + [""]
@@ -240,9 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     caption_ids = torch.tensor([index[s.caption] for s in specs])
     log(f"encoded {len(captions)} distinct captions", start)
 
-    stage_c = train_stage_c(stage_c, latents, caption_ids, hidden, pooled, index[""], args.stage_c_steps, 32,
-                            args.stage_c_lr, 0.995, start)
-
+    if args.stage_c_steps > 0:
+        stage_c = train_stage_c(stage_c, latents, caption_ids, hidden, pooled, index[""], args.stage_c_steps, 32,
+                                args.stage_c_lr, 0.995, start)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, module in (("effnet", effnet), ("previewer", previewer), ("stage_c", stage_c)):
         path = save_component(module, args.out / asset_path(name).name)

@@ -98,6 +98,36 @@ def test_one_nonfinite_step_is_skipped_counted_and_changes_nothing(workspace, mo
     assert [(p["step"], p["value"]) for p in skipped] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 1)]
 
 
+def test_nonfinite_last_step_still_checkpoints_the_unchanged_adapter(workspace, monkeypatch):
+    LossFault(monkeypatch, nan_steps={6})
+    result = train(RECIPE, overrides(workspace, "last-nan"), progress=False)
+    checkpoints = result.run_dir / "checkpoints"
+    final, before = (load_file(str(checkpoints / f"step-0000000{s}" / "adapter.safetensors")) for s in (6, 5))
+    assert all(torch.equal(final[k], before[k]) for k in before)  # what is exported is what was saved
+    assert [p.name for p in result.exports] == ["last-nan-comfyui.safetensors"]
+
+
+def test_nonfinite_weights_are_never_exported(workspace, monkeypatch):
+    """Weights that became NaN in the last update (loss and gradient were still finite) are caught at export."""
+    fault = LossFault(monkeypatch)
+    real = fault.real
+
+    def poison_at_the_end(model, batch, **kwargs):
+        loss = real(model, batch, **kwargs)
+        if fault.step == 6:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        return loss
+
+    fault.real = poison_at_the_end
+    with pytest.raises(NonFiniteLossError, match="not exported"):
+        train(RECIPE, overrides(workspace, "nan-weights"), progress=False)
+    run_dir = workspace / "runs" / "nan-weights"
+    assert CheckpointManager(run_dir / "checkpoints").latest().name == "step-00000005"
+    assert not (run_dir / "export").exists()
+    assert any(e["event"] == "warning" and e["step"] == 6 for e in read_events(run_dir))
+
+
 def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(workspace, monkeypatch, capsys):
     LossFault(monkeypatch, nan_steps={4, 5, 6})
     code = run_main([RECIPE, *overrides(workspace, "nan-streak", "train.max_nonfinite_steps=3",

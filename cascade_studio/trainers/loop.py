@@ -184,11 +184,14 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
         # are made from it), and a run killed during export resumes straight to exporting.
         due = step == settings.max_steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0)
         if due:
-            if nonfinite_in_a_row == 0 and _all_finite(params):
+            # Never let checkpoints of a diverging run push the last good one out (keep_checkpoints prunes).
+            # The final step is still saved when the weights are finite: a skipped step leaves them as the last
+            # good step made them, and the final checkpoint must match what is exported.
+            healthy = nonfinite_in_a_row == 0 or step == settings.max_steps
+            if healthy and _all_finite(params):
                 save_checkpoint(accelerator, checkpoints, step, optimizer, scheduler, sampler, run_state,
                                 save_adapter, events)
             else:
-                # Never let a checkpoint of a diverging run replace the last good one.
                 events.emit("warning", step=step, message="checkpoint skipped: the adapter or the last step is "
                             "not finite; the previous checkpoint is kept")
     bar.close()

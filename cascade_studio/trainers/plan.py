@@ -312,18 +312,25 @@ def activation_bytes(layout: Layout, setup: Setup) -> int:
             saved.append(copies)
             peak_extra.append(0.0)
     width = layout.blocks[0].width if layout.blocks else 0
-    # The loss (x0, noise, x_t, prediction and their fp32 copies), the conditioning tokens, the output head's
-    # LayerNorm and conv inputs, and each level switch (LayerNorm input + its fp32 conv input).
-    misc = 8 * 16 * tokens * 4 + 2 * cond * layout.c_cond * coef.stream + 2 * coef.stream * width * tokens
+    # The loss (x0, noise, x_t, prediction and their fp32 copies), the conditioning tokens and each level switch
+    # (LayerNorm input + its fp32 conv input).
+    misc = 8 * 16 * tokens * 4 + 2 * cond * layout.c_cond * coef.stream
     misc += layout.n_switches * (coef.stream + 4) * width * tokens
     if not setup.gradient_checkpointing:
-        return int(sum(saved) + max(peak_extra, default=0.0) + misc)
-    # Checkpointing keeps every grad-needing block's input; one block at a time recomputes its activations and
-    # runs its backward (plus the incoming gradient of its output).
-    kept_inputs = sum(coef.stream * b.width * tokens for i, b in enumerate(layout.blocks) if i >= first)
-    worst_block = max((s + p + coef.stream * b.width * tokens
-                       for s, p, b in zip(saved, peak_extra, layout.blocks)), default=0.0)
-    return int(kept_inputs + worst_block + misc)
+        head = 2 * coef.stream * width * tokens  # the output head's LayerNorm and conv inputs
+        return int(sum(saved) + max(peak_extra, default=0.0) + misc + head)
+    # Checkpointing keeps every grad-needing block's input. The backward runs the blocks last to first: while
+    # block k recomputes its activations and runs its own backward (its standalone forward+backward peak, whose
+    # output and input gradient stand for the incoming and outgoing gradients), the inputs of blocks 0..k are
+    # still held and those after k (and the output head's) are already freed.
+    worst = 0.0
+    kept = 0.0
+    for index, (block, s_k, p_k) in enumerate(zip(layout.blocks, saved, peak_extra)):
+        if index < first:
+            continue
+        kept += coef.stream * block.width * tokens
+        worst = max(worst, kept + s_k + p_k)
+    return int(worst + misc)
 
 
 def _first_grad_block(layout: Layout, targets: Sequence[str]) -> int:
