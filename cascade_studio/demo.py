@@ -54,9 +54,12 @@ def train_toy_recipe(recipe: str, workspace: Path, split: str, overrides: Sequen
     data = toy_shapes().ensure_split(split, workspace / "data")
     name = f"toy-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}"
     result = train(RECIPES / f"{recipe}.yaml", [f"workspace={workspace}", f"data.path={data}", f"name={name}",
-                                                "tracking.enabled=false", *overrides], progress=False)
+                                                *overrides], progress=False)
     if not result.exports:
         raise RuntimeError(f"the {recipe} run in {result.run_dir} exported nothing")
+    if result.run_id:
+        print(f"[demo] MLflow run {result.run_id} at {result.tracking_uri} "
+              f"(browse: mlflow ui --backend-store-uri {result.tracking_uri})", flush=True)
     return result.exports[0]
 
 

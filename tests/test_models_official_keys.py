@@ -101,7 +101,7 @@ def test_tiny_preset_dimensions_agree_with_design():
     assert tiny.stage_c["c_clip_text"] == tiny.stage_c["c_clip_text_pooled"] == 64
     assert tiny.stage_c["c_clip_img"] == 32
     assert tiny.stage_b["c_clip"] == 64  # Stage B takes the same pooled text embedding
-    assert (tiny.train_resolution, tiny.generate_resolution) == (256, 256)
+    assert (tiny.train_resolution, tiny.generate_resolution) == (256, 320)
     assert (PRESETS["big"].train_resolution, PRESETS["lite"].generate_resolution) == (768, 1024)
 
 

@@ -74,8 +74,20 @@ def load_adapter(path: str | Path, model: AdaptedStageC, context: AdapterContext
                  **options: Any) -> Adapter:
     """Load any adapter file onto ``model`` (method detected), checked against the base first."""
     method = detect_method(path)
-    return get_method(method).load_adapter_file(Path(path), model, context, name=name or Path(path).stem,
+    return get_method(method).load_adapter_file(Path(path), model, context, name=name or adapter_name(path),
                                                 **options)
+
+
+def adapter_name(path: str | Path) -> str:
+    """A safe adapter name from a file name (module registries refuse dots and names like ``half``)."""
+    import re
+
+    import torch
+
+    name = re.sub(r"\W", "_", Path(path).stem)
+    if not name or name[0].isdigit() or hasattr(torch.nn.Module, name):
+        name = f"adapter_{name}"
+    return name
 
 
 def metadata_json(value: Any) -> str:

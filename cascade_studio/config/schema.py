@@ -275,7 +275,7 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "Clip the gradient norm to this value; 0 disables clipping.", minimum=0,
                                    example=1.0)
     seed: int = setting(42, "Random seed for data order, noise and initialisation.", minimum=0, example=42)
-    checkpoint_every: int = setting(500, "Save a resumable checkpoint every N steps; 0 disables.", minimum=0,
+    checkpoint_every: int = setting(500, "Save a resumable checkpoint every N steps (the final step is always saved); 0 = only the final step.", minimum=0,
                                     example=500)
     keep_checkpoints: int = setting(2, "How many recent checkpoints to keep on disk.", minimum=1, example=2)
     shift: float = setting(1.0, "Noise schedule shift (logSNR += 2*log(1/shift)); 1 is the published training "

@@ -356,7 +356,7 @@ def _clip_img_dim(stage_c: Any) -> int:
     """Width of Stage C's image embedding input, found through any adapter wrapper (big/lite: 768)."""
     modules = stage_c.named_modules() if isinstance(stage_c, nn.Module) else ()
     for name, module in modules:
-        if name.split(".")[-1] == "clip_img_mapper" and isinstance(module, nn.Linear):
+        if name.split(".")[-1] == "clip_img_mapper" and hasattr(module, "in_features"):
             return module.in_features
     raise ValueError(
         "could not find `clip_img_mapper` in the Stage C passed to sample_stage_c; pass a StageC (or a module "

@@ -77,7 +77,8 @@ PRESETS: dict[str, CascadePreset] = {
         controlnet_c_proj=64,
         controlnet_proj_blocks=(0, 2, 9, 11),
         train_resolution=256,
-        generate_resolution=256,
+        # 320 px -> ceil(320 / 42.67) = 8x8 Stage C latents, the grid the tiny compressor trains at (256 / 32)
+        generate_resolution=320,
     ),
 }
 

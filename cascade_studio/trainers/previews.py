@@ -29,7 +29,9 @@ def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Pa
     from .steps import _no_dropout
 
     prompts, seeds = list(recipe.preview.prompts), list(recipe.preview.seeds)
-    size = recipe.data.resolution
+    # Sample at the preset's generation size (1024 px -> 24x24 latents on big/lite, 320 px -> 8x8 on tiny): the
+    # latent grid Stage C was trained on, which 42.67 px per latent gives at generation time.
+    size = models.preset.generate_resolution
     extra_cond: dict[str, Any] = {}
     extra_uncond: dict[str, Any] = {}
     if reference is not None and method_inputs is not None:
