@@ -63,6 +63,12 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
     # The loop accumulates gradients itself (it controls the per-micro-batch seeds).
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
     set_seed(recipe.train.seed)
+    if recipe.train.quantize_base != "none":
+        # refuse an unsupported quantization mode before anything is encoded or loaded
+        from .trainers.components import resolve_dtype
+        from .trainers.quantize import check_quantization_supported
+
+        check_quantization_supported(recipe.train.quantize_base, accelerator.device, resolve_dtype(recipe.model.dtype))
     is_main = accelerator.is_main_process
 
     from .adapters.registry import AdapterContext, get_method
@@ -133,6 +139,10 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
         # 5. frozen base
         events.emit("phase", phase="model")
         stage_c = models.stage_c()
+        if recipe.train.quantize_base != "none":
+            from .trainers.quantize import quantize_frozen_linears
+
+            quantize_frozen_linears(stage_c, recipe.train.quantize_base)
         stage_c.gradient_checkpointing = bool(recipe.train.gradient_checkpointing)
 
         # 6. adapter
@@ -291,9 +301,10 @@ def _ip_encoder_loader(recipe, models):
         import torch
 
         if name == "tiny":
-            from .models.encoders import build_ip_image_encoder
+            # the same seeded random encoder generate/compare use, so embeddings and cache entries agree
+            from .adapters.ip_adapter import image_encoder_feature
 
-            return build_ip_image_encoder("tiny")
+            return image_encoder_feature({"image_encoder": "tiny"}).encoder
         from .models.loading import load_ip_image_encoder
 
         ip_cfg = recipe.adapter.ip_adapter
@@ -437,9 +448,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .trainers.atomic import DiskFullError
     from .trainers.checkpoints import CheckpointError
     from .trainers.loop import NonFiniteLossError
+    from .trainers.quantize import QuantizationUnsupportedError
 
     return (AdapterMismatchError, CacheError, DataSourceError, TrackingError, DiskFullError, CheckpointError,
-            NonFiniteLossError, WeightsError)
+            NonFiniteLossError, WeightsError, QuantizationUnsupportedError)
 
 
 def _user_message(exc: BaseException) -> str | None:

@@ -4,7 +4,6 @@ wider ones; its parameter, quantization and optimizer-state counts match real mo
 big recipe in seconds and advises checkpointing first when memory is short."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 from pathlib import Path
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cascade_studio import cli_plan
 from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
 from cascade_studio.models import build_stage_c, get_preset
@@ -141,10 +139,10 @@ def test_8bit_optimizer_state_bytes_match_bitsandbytes():
 
 
 def _plan_cli(*argv: str, capsys) -> str:
-    parser = argparse.ArgumentParser(prog="cascade-studio")
-    cli_plan.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["plan", *argv])
-    assert args.handler(args) == 0
+    """``cascade-studio plan ...`` through the real command-line entry point."""
+    from cascade_studio import cli
+
+    assert cli.main(["plan", *argv]) == 0
     return capsys.readouterr().out
 
 

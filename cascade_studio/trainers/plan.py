@@ -357,7 +357,8 @@ def plan_memory(setup: Setup, layout: Layout | None = None) -> MemoryPlan:
         "activations": activations,
     }
     notes = {
-        "frozen weights": f"{layout.n_params / 1e9:.2f}B params, {quant}",
+        "frozen weights": (f"{layout.n_params / 1e9:.2f}B" if layout.n_params >= 1e9
+                           else f"{layout.n_params / 1e6:.2f}M") + f" params, {quant}",
         "adapter weights": f"{n_trainable / 1e6:.2f}M params, fp32 ({setup.lora_type} rank {setup.rank})",
         "gradients": "fp32, adapter only",
         "optimizer state": setup.optimizer,
@@ -443,10 +444,12 @@ def format_plan(plan: MemoryPlan, budget: int | None = None, advice: Advice | No
     lines = [f"Memory plan{(' for ' + title) if title else ''}: LoRA on the {s.preset} Stage C, "
              f"{s.latent_h}x{s.latent_w} latents, batch {s.batch_size} (x{s.grad_accum} accumulation), "
              f"{s.optimizer}, on {s.device}"]
+    # One unit per table: MiB for the small presets (tiny, toy), GiB otherwise.
+    scale, unit = (GiB, "GiB") if plan.peak >= GiB else (2**20, "MiB")
     for name, value in plan.parts.items():
-        lines.append(f"  {name:<24}{value / GiB:8.2f} GiB   {plan.notes.get(name, '')}")
+        lines.append(f"  {name:<24}{value / scale:8.2f} {unit}   {plan.notes.get(name, '')}")
     lines.append(f"  {'-' * 34}")
-    lines.append(f"  {'predicted peak':<24}{plan.peak / GiB:8.2f} GiB")
+    lines.append(f"  {'predicted peak':<24}{plan.peak / scale:8.2f} {unit}")
     if budget is None:
         return "\n".join(lines)
     if plan.peak <= budget:
