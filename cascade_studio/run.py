@@ -131,7 +131,7 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
                                         "ip_image_encoder_loader": _ip_encoder_loader(recipe, models)})
         events.emit("phase", phase="data")
         train_set, holdout_set, extras, skipped, preview_embeddings = _prepare_data(
-            recipe, models, method, method_cfg, context, accelerator, run_dir, progress)
+            recipe, models, method, method_cfg, context, accelerator, run_dir, progress, events=events)
         result.skipped_files = skipped
         tracker.log_metrics({"skipped_files": skipped, "train_samples": len(train_set),
                              "holdout_samples": len(holdout_set) if holdout_set is not None else 0}, step=0)
@@ -318,7 +318,8 @@ def _ip_encoder_loader(recipe, models):
     return load
 
 
-def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool):
+def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool,
+                  events=None):
     """Scan the source, split off the held-out set, fill the cache (main process first), free the encoders."""
     from .data import build_cache, scan_source
     from .trainers.features import base_feature_encoders
@@ -346,6 +347,11 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
         encoders = base_feature_encoders(models)
         if extra_encoders is not None:
             encoders += extra_encoders(method_cfg, context, models)
+        if events is not None:
+            # the studio's Data page reads this to show how much of a folder is cached (without loading torch)
+            events.emit("cache", encoder_identities=[e.identity for e in encoders], preprocessing=preprocessing,
+                        data_path=str(Path(recipe.data.path).resolve()) if recipe.data.path else None,
+                        cache_dir=str(cache_dir))
         return build_cache(records_subset, encoders, cache_dir, preprocessing=preprocessing,
                            progress=progress and accelerator.is_main_process)
 
