@@ -16,7 +16,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The shared reference data (official key list, parity tensors) beside the repository."""
-    return Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+    from reference_paths import REFERENCE_DIR
+
+    return REFERENCE_DIR
 
 
 class ParityData:

@@ -23,7 +23,9 @@ from cascade_studio.diffusion import (
     vp_scalers,
 )
 
-PARITY = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_parity.safetensors"
+from reference_paths import REFERENCE_DIR  # noqa: E402
+
+PARITY = REFERENCE_DIR / "official_parity.safetensors"
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ from cascade_studio.models.encoders import (
 )
 from cascade_studio.models.presets import PRESETS
 
-REFERENCE = Path("/work/shared/reference/official_state_dict_keys.json")
+from reference_paths import REFERENCE_DIR  # noqa: E402
+
+REFERENCE = REFERENCE_DIR / "official_state_dict_keys.json"
 
 
 @pytest.fixture(scope="module")

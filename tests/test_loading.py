@@ -47,7 +47,9 @@ from cascade_studio.models.presets import (
     build_stage_c,
 )
 
-REFERENCE = Path("/work/shared/reference/official_state_dict_keys.json")
+from reference_paths import REFERENCE_DIR  # noqa: E402
+
+REFERENCE = REFERENCE_DIR / "official_state_dict_keys.json"
 TINY = PRESETS["tiny"]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
