@@ -68,7 +68,8 @@ def render() -> None:
                                 height=90)
     seeds_text = st.text_input("Seeds", value="0", key="cmp_seeds", help="Whole numbers; one row per prompt and seed")
     presets = _presets()
-    preset_default = (run_preset(first_run) if first_run else None) or presets[0]
+    # the toy world (a pretrained cascade that ships with the studio) shows real pictures on a CPU
+    preset_default = (run_preset(first_run) if first_run else None) or ("toy" if "toy" in presets else presets[0])
     a, b, c = st.columns(3)
     preset = a.selectbox("Base model preset", presets, index=presets.index(preset_default)
                          if preset_default in presets else 0, key=f"cmp_preset-{first_run}",
