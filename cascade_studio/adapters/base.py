@@ -58,6 +58,25 @@ class Adapter(Protocol):
         active during the call (e.g. attention hooks)."""
 
 
+def check_adapter_tensors(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str) -> None:
+    """Raise one AdapterMismatchError listing missing, unexpected and wrongly shaped tensors (first few of each)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    bad = [k for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or bad):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if bad:
+        k = bad[0]
+        parts.append(f"{len(bad)} with wrong shapes (e.g. {k}: file {tuple(given[k].shape)}, "
+                     f"expected {tuple(expected[k].shape)})")
+    raise AdapterMismatchError(f"{what} do not fit: " + "; ".join(parts))
+
+
 def merge_cnet(existing: list | None, new: list | None) -> list | None:
     """Sum two ControlNet residual lists element-wise (``None`` means no residual at that ResBlock)."""
     if existing is None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import AdapterMismatchError
+from ..base import AdapterMismatchError, check_adapter_tensors
 
 MULTI_IMAGE_MODES = ("average", "concat")
 ARCHITECTURE = "stable-cascade-v1-prior/ip-adapter"
@@ -182,20 +182,7 @@ class IPAdapter(nn.Module):
         return out
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        bad = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-        if missing or unexpected or bad:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-            if bad:
-                parts.append(f"{len(bad)} with wrong shapes (e.g. {bad[0]}: file {tuple(state_dict[bad[0]].shape)}, "
-                             f"adapter {tuple(expected[bad[0]].shape)})")
-            raise AdapterMismatchError("IP-Adapter weights do not fit: " + "; ".join(parts))
+        check_adapter_tensors(self.adapter_state_dict(), state_dict, "IP-Adapter weights")
         self.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in state_dict.items()
                                          if k.startswith("image_proj.")})
         self.ip_layers.load_state_dict({k[len("ip_adapter."):]: v for k, v in state_dict.items()

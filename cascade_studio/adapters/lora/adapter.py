@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..base import AdapterMismatchError
+from ..base import AdapterMismatchError, check_adapter_tensors
 
 # Named groups of target modules (regular expressions over Stage C module paths, full match).
 TARGET_GROUPS: dict[str, str] = {
@@ -262,21 +262,7 @@ class LoraAdapter:
         from peft import set_peft_model_state_dict
 
         assert self.stage_c is not None, "attach the adapter first"
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        bad = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-        if missing or unexpected or bad:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-            if bad:
-                k = bad[0]
-                parts.append(f"{len(bad)} with wrong shapes (e.g. {k}: file {tuple(state_dict[k].shape)}, "
-                             f"model {tuple(expected[k].shape)})")
-            raise AdapterMismatchError("LoRA weights do not fit this Stage C: " + "; ".join(parts))
+        check_adapter_tensors(self.adapter_state_dict(), state_dict, "LoRA weights for this Stage C")
         result = set_peft_model_state_dict(self.stage_c, state_dict, adapter_name=self.name)
         unexpected_peft = getattr(result, "unexpected_keys", [])
         if unexpected_peft:
