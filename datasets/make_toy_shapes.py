@@ -4,7 +4,8 @@ One coloured shape per 256x256 image (8x8 Stage C latents on the tiny architectu
 kinds of shape, two sizes, nine positions (with a little jitter), five low-saturation backgrounds, and colours
 that are saturated, so "which colour is the shape" can be measured from pixels alone (see
 :func:`dominant_colour`). Captions name what is drawn ("a small red circle in the top left on a grey
-background"); some captions leave out the size, position or background so the model also answers short prompts.
+background"); some captions leave out the size, position or background so the model also answers short prompts,
+and in the splits that train models a fifth leave out the colour, so colourless prompts are in-distribution too.
 
 Splits (each a fixed seed, so the same name always gives the same pixels):
 
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-VERSION = 1  # bump when pixels or captions change: cached folders carry it in their marker file
+VERSION = 2  # bump when pixels or captions change: cached folders carry it in their marker file
 SIZE = 256
 SUPERSAMPLE = 2  # draw at 2x and downscale: anti-aliased edges at a fraction of a 4x render's cost
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -48,7 +49,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 BASE_COLOURS = ("red", "yellow", "green", "blue")
 HELD_OUT_COLOUR = "purple"
-SIZES = {"small": 0.13, "large": 0.24}  # half-extent as a fraction of the image side
+# Half-extent as a fraction of the image side. A small shape spans about 2.7 latent cells of the 8x8 grid: at
+# 0.13 (2 cells) the toy Stage C often drew nothing for "small" prompts.
+SIZES = {"small": 0.17, "large": 0.24}
 POSITIONS = {
     "top left": ((0.27, 0.27), "in the top left"),
     "top": ((0.5, 0.27), "at the top"),
@@ -68,6 +71,10 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "beige": (226, 214, 194),
     "slate": (68, 74, 84),
 }
+# Share of captions that leave out the colour ("a large circle in the top left"), in the base-colour splits
+# that train models (train, control): the base then answers colourless prompts with some colour of its own, so
+# an image prompt (the toy IP-Adapter) has something to decide. Test and purple captions always name it.
+COLOURLESS_SHARE = {"train": 0.2, "control": 0.2}
 # name -> (seed, count, colours)
 SPLITS: dict[str, tuple[int, int, tuple[str, ...]]] = {
     "train": (1, 4000, BASE_COLOURS),
@@ -92,12 +99,14 @@ class ShapeSpec:
     dy: float
     scale: float  # size jitter factor
     caption_parts: tuple[bool, bool, bool]  # mention (size, position, background)
+    with_colour: bool = True  # False: the caption leaves the colour out
 
     @property
     def caption(self) -> str:
         """E.g. "a small red circle in the top left on a grey background"; parts may be left out."""
         with_size, with_position, with_background = self.caption_parts
-        words = ["a"] + ([self.size] if with_size else []) + [self.colour, self.shape]
+        words = ["a"] + ([self.size] if with_size else []) + ([self.colour] if self.with_colour else [])
+        words.append(self.shape)
         if with_position:
             words.append(POSITIONS[self.position][1])
         if with_background:
@@ -122,6 +131,9 @@ def sample_specs(split: str) -> list[ShapeSpec]:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     seed, count, colours = SPLITS[split]
     rng = random.Random(seed)
+    # A second stream decides colourless captions, so adding them left every other attribute as it was.
+    colourless = random.Random(seed + 1000)
+    share = COLOURLESS_SHARE.get(split, 0.0)
     specs = []
     for index in range(count):
         shape, colour = rng.choice(SHAPES), rng.choice(colours)
@@ -134,6 +146,7 @@ def sample_specs(split: str) -> list[ShapeSpec]:
             stem=f"{split}_{index:05d}", shape=shape, colour=colour, size=size, position=position,
             background=background, dx=rng.uniform(-0.04, 0.04), dy=rng.uniform(-0.04, 0.04),
             scale=rng.uniform(0.9, 1.1), caption_parts=parts,  # type: ignore[arg-type]
+            with_colour=colourless.random() >= share,
         ))
     return specs
 
