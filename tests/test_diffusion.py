@@ -238,3 +238,24 @@ def test_list_inputs_with_none_are_batched() -> None:
         batch_cfg_inputs({"mode": "a"}, {"mode": "b"})
     with pytest.raises(ValueError, match="keys"):
         batch_cfg_inputs({"text": torch.zeros(1)}, {})
+
+
+def test_loss_weightings_follow_their_formulas():
+    from cascade_studio.diffusion import LOSS_WEIGHTS, diffusion_loss, loss_weight, p2_weight
+
+    lsnr = torch.tensor([-8.0, -2.0, 0.0, 3.0, 9.0])
+    snr = lsnr.exp()
+    assert torch.allclose(loss_weight(lsnr, "p2"), p2_weight(lsnr))
+    # debiased: 1/sqrt(SNR), with SNR clamped to 1000 (the last entry, e^9 > 1000)
+    assert torch.allclose(loss_weight(lsnr, "debiased")[:4], snr[:4].rsqrt())
+    assert loss_weight(lsnr, "debiased")[4].item() == pytest.approx(1000 ** -0.5)
+    # v: 1 + 1/SNR, capped at 100 (the first entry, 1 + e^8)
+    assert loss_weight(lsnr, "v")[0].item() == pytest.approx(100.0)
+    assert torch.allclose(loss_weight(lsnr, "v")[1:], 1 + 1 / snr[1:])
+    pred, target = torch.randn(5, 4, 2, 2), torch.randn(5, 4, 2, 2)
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    for kind in LOSS_WEIGHTS:
+        expected = (mse * loss_weight(lsnr, kind)).mean()
+        assert diffusion_loss(pred, target, lsnr, weighting=kind).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        loss_weight(lsnr, "snr")

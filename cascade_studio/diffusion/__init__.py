@@ -7,8 +7,10 @@ from cascade_studio.diffusion.sampler import batch_cfg_inputs, ddim_step, sample
 from cascade_studio.diffusion.schedule import (
     add_noise,
     diffusion_loss,
+    LOSS_WEIGHTS,
     logsnr,
     logsnr_limits,
+    loss_weight,
     noise_condition,
     offset_noise,
     p2_weight,
@@ -17,7 +19,9 @@ from cascade_studio.diffusion.schedule import (
 )
 
 __all__ = [
+    "LOSS_WEIGHTS",
     "add_noise",
+    "loss_weight",
     "batch_cfg_inputs",
     "ddim_step",
     "diffusion_loss",

@@ -24,6 +24,8 @@ __all__ = [
     "vp_scalers",
     "noise_condition",
     "p2_weight",
+    "LOSS_WEIGHTS",
+    "loss_weight",
     "sample_t",
     "add_noise",
     "offset_noise",
@@ -97,6 +99,28 @@ def p2_weight(logsnr: torch.Tensor) -> torch.Tensor:
     return 1 / (1 + torch.exp(logsnr))
 
 
+# Weightings of the per-sample ε MSE. "p2" is the official one. "debiased" is 1/sqrt(SNR) (SNR clamped to at most
+# 1000), the "debiased estimation" weighting of Yu et al. 2024: it gives the noisy steps, where the layout of an
+# image is decided, more of the loss than P2 does. "v" is 1 + 1/SNR (capped at V_MAX_WEIGHT): the ε loss
+# rescaled to the loss of a v-prediction (Salimans & Ho 2022), which values getting the clean image right at
+# every noise level alike; what a global property (a colour, a layout) adds is then no longer hidden in the
+# noisy steps, where ε barely depends on it.
+LOSS_WEIGHTS = ("p2", "debiased", "v")
+DEBIASED_MAX_SNR = 1000.0
+V_MAX_WEIGHT = 100.0
+
+
+def loss_weight(logsnr: torch.Tensor, kind: str = "p2") -> torch.Tensor:
+    """Per-sample weight of the ε loss at `logsnr` for weighting `kind` (one of LOSS_WEIGHTS)."""
+    if kind == "p2":
+        return p2_weight(logsnr)
+    if kind == "debiased":
+        return torch.exp(-0.5 * logsnr.clamp(max=math.log(DEBIASED_MAX_SNR)))
+    if kind == "v":
+        return (1 + torch.exp(-logsnr)).clamp(max=V_MAX_WEIGHT)
+    raise ValueError(f"unknown loss weighting {kind!r}; use one of {', '.join(LOSS_WEIGHTS)}")
+
+
 def sample_t(
     batch_size: int,
     generator: torch.Generator | None = None,
@@ -142,8 +166,10 @@ def diffusion_loss(
     target_eps: torch.Tensor,
     logsnr: torch.Tensor,
     reduction: str = "mean",
+    weighting: str = "p2",
 ) -> torch.Tensor:
-    """P2-weighted ε-prediction loss: per-sample MSE over all non-batch dims times `p2_weight(logsnr)`.
+    """Weighted ε-prediction loss: per-sample MSE over all non-batch dims times `loss_weight(logsnr, weighting)`
+    (default P2, the official weighting).
 
     `reduction='mean'` returns the batch mean (a scalar); `'none'` returns the weighted per-sample losses [B].
     The MSE is computed in float32 so bf16 predictions do not lose the small differences late in training.
@@ -152,5 +178,5 @@ def diffusion_loss(
         raise ValueError(f"diffusion_loss: reduction must be 'mean' or 'none', got {reduction!r}")
     diff = pred_eps.float() - target_eps.float()
     per_sample = diff.pow(2).flatten(1).mean(dim=1)
-    weighted = per_sample * p2_weight(logsnr.float().to(per_sample.device)).view(-1)
+    weighted = per_sample * loss_weight(logsnr.float().to(per_sample.device), weighting).view(-1)
     return weighted.mean() if reduction == "mean" else weighted
