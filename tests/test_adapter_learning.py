@@ -37,9 +37,11 @@ def _holdout_batches(recipe, models, context):
 
 
 def test_controlnet_with_canny_control_beats_the_base_without_control(tmp_path):
-    # the toy base already reads shape, colour and place from the caption: the control has to beat that
+    # the toy base already reads shape, colour and place from the caption: the control has to beat that.
+    # The recipe's lr (2e-3): the backbone starts from the toy compressor (measured 0.81x the held-out loss;
+    # 6e-3 gave 0.87x, as did a random backbone)
     overrides = [f"workspace={tmp_path}", "model.preset=toy", "preview.every=0", "train.checkpoint_every=0",
-                 "train.max_steps=300", "optimizer.lr=6e-3"]
+                 "train.max_steps=300"]
     result = train("recipes/tiny/controlnet-canny.yaml", overrides, progress=False)
     # heldout_before: the same Stage C with a fresh (zero) ControlNet, i.e. without control
     assert result.heldout_after <= 0.85 * result.heldout_before, (result.heldout_before, result.heldout_after)

@@ -266,7 +266,8 @@ def test_effnet_file_without_metadata_loads_with_preset_blocks(tmp_path, model, 
 
 
 def test_two_controlnets_sum_their_residuals(model, context, inputs):
-    first = cn.create_adapter({"control": "canny"}, model, context, name="edges")
+    # random backbones on both, so neither one's BatchNorm statistics dwarf the other's residuals
+    first = cn.create_adapter({"control": "canny", "backbone_init": "random"}, model, context, name="edges")
     _randomize(first, 9)
     second = ControlNetAdapter(ControlNetSpec(c_in=4, c_proj=64, proj_blocks=(2, 5), bottleneck="effnet_tiny",
                                               control="inpainting"), name="paint", input_name="mask")
@@ -301,3 +302,57 @@ def test_training_inputs_takes_the_cached_hint():
         cn.training_inputs({"latents": hint}, {}, None, None)
     encoders = cn.hint_encoders({"control": "inpainting", "mask": "box"})
     assert [e.identity for e in encoders] == ["hint-inpainting-v1(mask=box)"]
+
+
+def test_backbone_starts_from_the_base_compressor(model, context):
+    """An EfficientNet backbone starts from the base's own compressor (as the official trainer starts from an
+    ImageNet EfficientNet); extra hint channels start at zero, fewer take the first RGB filters."""
+    from cascade_studio.models.random_init import build_random
+
+    compressor = build_random("effnet", "tiny").backbone.state_dict()
+    image = cn.create_adapter({"control": "image"}, model, context, name="image")
+    state = image.controlnet.backbone.state_dict()
+    assert set(state) == set(compressor)
+    assert all(torch.equal(state[k], compressor[k]) for k in state)
+    assert image.info["cascade_studio.backbone_init"] == "compressor"
+
+    canny = cn.create_adapter({"control": "canny"}, model, context, name="canny").controlnet.backbone
+    assert torch.equal(canny.state_dict()["0.0.weight"], compressor["0.0.weight"][:, :1])
+    inpaint = cn.create_adapter({"control": "inpainting"}, model, context, name="inpaint").controlnet.backbone
+    first = inpaint.state_dict()["0.0.weight"]
+    assert torch.equal(first[:, :3], compressor["0.0.weight"]) and not first[:, 3].any()
+
+    fresh = cn.create_adapter({"control": "image", "backbone_init": "random"}, model, context, name="fresh")
+    assert not torch.equal(fresh.controlnet.backbone.state_dict()["0.0.weight"], compressor["0.0.weight"])
+    assert fresh.info["cascade_studio.backbone_init"] == "random"
+
+    with pytest.raises(AdapterMismatchError, match="backbone_init"):
+        cn.create_adapter({"control": "image", "bottleneck": "simple", "backbone_init": "compressor"}, model,
+                          context, name="simple")
+    # A published base whose compressor is not at hand: the default falls back to random, asking for it fails.
+    assert cn._compressor(AdapterContext(preset="big"), required=False) is None
+    with pytest.raises(AdapterMismatchError, match="model.effnet"):
+        cn._compressor(AdapterContext(preset="big"), required=True)
+
+
+def test_backbone_init_uses_the_runs_compressor_and_frees_it(model):
+    """In a training run the compressor comes from the run's base models and is not kept resident."""
+    from cascade_studio.models.random_init import build_random
+
+    class Models:
+        freed: list = []
+
+        def effnet(self):
+            compressor = build_random("effnet", "tiny")
+            with torch.no_grad():
+                compressor.backbone[0][0].weight.fill_(0.25)
+            return compressor
+
+        def free(self, *names):
+            self.freed.extend(names)
+
+    models = Models()
+    context = AdapterContext(preset="tiny", stage_c_config=get_preset("tiny").stage_c, extra={"models": models})
+    adapter = cn.create_adapter({"control": "image"}, model, context)
+    assert bool((adapter.controlnet.backbone[0][0].weight == 0.25).all())
+    assert models.freed == ["effnet"]

@@ -159,6 +159,11 @@ class ControlNetConfig:
                               choices=("effnet", "simple", "large", "effnet_tiny"))
     freeze_backbone: bool = setting(False, "Keep the control encoder's backbone frozen (the official trainer "
                                     "trains it).")
+    backbone_init: Optional[str] = setting(
+        None, "Starting weights of an EfficientNet backbone (effnet, effnet_tiny): compressor (the backbone of "
+        "the base's own EfficientNet compressor, Stage C's effnet encoder: the same architecture already trained "
+        "on images, where the official trainer starts from ImageNet weights) or random. null = compressor. "
+        "Ignored with init_from (the file brings its backbone).", choices=("compressor", "random"))
     strength: float = setting(1.0, "Multiplier on the residuals at inference and in previews.", minimum=0,
                               example=1.0)
     init_from: Optional[str] = setting(None, "Start from a published ControlNet file (official layout), e.g. "

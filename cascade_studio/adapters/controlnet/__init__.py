@@ -29,7 +29,7 @@ FORMATS = ("official",)
 __all__ = ["ControlNetAdapter", "ControlNetSpec", "CannyHint", "InpaintingHint", "SuperResolutionHint",
            "ImageHint", "HintError", "FORMATS", "create_adapter", "export_adapter", "load_adapter_file", "sniff",
            "training_inputs", "hint_encoders", "build_hint_encoder", "spec_from_config", "make_mask",
-           "read_layout", "FileLayout"]
+           "read_layout", "FileLayout", "init_backbone_from_compressor"]
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -139,9 +139,81 @@ def create_adapter(cfg: Any, model: AdaptedStageC, context: Any, name: str = "co
             adapter.load_adapter_state_dict(tensors)
         except AdapterMismatchError as exc:
             raise AdapterMismatchError(f"adapter.controlnet.init_from {init_from}: {exc}") from None
+    elif spec.bottleneck in ("effnet", "effnet_tiny"):
+        init = _get(cfg, "backbone_init")
+        if init not in (None, "compressor", "random"):
+            raise AdapterMismatchError(f"adapter.controlnet.backbone_init {init!r}: use compressor or random")
+        compressor = _compressor(context, required=init == "compressor") if init != "random" else None
+        if compressor is not None:
+            init_backbone_from_compressor(adapter.controlnet.backbone, compressor)
+        adapter.info["cascade_studio.backbone_init"] = "compressor" if compressor is not None else "random"
+    elif _get(cfg, "backbone_init") == "compressor":
+        raise AdapterMismatchError(f"adapter.controlnet.backbone_init compressor needs an EfficientNet backbone; the "
+                                   f"{spec.bottleneck} bottleneck has none (set bottleneck: effnet, or drop "
+                                   "backbone_init)")
     adapter.to(_device_of(model))
     model.add_adapter(adapter)
     return adapter
+
+
+def _compressor(context: Any, required: bool) -> torch.nn.Module | None:
+    """The base's EfficientNet compressor: the run's (loaded for the copy, then freed again), else the preset's
+    built-in one (tiny, toy). None when there is none at hand and ``required`` is False."""
+    models = (getattr(context, "extra", None) or {}).get("models")
+    if models is not None:
+        compressor = models.effnet()
+        models.free("effnet")  # the copy is all the ControlNet needs; do not keep it resident in training
+        return compressor
+    preset = getattr(context, "preset", None)
+    if preset == "toy":
+        from ...models.toy import load_toy_component
+
+        return load_toy_component("effnet")
+    if preset == "tiny":
+        from ...models.random_init import build_random
+
+        return build_random("effnet", "tiny")
+    if not required:
+        return None
+    raise AdapterMismatchError(
+        "adapter.controlnet.backbone_init compressor: the base's EfficientNet compressor (effnet) is not loaded "
+        "here; give model.effnet (or model.repo_id), or set backbone_init: random")
+
+
+@torch.no_grad()
+def init_backbone_from_compressor(backbone: torch.nn.Module, compressor: torch.nn.Module) -> None:
+    """Copy the compressor's EfficientNet ``backbone`` into a ControlNet backbone of the same architecture.
+
+    The first conv may take other than 3 channels (canny 1, inpainting 4); like the official code for a
+    pretrained backbone, the RGB filters fill the first channels and extra channels start at zero.
+    """
+    source = getattr(compressor, "backbone", None)
+    if source is None:
+        raise AdapterMismatchError("the EfficientNet compressor has no backbone to start the ControlNet from")
+    target_state = backbone.state_dict()
+    state = {k: v for k, v in source.state_dict().items()}
+    wrong = sorted(set(state) ^ set(target_state))
+    if wrong:
+        raise AdapterMismatchError(
+            "the base's EfficientNet compressor does not match the ControlNet backbone (e.g. "
+            f"{', '.join(wrong[:3])}); use the effnet bottleneck on big/lite and effnet_tiny on tiny/toy, or "
+            "set backbone_init: random")
+    first = "0.0.weight"
+    rgb = state[first]
+    want = target_state[first].shape
+    if rgb.shape != want:
+        if rgb.shape[0] != want[0] or rgb.shape[2:] != want[2:]:
+            raise AdapterMismatchError(f"the compressor's first conv {tuple(rgb.shape)} cannot start a backbone "
+                                       f"whose first conv is {tuple(want)}; set backbone_init: random")
+        conv = torch.zeros(want, dtype=rgb.dtype)
+        channels = min(want[1], rgb.shape[1])
+        conv[:, :channels] = rgb[:, :channels]
+        state[first] = conv
+    for key, value in state.items():
+        if value.shape != target_state[key].shape:
+            raise AdapterMismatchError(f"the compressor's {key} {tuple(value.shape)} does not fit the ControlNet "
+                                       f"backbone's {tuple(target_state[key].shape)}; set backbone_init: random")
+    backbone.load_state_dict({k: v.to(target_state[k].dtype) for k, v in state.items()})
 
 
 def _device_of(model: AdaptedStageC) -> torch.device:
