@@ -300,14 +300,15 @@ def _ip_encoder_loader(recipe, models):
     def load(name: str):
         import torch
 
-        if name == "tiny":
-            # the same seeded random encoder generate/compare use, so embeddings and cache entries agree
+        ip_cfg = recipe.adapter.ip_adapter
+        if name == "tiny" or (name == "toy" and not ip_cfg.image_encoder_weights):
+            # tiny: the same seeded random encoder generate/compare use, so embeddings and cache entries agree;
+            # toy: the shipped weights of the toy cascade
             from .adapters.ip_adapter import image_encoder_feature
 
-            return image_encoder_feature({"image_encoder": "tiny"}).encoder
+            return image_encoder_feature({"image_encoder": name}).encoder
         from .models.loading import load_ip_image_encoder
 
-        ip_cfg = recipe.adapter.ip_adapter
         source = ip_cfg.image_encoder_weights or recipe.model.image_encoder or recipe.model.repo_id
         if source is None:
             raise ValueError(f"adapter.ip_adapter.image_encoder {name!r} needs weights: set "

@@ -176,9 +176,10 @@ class IPAdapterConfig:
 
     image_encoder: str = setting("openclip-vit-h-14", "Image encoder whose embedding becomes the image tokens: "
                                  "openclip-vit-h-14 (the original IP-Adapter's), clip-vit-l-14 (the one Stage "
-                                 "C's native image input was trained with), clip-vit-bigg-14, or tiny (a small "
-                                 "random encoder for tiny/toy runs).",
-                                 choices=("openclip-vit-h-14", "clip-vit-l-14", "clip-vit-bigg-14", "tiny"))
+                                 "C's native image input was trained with), clip-vit-bigg-14, tiny (a small "
+                                 "random encoder for tiny runs) or toy (tiny's architecture trained on toy-shapes, "
+                                 "shipped with preset: toy).",
+                                 choices=("openclip-vit-h-14", "clip-vit-l-14", "clip-vit-bigg-14", "tiny", "toy"))
     image_encoder_weights: Optional[str] = setting(None, "Weights of the image encoder: an open_clip checkpoint "
                                                    "file (.safetensors) or a folder/repo id with a CLIP vision "
                                                    "model; null = model.image_encoder / model.repo_id.", path=True)
@@ -566,10 +567,10 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
                 "write null for the preset's default")
     if method == "ip_adapter":
         ip = adapter.ip_adapter
-        if ok("adapter.ip_adapter.image_encoder", "model.preset") and ip.image_encoder == "tiny" \
+        if ok("adapter.ip_adapter.image_encoder", "model.preset") and ip.image_encoder in ("tiny", "toy") \
                 and model.preset in ("lite", "big"):
-            add("adapter.ip_adapter.image_encoder", "tiny", f"the tiny encoder is a random test encoder and "
-                f"cannot condition the real {model.preset} model", "e.g. clip-vit-l-14")
+            add("adapter.ip_adapter.image_encoder", ip.image_encoder, f"the {ip.image_encoder} encoder is a "
+                f"32-dim toy-sized encoder and cannot condition the real {model.preset} model", "e.g. clip-vit-l-14")
         drops = ("drop_image", "drop_text", "drop_both")
         if ok(*(f"adapter.ip_adapter.{d}" for d in drops)):
             total = sum(getattr(ip, d) for d in drops)

@@ -480,13 +480,14 @@ def _tiny_or_loaded_encoder(name: str, source: str | None, device: torch.device)
         from cascade_studio.models.loading import load_ip_image_encoder
 
         return load_ip_image_encoder(name, source, dtype=torch.float32, device=device)
-    if name != "tiny":
+    if name not in ("tiny", "toy"):
         raise ValueError(f"this IP-Adapter was trained with the image encoder {name!r}; give its weights with "
-                         "--ip-image-encoder FILE|FOLDER|REPO (only the tiny encoder is built in)")
-    # The same deterministic build the training cache used, so the embeddings match what the adapter learned.
+                         "--ip-image-encoder FILE|FOLDER|REPO (only the tiny and toy encoders are built in)")
+    # The same build the training cache used (tiny: deterministic random; toy: the shipped weights), so the
+    # embeddings match what the adapter learned.
     from cascade_studio.adapters.ip_adapter import image_encoder_feature
 
-    return image_encoder_feature({"image_encoder": "tiny"}).encoder.to(device)
+    return image_encoder_feature({"image_encoder": name}).encoder.to(device)
 
 
 class AdapterInputs:

@@ -74,8 +74,9 @@ IP_IMAGE_ENCODERS: dict[str, dict[str, Any]] = {
             embed_dim=32,
             vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0),
         ),
-    ),
-}
+    ),}
+# The toy cascade's image encoder: the tiny architecture, with weights trained on toy-shapes (models/toy.py).
+IP_IMAGE_ENCODERS["toy"] = dict(IP_IMAGE_ENCODERS["tiny"])
 
 
 def _check_preset(preset_name: str, table: dict[str, Any]) -> None:
@@ -333,7 +334,8 @@ def build_ip_image_encoder(
     name: str = "openclip-vit-h-14", device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> ImageEncoder | OpenClipImageEncoder:
     """Random-init image encoder for IP-Adapter: ``openclip-vit-h-14`` | ``clip-vit-l-14`` | ``clip-vit-bigg-14``
-    | ``tiny``. OpenCLIP models are created with ``pretrained=None`` (never downloads)."""
+    | ``tiny`` | ``toy`` (tiny's architecture; ``models.toy.load_toy_component("ip_image_encoder")`` loads its
+    trained weights). OpenCLIP models are created with ``pretrained=None`` (never downloads)."""
     if name not in IP_IMAGE_ENCODERS:
         raise ValueError(f"unknown IP-Adapter image encoder {name!r}; choose one of {', '.join(IP_IMAGE_ENCODERS)}")
     spec = IP_IMAGE_ENCODERS[name]

@@ -6,7 +6,11 @@
   the deterministic random effnet loses most colour information, so it had to be trained;
 - Stage C as a text-to-latent prior (epsilon target, P2 weight, cosine schedule, caption dropout for CFG).
 
-The text encoder and the image encoder stay at their deterministic random init (``build_random``): a random
+- the IP-Adapter image encoder (``ip_image_encoder``, the ``tiny`` image tower) contrastively against the
+  captions, a small CLIP: a random tower's embedding hardly tells one shape colour from another, so an image
+  prompt could not carry one.
+
+The text encoder and Stage C's own image encoder stay at their deterministic random init (``build_random``): a random
 CLIP text tower still gives every caption a distinct embedding, and shipping the 49408-token embedding table
 (12 MB) would cost more than everything else together. Weights are stored as float16 (storage only: they are
 loaded as float32) in ``cascade_studio/assets/toy/<component>.safetensors``.
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
-SHIPPED = ("stage_c", "previewer", "effnet")
+SHIPPED = ("stage_c", "previewer", "effnet", "ip_image_encoder")
 
 
 def asset_path(name: str) -> Path:
@@ -52,7 +56,14 @@ def load_toy_component(name: str) -> nn.Module:
     """
     from .random_init import build_random
 
-    module = build_random(name, "toy")
+    if name == "ip_image_encoder":
+        from .encoders import build_ip_image_encoder
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = build_ip_image_encoder("toy")
+    else:
+        module = build_random(name, "toy")
     if name in SHIPPED:
         path = asset_path(name)
         if not path.exists():

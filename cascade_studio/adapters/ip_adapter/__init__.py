@@ -219,7 +219,8 @@ def image_encoder_feature(cfg: Any, context: Any = None) -> IPImageFeature:
     """The cache feature for the recipe's image encoder.
 
     Real weights come from ``context.extra["ip_image_encoder_loader"]`` (a callable name -> encoder, e.g. from
-    ``models.loading``). Without it only ``tiny`` can be built (random weights are its whole point); a random
+    ``models.loading``). Without it only ``tiny`` (random weights are its whole point) and ``toy`` (the toy
+    cascade's shipped encoder) can be built; a random
     ViT-H would silently train an adapter on noise, so that is an error.
     """
     name = str(_get(cfg, "image_encoder", DEFAULT_IMAGE_ENCODER))
@@ -228,6 +229,10 @@ def image_encoder_feature(cfg: Any, context: Any = None) -> IPImageFeature:
     def factory(encoder_name: str) -> Any:
         if loader is not None:
             return loader(encoder_name)
+        if encoder_name == "toy":
+            from ...models.toy import load_toy_component
+
+            return load_toy_component("ip_image_encoder")
         if encoder_name != "tiny":
             raise RuntimeError(
                 f"no weights for the IP-Adapter image encoder {encoder_name!r}: pass a loader as "
