@@ -24,10 +24,10 @@ demo: install
 	$(BIN)/cascade-studio demo
 
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q -ra
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q -ra
 
 test-fast: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q -ra -m "not slow and not browser"
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q -ra -m "not slow and not browser"
 
 ui: install
 	$(BIN)/cascade-studio ui

@@ -27,7 +27,7 @@ TOY_SIZE = 256  # training size of the toy cascade: the effnet's stride 32 gives
 # 256 px; 320 px asks for the 8x8 latents the toy Stage C was trained on.
 GENERATE_SIZE = 320
 CLIP_IMG_DIM = 32  # the tiny architecture's image-embedding width (c_clip_img)
-LORA_PROMPTS = ("a large purple circle", "a small purple square in the top left", "a purple triangle")
+LORA_PROMPTS = ("a large purple circle", "a small purple square in the top left", "a large purple triangle")
 DEMO_SEEDS = (0, 1, 2)
 
 
@@ -151,6 +151,29 @@ def held_out_share(images: Sequence[np.ndarray], colour: str) -> float:
     return sum(shapes.dominant_colour(image) == colour for image in images) / max(len(images), 1)
 
 
+def colour_share(images: Sequence[np.ndarray], colours: Sequence[str]) -> float:
+    """Share of images whose dominant shape colour is the one given for it (image i, colour i)."""
+    shapes = toy_shapes()
+    return sum(shapes.dominant_colour(im) == c for im, c in zip(images, colours, strict=True)) / max(len(images), 1)
+
+
+def mean_shape_iou(images: Sequence[np.ndarray], specs: Sequence[Any]) -> float:
+    """Mean IoU of each image's shape pixels (saturated, see make_toy_shapes.saturated_mask) with the shape of
+    its spec, drawn at the image's size."""
+    shapes = toy_shapes()
+    scores = []
+    for image, spec in zip(images, specs, strict=True):
+        drawn, wanted = shapes.saturated_mask(image), shapes.shape_mask(spec, image.shape[0])
+        scores.append((drawn & wanted).sum() / max((drawn | wanted).sum(), 1))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def purple_prompts(count: int = 50) -> list[str]:
+    """The held-out concept's measuring prompts: every shape, large and small ("a small purple circle")."""
+    shapes = toy_shapes()
+    return [f"a {'large' if i % 3 else 'small'} purple {shapes.SHAPES[i % 4]}" for i in range(count)]
+
+
 def run_demo(workspace: str | Path, max_steps: int | None = None) -> dict[str, Path]:
     """Train the toy LoRA on purple shapes and write the base-vs-LoRA grid; returns {"adapter", "grid"}."""
     start = time.time()
@@ -163,13 +186,14 @@ def run_demo(workspace: str | Path, max_steps: int | None = None) -> dict[str, P
     model = load_trained(adapter, name="lora")
     grid = compare_grid(model, "lora", LORA_PROMPTS, DEMO_SEEDS, workspace / "demo" / "lora-purple.png", "toy LoRA")
     model.set_enabled("lora", False)
-    before = held_out_share(sample_previews(model, LORA_PROMPTS * 4, seed=100), "purple")
+    before = held_out_share(sample_previews(model, purple_prompts(), seed=1), "purple")
     model.set_enabled("lora", True)
-    after = held_out_share(sample_previews(model, LORA_PROMPTS * 4, seed=100), "purple")
+    after = held_out_share(sample_previews(model, purple_prompts(), seed=1), "purple")
     done = time.time()
     print(f"[demo] adapter: {adapter}", flush=True)
     print(f"[demo] grid:    {grid}", flush=True)
-    print(f"[demo] purple shapes in {before:.0%} of base samples, {after:.0%} with the LoRA", flush=True)
+    print(f"[demo] purple shapes in {before:.0%} of {len(purple_prompts())} base samples, {after:.0%} with the LoRA",
+          flush=True)
     print(f"[demo] took {done - start:.0f} s (training {trained - start:.0f} s, grid {done - trained:.0f} s)",
           flush=True)
     return {"adapter": adapter, "grid": grid}
@@ -195,16 +219,33 @@ def run_controlnet_demo(workspace: str | Path, max_steps: int | None = None) -> 
     grid = compare_grid(model, "controlnet", prompts, (0,), workspace / "demo" / "controlnet-edges.png",
                         "toy ControlNet", extra_cond={"control": hints}, extra_column=inputs)
     print(f"[demo] adapter: {adapter}\n[demo] grid:    {grid}", flush=True)
+    scores = controlnet_iou(model, "controlnet", toy_shapes().sample_specs("test")[:20])
+    print(f"[demo] shape IoU with the edge image: {scores[False]:.2f} without control, {scores[True]:.2f} with it",
+          flush=True)
     return {"adapter": adapter, "grid": grid}
 
 
+def controlnet_iou(model: Any, name: str, specs: Sequence[Any], seed: int = 0) -> dict[bool, float]:
+    """Mean IoU of the drawn shape with the edge image's shape, ControlNet off (False) and on (True).
+
+    Prompts name size, colour and shape but not the place: only the control says where."""
+    prompts = [f"a {s.size} {s.colour} {s.shape}" for s in specs]
+    hints = control_hints(specs)
+    scores = {}
+    for enabled in (False, True):
+        model.set_enabled(name, enabled)
+        scores[enabled] = mean_shape_iou(sample_previews(model, prompts, seed, {"control": hints}), specs)
+    model.set_enabled(name, True)
+    return scores
+
+
 def image_prompts(specs: Sequence[Any]) -> torch.Tensor:
-    """Toy-shapes images as IP-Adapter image embeddings [B, 1, 32] from the tiny random image encoder."""
+    """Toy-shapes images as IP-Adapter image embeddings [B, 1, 32] from the toy image encoder (shipped weights)."""
     from .adapters.ip_adapter import image_encoder_feature
 
     shapes = toy_shapes()
     images = torch.from_numpy(np.stack([shapes.render(s) for s in specs])).permute(0, 3, 1, 2).float() / 255
-    feature = image_encoder_feature({"image_encoder": "tiny"})
+    feature = image_encoder_feature({"image_encoder": "toy"})
     return feature.encode(list(images))[feature.name]
 
 
@@ -222,7 +263,25 @@ def run_ip_adapter_demo(workspace: str | Path, max_steps: int | None = None) -> 
                         extra_cond={"ip_image_embeds": embeds}, extra_uncond={"ip_image_embeds": torch.zeros_like(embeds)},
                         extra_column=inputs)
     print(f"[demo] adapter: {adapter}\n[demo] grid:    {grid}", flush=True)
+    shares = ip_colour_share(model, "ip_adapter", toy_shapes().sample_specs("test")[:20])
+    print(f"[demo] image prompt's colour drawn in {shares[False]:.0%} of samples without the IP-Adapter, "
+          f"{shares[True]:.0%} with it (text prompts name no colour)", flush=True)
     return {"adapter": adapter, "grid": grid}
+
+
+def ip_colour_share(model: Any, name: str, specs: Sequence[Any], seed: int = 0) -> dict[bool, float]:
+    """Share of samples drawn in the image prompt's shape colour, IP-Adapter off (False) and on (True), with
+    neutral text prompts ("a large circle") that name no colour."""
+    embeds = image_prompts(specs)
+    prompts = [f"a {s.size} {s.shape}" for s in specs]
+    shares = {}
+    for enabled in (False, True):
+        model.set_enabled(name, enabled)
+        images = sample_previews(model, prompts, seed, {"ip_image_embeds": embeds},
+                                 {"ip_image_embeds": torch.zeros_like(embeds)})
+        shares[enabled] = colour_share(images, [s.colour for s in specs])
+    model.set_enabled(name, True)
+    return shares
 
 
 def main(argv: Sequence[str] | None = None) -> int:

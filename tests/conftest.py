@@ -59,3 +59,26 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def toy_workspace(tmp_path_factory) -> Path:
+    """One workspace (data splits, MLflow store, runs) per test module that trains toy adapters."""
+    return tmp_path_factory.mktemp("toy")
+
+
+# The longest test files (minutes each: they train the toy ControlNet and IP-Adapter recipes), then the rest of
+# the files with slow tests, then the fast ones.
+LONGEST_FILES = ("test_toy_controlnet.py", "test_toy_ip_adapter.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first: ``make test`` (``--dist loadfile --no-loadscope-reorder``) hands whole files to the
+    two workers in collection order. By default xdist orders files by test count instead, which put the two
+    one-test toy files last, on the same worker, while the other one sat idle for minutes."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item) -> int:
+        return 0 if item.path.name in LONGEST_FILES else 1 if item.path in slow_files else 2
+
+    items.sort(key=rank)  # stable: the order within each group is kept

@@ -10,16 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_studio.demo import held_out_share, load_trained, sample_previews, toy_shapes, train_toy_recipe
+from cascade_studio.demo import (held_out_share, load_trained, purple_prompts, sample_previews, toy_shapes,
+                                 train_toy_recipe)
 from cascade_studio.models.toy import ASSET_DIR, SHIPPED, load_toy_component
 
 SHAPES = toy_shapes()
 SAMPLES = 50
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    return tmp_path_factory.mktemp("toy")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +61,32 @@ def test_shipped_weights_are_small_and_strict():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
+def _colour_probe(encoder) -> float:
+    """Nearest-centroid colour accuracy of an image encoder: centroids from the control split, scored on test."""
+    def embed(split):
+        specs = SHAPES.sample_specs(split)
+        images = torch.from_numpy(np.stack([SHAPES.render(s) for s in specs])).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            return torch.nn.functional.normalize(encoder.encode(images)[:, 0], dim=-1), [s.colour for s in specs]
+
+    (fit, fit_colours), (test, test_colours) = embed("control"), embed("test")
+    names = sorted(set(fit_colours))
+    centroids = torch.stack([fit[[c == n for c in fit_colours]].mean(0) for n in names])
+    guesses = (test @ centroids.T).argmax(1)
+    return sum(names[int(g)] == c for g, c in zip(guesses, test_colours)) / len(test_colours)
+
+
+def test_toy_image_encoder_tells_shape_colours_apart():
+    from cascade_studio.adapters.ip_adapter import image_encoder_feature
+
+    trained = _colour_probe(load_toy_component("ip_image_encoder"))
+    random_tower = _colour_probe(image_encoder_feature({"image_encoder": "tiny"}).encoder)
+    # The toy encoder is the tiny tower trained as a small CLIP on the captions; the random one barely sees colour.
+    assert trained >= 0.9, f"toy image encoder: colour probe {trained:.0%}"
+    assert random_tower < 0.6, f"random tiny tower: colour probe {random_tower:.0%}"
+    assert image_encoder_feature({"image_encoder": "toy"}).encoder.embed_dim == 32
+
+
 def test_compressor_and_previewer_round_trip_colours():
     specs = SHAPES.sample_specs("test")[:40]
     images = torch.from_numpy(np.stack([SHAPES.render(s) for s in specs])).permute(0, 3, 1, 2).float() / 255
@@ -88,20 +110,14 @@ def test_toy_base_follows_colour_prompts(base):
 
 # --------------------------------------------------------------------------------------------- the adapters
 
-def _purple_prompts() -> list[str]:
-    return [f"a {'large' if i % 3 else 'small'} purple {SHAPES.SHAPES[i % 4]}" for i in range(SAMPLES)]
-
-
-# The issue asks for >= 80%; the recipe reaches about 64% (measured 32/50 here; 60-64% over lr 3e-3 and 200-300
-# steps; 450 steps or lr 1e-3 did worse), the misses being mostly empty backgrounds. This guards what is reached
-# (a colour the base never draws appears in most samples) without claiming the 80% target.
+# Measured 47/50 purple after the recipe's 300 steps (41/50 with 10% caption dropout), 0/50 before.
 @pytest.mark.slow
-def test_toy_lora_teaches_the_held_out_colour(workspace):
-    adapter = train_toy_recipe("lora", workspace, "purple")
+def test_toy_lora_teaches_the_held_out_colour(toy_workspace):
+    adapter = train_toy_recipe("lora", toy_workspace, "purple")
     model = load_trained(adapter, name="lora")
     model.set_enabled("lora", False)
-    before = held_out_share(sample_previews(model, _purple_prompts(), seed=1), "purple")
+    before = held_out_share(sample_previews(model, purple_prompts(SAMPLES), seed=1), "purple")
     model.set_enabled("lora", True)
-    after = held_out_share(sample_previews(model, _purple_prompts(), seed=1), "purple")
+    after = held_out_share(sample_previews(model, purple_prompts(SAMPLES), seed=1), "purple")
     assert before < 0.1, f"the base already draws purple in {before:.0%} of samples"
-    assert after >= 0.5, f"purple in {after:.0%} of samples after the LoRA"
+    assert after >= 0.8, f"purple in {after:.0%} of samples after the LoRA"
