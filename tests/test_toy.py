@@ -121,3 +121,19 @@ def test_toy_lora_teaches_the_held_out_colour(toy_workspace):
     after = held_out_share(sample_previews(model, purple_prompts(SAMPLES), seed=1), "purple")
     assert before < 0.1, f"the base already draws purple in {before:.0%} of samples"
     assert after >= 0.8, f"purple in {after:.0%} of samples after the LoRA"
+
+
+@pytest.mark.slow
+def test_demo_all_runs_the_controlnet_and_ip_adapter_demos(toy_workspace, capsys):
+    """``cascade-studio demo --all``'s two extra demos, on 2 training steps each: grids written, numbers printed."""
+    from PIL import Image
+
+    from cascade_studio.demo import run_controlnet_demo, run_ip_adapter_demo
+
+    for run, printed in ((run_controlnet_demo, "shape IoU with the edge image"),
+                         (run_ip_adapter_demo, "image prompt's colour drawn in")):
+        result = run(toy_workspace, max_steps=2)
+        assert result["adapter"].is_file()
+        with Image.open(result["grid"]) as grid:
+            assert grid.height > grid.width  # 4 prompt rows of (input | base | adapter)
+        assert printed in capsys.readouterr().out
