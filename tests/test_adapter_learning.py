@@ -37,14 +37,36 @@ def _holdout_batches(recipe, models, context):
 
 
 def test_controlnet_with_canny_control_beats_the_base_without_control(tmp_path):
-    # the toy base already reads shape, colour and place from the caption: the control has to beat that.
-    # The recipe's lr (2e-3): the backbone starts from the toy compressor (measured 0.81x the held-out loss;
-    # 6e-3 gave 0.87x, as did a random backbone)
+    # The toy base already reads shape, colour and size from the caption, so the control has to beat that. The
+    # tiny set holds out 6 images: "after <= 0.85x before" held on one CPU (0.81x) and failed on another (0.89x);
+    # seeds 0-4 gave 0.76x-0.97x (longer runs overfit the 18 training images). The paired check below is what
+    # separates a ControlNet that reads its hint from one that does not: seeds 0-4 and 42 gave 1.24x-1.78x.
     overrides = [f"workspace={tmp_path}", "model.preset=toy", "preview.every=0", "train.checkpoint_every=0",
                  "train.max_steps=300"]
     result = train("recipes/tiny/controlnet-canny.yaml", overrides, progress=False)
     # heldout_before: the same Stage C with a fresh (zero) ControlNet, i.e. without control
-    assert result.heldout_after <= 0.85 * result.heldout_before, (result.heldout_before, result.heldout_after)
+    assert result.heldout_after < result.heldout_before, (result.heldout_before, result.heldout_after)
+
+    recipe = load_recipe("recipes/tiny/controlnet-canny.yaml", overrides)
+    models = BaseModels(recipe.model)
+    context = AdapterContext(preset="toy", stage_c_config={"c_hidden": [64, 64]})
+    batches, method, cfg = _holdout_batches(recipe, models, context)
+    model = AdaptedStageC(models.stage_c())
+    load_adapter(result.exports[0], model, context, name="cn")
+
+    def loss(shuffle: bool) -> float:
+        evaluated = []
+        for batch in batches:
+            batch = dict(batch)
+            if shuffle:  # every held-out sample gets another sample's edges
+                batch["control"] = torch.roll(batch["control"], 1, dims=0)
+            evaluated.append(batch)
+        return heldout_loss(model, evaluated, c_clip_img=32, seed=recipe.train.seed,
+                            method_inputs=method.training_inputs, method_cfg=cfg)
+
+    right, wrong = loss(False), loss(True)
+    assert abs(right - result.heldout_after) < 1e-4  # the reloaded official-layout file is the trained ControlNet
+    assert wrong >= 1.1 * right, (right, wrong)
 
 
 def test_ip_adapter_learns_and_uses_the_image(tmp_path):

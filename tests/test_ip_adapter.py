@@ -285,8 +285,9 @@ def test_one_image_prompt_row_serves_the_whole_batch():
     model, _ = adapted()
     inp, e = make_inputs(), embeds(batch=1)
     with torch.no_grad():
+        # batched matmuls of a broadcast row and of a materialised one may round differently (seen: 2e-6 on AVX512)
         torch.testing.assert_close(model(**inp, ip_image_embeds=e), model(**inp, ip_image_embeds=e.expand(2, 1, -1)),
-                                   rtol=1e-6, atol=1e-6)
+                                   rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one row per sample"):
         model(**make_inputs(batch=3), ip_image_embeds=embeds(batch=2))
 

@@ -566,7 +566,9 @@ def test_both_towers_from_one_full_clip_file(tmp_path):
     ids, mask = text.tokenize(["a cat"])
     with torch.no_grad():
         pooled = clip.text_model(input_ids=ids, attention_mask=mask).pooler_output
-        assert torch.equal(text.encode(["a cat"])[1][:, 0], clip.text_projection(pooled))
+        # the same weights through a different module path: equal up to float rounding (which differs by CPU)
+        torch.testing.assert_close(text.encode(["a cat"])[1][:, 0], clip.text_projection(pooled),
+                                   rtol=1e-5, atol=1e-5)
     image = load_image_encoder(tmp_path / "clip.safetensors", dtype=torch.float32)
     assert image.embed_dim == 32 and image.image_size == 32
 
