@@ -229,3 +229,20 @@ def test_generate_with_random_bytes_as_lora_has_no_traceback(bad_adapters, tmp_p
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and expect in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {path}")
+
+
+def test_bitsandbytes_offline_kernel_notes_are_dropped_and_nothing_else(caplog):
+    """On AVX512-BF16 CPUs, importing bitsandbytes offline logs two warnings about an optional 4-bit kernel; the
+    studio drops exactly those (a demo user saw 'pip install kernels' and thought something was broken)."""
+    import logging
+
+    import cascade_studio  # noqa: F401  (installs the filters)
+
+    ops, hub = logging.getLogger("bitsandbytes.backends.cpu.ops"), logging.getLogger("kernels._internals.hf_hub")
+    with caplog.at_level(logging.WARNING):
+        ops.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "offline")
+        hub.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because ...")
+        ops.warning("Failed to load something else")
+        hub.warning("Skipping publisher trust check for 'someone/other-kernel' because ...")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to load something else", "Skipping publisher trust check for 'someone/other-kernel' because ..."]
