@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MLFLOW_ENABLE_ASYNC_LOGGING := false
 
-.PHONY: install demo test test-fast ui bench clean
+.PHONY: install demo test test-fast ui bench bench-demo clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ ui: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_lora.py
+
+bench-demo: install
+	$(BIN)/python benchmarks/bench_demo.py
 
 clean:
 	rm -rf $(VENV) workspace test-artifacts
