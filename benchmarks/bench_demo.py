@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -18,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_lora import machine  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 300.0
@@ -37,22 +38,14 @@ def run_once(extra: list[str]) -> tuple[float, str]:
     return seconds, "; ".join(measured)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--all", action="store_true", help="also time demo --all once")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "DEMO.md"))
     args = parser.parse_args()
+    os.environ["CASCADE_BENCH_THREADS"] = "1"  # what machine() reports: the demo sets torch to one thread
+    about = machine()
     rows = []
     for rep in range(args.reps):
         seconds, measured = run_once([])
@@ -66,8 +59,8 @@ def main() -> int:
     verdict = "met" if median < TARGET_S else "NOT met"
     lines = [
         "# Demo benchmark: `cascade-studio demo` on the toy cascade", "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, load average at end "
-        f"{os.getloadavg()[0]:.1f}. Command: `.venv/bin/python benchmarks/bench_demo.py --reps {args.reps}"
+        f"Machine: {about}; load average at end {os.getloadavg()[0]:.1f}. "
+        f"Command: `.venv/bin/python benchmarks/bench_demo.py --reps {args.reps}"
         f"{' --all' if args.all else ''}`.",
         "Each run is a fresh process in a fresh workspace; wall clock includes imports, training, the grid and the "
         "50-sample measurement the demo prints.", "",

@@ -243,7 +243,7 @@ def machine() -> str:
     threads = os.environ.get("CASCADE_BENCH_THREADS") or str(torch.get_num_threads())
     return (f"{cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.1f} GiB RAM, {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{threads} torch thread(s) per worker, load average at start {load:.1f} (other jobs were running)")
+            f"{threads} torch thread(s) per worker, load average at start {load:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
