@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first: this machine serves these two releases from local files (a newer one would download GBs)
+	# torch first, pinned to the pair the suite is tested with (an unpinned torch pulls a multi-GB CUDA build)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test,ui]'
 	touch $(STAMP)

@@ -55,7 +55,7 @@ def official_parity(reference_dir: Path) -> ParityData:
 
 def pytest_configure(config):
     # Tests run two xdist workers on two cores: one torch thread each avoids oversubscription, which made tiny
-    # models tens of times slower on this machine.
+    # models tens of times slower on a 2-core CI machine.
     import torch
 
     torch.set_num_threads(1)

@@ -252,13 +252,14 @@ def test_webdataset_globs_expand_brace_ranges(tmp_path: Path):
     assert "no tar shard matches" in _by_path(_problems(bad))["data.path"].message
 
 
-def test_tracking_uri_prefers_recipe_then_environment_then_workspace_sqlite():
-    recipe = load_recipe(_minimal(workspace="/tmp/ws"))
-    assert recipe.tracking_uri({}) == "sqlite:////tmp/ws/mlflow.db"
+def test_tracking_uri_prefers_recipe_then_environment_then_workspace_sqlite(tmp_path):
+    ws = tmp_path / "ws"
+    recipe = load_recipe(_minimal(workspace=str(ws)))
+    assert recipe.tracking_uri({}) == f"sqlite:///{ws}/mlflow.db"
     assert recipe.tracking_uri({"MLFLOW_TRACKING_URI": "http://x"}) == "http://x"
     explicit = load_recipe(_minimal(tracking={"uri": "file:///m"}))
     assert explicit.tracking_uri({"MLFLOW_TRACKING_URI": "h"}) == "file:///m"
-    assert recipe.cache_dir == Path("/tmp/ws/cache")
+    assert recipe.cache_dir == ws / "cache"
 
 
 # ------------------------------------------------------------------------------------------------ overrides

@@ -88,7 +88,8 @@ def test_resolve_tracking_uri_prefers_argument_then_env_then_workspace_sqlite(tm
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     assert resolve_tracking_uri(None, tmp_path) == "http://tracking.example:5000"
-    assert resolve_tracking_uri("sqlite:////data/x.db", tmp_path) == "sqlite:////data/x.db"
+    explicit = f"sqlite:///{tmp_path / 'elsewhere' / 'x.db'}"
+    assert resolve_tracking_uri(explicit, tmp_path) == explicit
 
 
 def test_flatten_params_makes_dotted_string_keys():

@@ -43,7 +43,7 @@ def test_train_request_refuses_what_the_studio_must_not_launch(ws: Workspace) ->
         TrainRequest(TINY_LORA, "ok", ("train.max_steps=0", "optimizer.lr=-1")).validate(ws)
     assert {p.path for p in err.value.problems} == {"train.max_steps", "optimizer.lr"}
     with pytest.raises(ValueError, match="set by the studio"):
-        TrainRequest(TINY_LORA, "ok", ("workspace=/tmp/elsewhere",)).validate(ws)
+        TrainRequest(TINY_LORA, "ok", (f"workspace={ws.root.parent / 'elsewhere'}",)).validate(ws)
     with pytest.raises(ValueError, match="="):
         TrainRequest(TINY_LORA, "ok", ("rm -rf /",)).validate(ws)
     with pytest.raises(ValueError, match="letters, digits"):
@@ -84,7 +84,7 @@ def test_compare_request_reports_every_problem(ws: Workspace, tmp_path: Path) ->
     outside.write_bytes(b"x")
     request = CompareRequest(columns=(Column("file", str(outside)), Column("ckpt", "runs/../../x", step=1),
                                       Column("run", str(ws.runs_dir / "missing"))),
-                             prompts=(), seeds=(), steps=0, out="/tmp/not-the-workspace")
+                             prompts=(), seeds=(), steps=0, out=str(tmp_path / "not-the-workspace"))
     problems = request.problems(ws)
     assert len(problems) == 7, problems
     assert any("outside" in p for p in problems) and any("'..'" in p for p in problems)
