@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/cascade-studio demo
 
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q -ra
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q -ra --durations=30
 
 test-fast: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q -ra -m "not slow and not browser"

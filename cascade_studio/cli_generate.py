@@ -41,6 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{stage.replace('_', '-')}", dest=stage, help=f"weights of {stage} (file or folder)")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="bf16 (GPU default) or fp32 (CPU default)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt weights (loaded weights_only)")
+    p.add_argument("--device", help="where the models run: cuda, cuda:1, cpu ... (default: cuda when present)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -156,7 +157,7 @@ def cmd_generate(args) -> int:
     prompt = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
     settings = GenerateSettings(prompt=prompt, seed=args.seed, batch=args.batch, preview=args.preview,
                                 **_sampling_kwargs(args))
-    components = CascadeComponents(_model_spec(args))
+    components = CascadeComponents(_model_spec(args), device=args.device)
     if specs:
         images, resolved = generate_with_adapters(components, settings, specs, workspace=args.workspace,
                                                   tracking_uri=args.tracking_uri,
@@ -214,7 +215,8 @@ def cmd_compare(args) -> int:
         decoder=args.decoder, control=args.control, control_mode=args.control_mode,
         image_prompts=args.image_prompt, ip_multi=args.ip_multi, ip_image_encoder=args.ip_image_encoder,
         max_batch=args.max_batch, workspace=args.workspace, tracking_uri=args.tracking_uri, mlflow=args.mlflow,
-        progress=not args.no_progress, save_latents=args.save_latents, **_sampling_kwargs(args))
+        progress=not args.no_progress, save_latents=args.save_latents, device=args.device,
+        **_sampling_kwargs(args))
     result = run_compare(settings)
     print(f"grid: {result.grid_path}")
     print(f"manifest: {result.manifest_path}")

@@ -60,8 +60,10 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    _forget_previous_precision()
     # The loop accumulates gradients itself (it controls the per-micro-batch seeds).
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
+                              kwargs_handlers=distributed_settings(recipe))
     set_seed(recipe.train.seed)
     if recipe.train.quantize_base != "none":
         # refuse an unsupported quantization mode before anything is encoded or loaded
@@ -157,6 +159,8 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             print(f"[cascade-studio] {recipe.adapter.method}: {n_trainable:,} trainable parameters on a frozen "
                   f"{recipe.model.preset} Stage C", flush=True)
         tracker.log_params({"trainable_parameters": n_trainable})
+        if is_main:
+            _report_resident_memory(recipe, stage_c, model, accelerator.device)
 
         # 7. optimizer + schedule
         from .trainers.optim import build_optimizer, build_scheduler
@@ -191,7 +195,6 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             if is_main:
                 print(f"[cascade-studio] resumed from {latest} at step {start_step}", flush=True)
 
-        dtype = models.dtype if models.dtype != torch.float32 else None
         holdout_batches = _holdout_batches(holdout_set, extras, recipe.train.batch_size)
 
         def evaluate() -> float | None:
@@ -200,7 +203,7 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             unwrapped.eval()
             value = heldout_loss(unwrapped, holdout_batches, c_clip_img=models.c_clip_img(),
                                  shift=recipe.train.shift, seed=recipe.train.seed, method_inputs=method_inputs,
-                                 method_cfg=method_cfg, dtype=dtype)
+                                 method_cfg=method_cfg)
             return value
 
         if start_step == 0 and is_main:
@@ -228,7 +231,7 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             checkpoint_every=recipe.train.checkpoint_every, log_every=recipe.train.log_every,
             shift=recipe.train.shift, offset_noise=recipe.train.offset_noise,
             caption_dropout=recipe.data.caption_dropout, max_nonfinite_steps=recipe.train.max_nonfinite_steps,
-            preview_every=recipe.preview.every, c_clip_img=models.c_clip_img(), dtype=dtype)
+            preview_every=recipe.preview.every, c_clip_img=models.c_clip_img(), num_workers=recipe.train.num_workers)
         events.emit("phase", phase="train")
         # 8. loop (Stage C stays in eval mode: no dropout in the frozen base; adapters decide their own mode)
         model.train()
@@ -269,6 +272,51 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             events.emit("killed")
 
 
+def _report_resident_memory(recipe, stage_c, model, device) -> None:
+    """Say before the first step what the run keeps resident, and warn when that cannot fit the GPU."""
+    import torch
+
+    from .trainers.plan import resident_memory, resident_memory_report
+
+    memory = resident_memory(stage_c, list(model.trainable_parameters()), recipe.optimizer.name)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    line, tight = resident_memory_report(memory, recipe.optimizer.name, total, recipe.train.quantize_base,
+                                         recipe.train.gradient_checkpointing)
+    print(f"[cascade-studio] {'warning: ' if tight else ''}{line}", flush=True)
+
+
+def _forget_previous_precision() -> None:
+    """Let a second ``train()`` in the same process (a notebook, a test) use another mixed precision.
+
+    accelerate keeps the precision in a process-wide singleton and refuses a different one later. Only that part
+    is reset; the process group (several processes) is kept, as accelerate's own test cases do it.
+    """
+    from accelerate.state import AcceleratorState
+
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if reset is not None and AcceleratorState._shared_state:
+        reset(reset_partial_state=False)
+
+
+def distributed_settings(recipe) -> list:
+    """accelerate's handlers for a multi-process run (harmless in one process).
+
+    * The process-group timeout: the other ranks wait at a barrier while the main process fills the encode-once
+      cache, which can take far longer than NCCL's default (10 minutes) on a large folder; the recipe's
+      ``train.distributed_timeout_minutes`` sets it.
+    * ``find_unused_parameters=False``: every method's trainable parameters take part in every step's graph, also
+      when a micro-batch drops all of its image prompts or captions (the IP-Adapter still runs its branch then,
+      with an exact zero result; ``tests/test_published_settings.py`` checks every parameter gets a gradient).
+      DDP's slower search for unused parameters is therefore not needed.
+    """
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(minutes=recipe.train.distributed_timeout_minutes)),
+            DistributedDataParallelKwargs(find_unused_parameters=False)]
+
+
 def _previous_run_id(run_dir: Path) -> str | None:
     """The MLflow run id an earlier process of this run started with (from its events), if any."""
     from .trainers.events import read_events
@@ -286,11 +334,9 @@ def _logged_holdout_before(run_dir: Path) -> float | None:
 
 
 def _refuse_nonfinite(model) -> None:
-    import torch
+    from .trainers.loop import NonFiniteLossError, all_finite
 
-    from .trainers.loop import NonFiniteLossError
-
-    if not all(bool(torch.isfinite(p.detach()).all()) for p in model.trainable_parameters()):
+    if not all_finite(model.trainable_parameters()):
         raise NonFiniteLossError("the trained adapter has NaN/inf weights, so it is not exported; lower "
                                  "optimizer.lr and resume from an earlier checkpoint with --resume")
 

@@ -67,9 +67,11 @@ def toy_workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("toy")
 
 
-# The longest test files (minutes each: they train the toy ControlNet and IP-Adapter recipes), then the rest of
-# the files with slow tests, then the fast ones.
-LONGEST_FILES = ("test_toy_controlnet.py", "test_toy_ip_adapter.py")
+# The longest test files (minutes each: they train the toy ControlNet and IP-Adapter recipes, run every shipped
+# recipe on the meta device, and the published recipes' settings on the tiny model), then the rest of the files
+# with slow tests, then the fast ones.
+LONGEST_FILES = ("test_toy_controlnet.py", "test_toy_ip_adapter.py", "test_device_dry_run.py",
+                 "test_published_settings.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -78,7 +80,9 @@ def pytest_collection_modifyitems(config, items):
     one-test toy files last, on the same worker, while the other one sat idle for minutes."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
 
-    def rank(item) -> int:
-        return 0 if item.path.name in LONGEST_FILES else 1 if item.path in slow_files else 2
+    def rank(item) -> tuple[int, int]:
+        if item.path.name in LONGEST_FILES:
+            return 0, LONGEST_FILES.index(item.path.name)
+        return (1 if item.path in slow_files else 2), 0
 
     items.sort(key=rank)  # stable: the order within each group is kept

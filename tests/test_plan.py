@@ -54,8 +54,7 @@ def measure_training_step(setup: planner.Setup) -> tuple[int, int]:
     def step():
         with autocast():
             loss = diffusion_training_loss(model, batch, c_clip_img=c_img, caption_dropout=0.0, shift=1.0,
-                                           offset=0.0, generator=step_generator(0, 0),
-                                           dtype=None if setup.dtype == "fp32" else DTYPES[setup.dtype])
+                                           offset=0.0, generator=step_generator(0, 0))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -40,7 +40,7 @@ def tracked_files() -> list[Path]:
 
 
 def outside_paths(text: str) -> list[str]:
-    """Every path outside the clone that ``text`` names (absolute paths as '/root/...', from their first '/')."""
+    """Every path outside the clone that ``text`` names (absolute ones from their first slash on)."""
     found = []
     for pattern in (ABSOLUTE, WINDOWS, SIBLING):
         for match in pattern.finditer(text):

@@ -117,6 +117,11 @@ class AdaptedStageC(nn.Module):
     def add_adapter(self, adapter: Adapter, enabled: bool = True) -> Adapter:
         if adapter.name in self.enabled:
             raise ValueError(f"an adapter named {adapter.name!r} is already attached; pick another name")
+        if isinstance(adapter, nn.Module):
+            # An adapter lives on its base's device (attach may copy base weights into it).
+            base_param = next(self.stage_c.parameters(), None)
+            if base_param is not None:
+                adapter.to(base_param.device)
         adapter.attach(self.stage_c)
         if isinstance(adapter, nn.Module):
             self.adapters[adapter.name] = adapter

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import to_host
 from .base import AdapterMismatchError
 
 _MAX_HEADER = 100 * 1024 * 1024
@@ -66,7 +67,7 @@ def save_adapter_tensors(tensors: dict[str, torch.Tensor], path: str | Path, met
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: to_host(v).contiguous() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

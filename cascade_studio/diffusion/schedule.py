@@ -157,8 +157,10 @@ def offset_noise(
     if offset == 0:
         return noise
     shape = (*noise.shape[:2], *([1] * (noise.dim() - 2)))
-    extra = torch.randn(shape, generator=generator, device=noise.device, dtype=torch.float32)
-    return noise + offset * extra.to(noise.dtype)
+    # Drawn where the generator lives (a CPU generator cannot draw on a GPU), then moved to the noise.
+    where = generator.device if generator is not None else noise.device
+    extra = torch.randn(shape, generator=generator, device=where, dtype=torch.float32)
+    return noise + offset * extra.to(device=noise.device, dtype=noise.dtype)
 
 
 def diffusion_loss(

@@ -22,6 +22,7 @@ import torch
 
 from cascade_studio.adapters.base import AdaptedStageC, AdapterMismatchError
 from cascade_studio.adapters.registry import AdapterContext, detect_method, load_adapter, read_adapter_header
+from cascade_studio.devices import to_host
 
 __all__ = ["SPEC_SYNTAX", "AdapterSpec", "ResolvedAdapter", "LoadedAdapter", "AdapterInputs", "parse_adapter_spec",
            "resolve_adapter", "resolve_adapter_path", "adapter_context", "load_adapters", "apply_adapters",
@@ -547,7 +548,7 @@ class AdapterInputs:
                 for paths in groups:
                     rows = [encoder.encode(_read_rgb(p, "image prompt")[None].to(self.device)).reshape(-1)
                             for p in paths]
-                    self._embeds[(encoder_name, paths)] = torch.stack(rows).float().cpu()
+                    self._embeds[(encoder_name, paths)] = to_host(torch.stack(rows).float())
             del encoder
 
     def hint(self, path: str | Path, adapter: Any, mode: str | None = None) -> torch.Tensor:

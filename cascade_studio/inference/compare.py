@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from cascade_studio.adapters.base import AdaptedStageC
+from cascade_studio.devices import to_host
 from cascade_studio.inference.adapters import (AdapterInputs, AdapterSpec, ResolvedAdapter, adapter_context,
                                                load_adapters, parse_adapter_spec, remove_adapters, resolve_adapter)
 from cascade_studio.inference.grid import make_grid
@@ -250,7 +251,7 @@ def _sample_columns(components: CascadeComponents, columns: list[Column], calls:
                 per_call = []
                 for call, settings, text in zip(calls, call_settings, texts):
                     extra_cond, extra_uncond = inputs.build(loaded, settings.total_images)
-                    per_call.append(sample_stage_c(model, text, settings, extra_cond, extra_uncond).cpu())
+                    per_call.append(to_host(sample_stage_c(model, text, settings, extra_cond, extra_uncond)))
                     bar.update(1)
                 latents.append(per_call)
             finally:

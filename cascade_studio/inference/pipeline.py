@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cascade_studio.devices import to_host
 from cascade_studio.diffusion import sample
 
 __all__ = [
@@ -341,15 +342,20 @@ def _casting(model: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable
 
 @contextmanager
 def _eval_mode(module: Any) -> Iterator[None]:
-    """Sample with dropout off (Stage C has dropout 0.1), restoring train mode for training previews."""
-    was_training = isinstance(module, nn.Module) and module.training
-    if was_training:
+    """Sample with dropout off (Stage C has dropout 0.1), then give every submodule back its own mode.
+
+    Restoring per module matters for training previews: the adapted model is in train mode while its frozen
+    base stays in eval mode, and a blanket ``.train()`` afterwards would switch the base's dropout on for the
+    rest of the run.
+    """
+    modes = [(m, m.training) for m in module.modules()] if isinstance(module, nn.Module) else []
+    if isinstance(module, nn.Module):
         module.eval()
     try:
         yield
     finally:
-        if was_training:
-            module.train()
+        for submodule, training in modes:
+            submodule.training = training
 
 
 def _clip_img_dim(stage_c: Any) -> int:
@@ -401,8 +407,8 @@ def sample_stage_c(
     `ip_image_embeds`); a key missing from `extra_uncond` gets the conditional value in both halves, as the
     official ControlNet sampling does; pass zeros explicitly for inputs that should be absent when
     unconditional (image prompts). `clip_img` is the exception: without an explicit uncond value it is zeros
-    there. `noise` overrides `initial_noise(shape, settings.seed)`. A Stage C in train mode is sampled in
-    eval mode (no dropout) and put back in train mode afterwards.
+    there. `noise` overrides `initial_noise(shape, settings.seed)`. Stage C is sampled in eval mode (no
+    dropout); afterwards every submodule is back in the mode it had.
     """
     emb = text_encoder if isinstance(text_encoder, TextEmbeddings) else encode_prompts(text_encoder, settings)
     device = _module_device(stage_c)
@@ -443,7 +449,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 def _to_images(pixels: torch.Tensor, size: tuple[int, int] | None = None) -> list[Image.Image]:
     """[B,3,H,W] in [0,1] -> PIL RGB images, resized to `size` (width, height) when it differs."""
-    array = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    array = to_host((pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)).numpy()
     images = [Image.fromarray(item, mode="RGB") for item in array]
     if size is not None:
         images = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]

@@ -149,17 +149,17 @@ def weights_digest(module: nn.Module, length: int = 16) -> str:
     """Short sha256 over the names, dtypes, shapes and bytes of every tensor in ``module.state_dict()``.
 
     Used for encoder identities: two encoders share a cache entry only if every weight is bit-identical (a
-    different dtype is a different identity too, since it changes the encodings). Raises on meta tensors,
-    which have no values to hash.
+    different dtype is a different identity too, since it changes the encodings). A module with tensors on the
+    meta device (the device dry run) has no values: its digest covers names, dtypes and shapes only and starts
+    with ``meta-``, so it can never match an encoder with real weights.
     """
     hasher = hashlib.sha256()
+    on_meta = False
     for name, tensor in module.state_dict().items():
+        hasher.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         if tensor.is_meta:
-            raise RuntimeError(
-                f"cannot hash weights of {type(module).__name__}: {name!r} is on the meta device; "
-                "load real weights first (cascade_studio.models.loading) or build on the CPU"
-            )
+            on_meta = True
+            continue
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        hasher.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         hasher.update(flat.view(torch.uint8).numpy())  # buffer protocol: no extra copy
-    return hasher.hexdigest()[:length]
+    return ("meta-" if on_meta else "") + hasher.hexdigest()[:length]

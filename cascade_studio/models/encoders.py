@@ -193,7 +193,10 @@ def _clip_preprocess(
     x = images.to(device=reference.device, dtype=torch.float32)
     x = TF.resize(x, [image_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
     x = TF.center_crop(x, [image_size, image_size])
-    x = TF.normalize(x, list(mean), list(std))
+    # (x - mean) / std per channel, written out: torchvision's normalize reads its std back to the host to check
+    # for zeros, a synchronisation on a GPU for constants known to be non-zero.
+    shape = (1, -1, 1, 1)
+    x = (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(std, device=x.device).view(shape)
     return x.to(reference.dtype)
 
 

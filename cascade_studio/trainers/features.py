@@ -5,6 +5,8 @@ from typing import Any
 
 import torch
 
+from ..devices import to_host
+
 
 class LatentFeature:
     """Stage C latents: the EfficientNet semantic compressor on the preprocessed image."""
@@ -20,7 +22,7 @@ class LatentFeature:
     @torch.no_grad()
     def encode(self, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         images = torch.stack(list(batch)).to(self.device, torch.float32)
-        return {"latents": self.effnet.encode(images).float().cpu()}
+        return {"latents": to_host(self.effnet.encode(images).float())}
 
 
 class TextFeature:
@@ -36,7 +38,7 @@ class TextFeature:
     @torch.no_grad()
     def encode(self, batch: list[str]) -> dict[str, torch.Tensor]:
         hidden, pooled = self.text_encoder.encode(list(batch))
-        return {"clip_text": hidden.float().cpu(), "clip_text_pooled": pooled.float().cpu()}
+        return {"clip_text": to_host(hidden.float()), "clip_text_pooled": to_host(pooled.float())}
 
 
 def base_feature_encoders(models: Any) -> list[Any]:

@@ -6,6 +6,8 @@ hold only adapter tensors, optimizer state and the run state (never the frozen b
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -19,7 +21,8 @@ import torch
 from .checkpoints import RunState
 from .events import EventLog
 from .state_io import load_optimizer_state, save_optimizer_state
-from .steps import diffusion_training_loss, heldout_loss, step_generator
+from ..devices import host_floats
+from .steps import batch_to_device, diffusion_training_loss, heldout_loss, step_generator
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,7 +43,7 @@ class LoopSettings:
     max_nonfinite_steps: int = 5
     preview_every: int = 0
     c_clip_img: int = 768
-    dtype: torch.dtype | None = None
+    num_workers: int = 0
 
 
 @dataclass
@@ -98,8 +101,48 @@ def collate(samples: list[dict[str, Any]], extras: dict[str, torch.Tensor] | Non
     return batch
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+class _BatchIndices:
+    """The batches of an :class:`InfiniteSampler` from its current position on, as a DataLoader batch sampler.
+
+    A copy: the loop advances the original once per batch it *uses*, so a checkpoint records the position of the
+    last used batch, not of batches the workers have already prefetched (resume stays exact).
+    """
+
+    def __init__(self, sampler: InfiniteSampler) -> None:
+        self.sampler = copy.deepcopy(sampler)
+
+    def __iter__(self):
+        while True:
+            yield self.sampler.next_batch()
+
+
+class _Collate:
+    """Picklable collate function for DataLoader workers (the null features ride along)."""
+
+    def __init__(self, extras: dict[str, torch.Tensor]) -> None:
+        self.extras = extras
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples, self.extras)
+
+
+def batch_stream(dataset, sampler: InfiniteSampler, extras: dict[str, torch.Tensor], num_workers: int,
+                 pin_memory: bool):
+    """An endless iterator of collated host batches in the sampler's order, read by ``num_workers`` processes
+    (0: in this process) while the accelerator computes."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_sampler=_BatchIndices(sampler), collate_fn=_Collate(extras),
+                        num_workers=num_workers, pin_memory=pin_memory,
+                        prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
+    return iter(loader)
+
+
+def _check_in_step(dataset, indices: list[int], batch: dict[str, Any]) -> None:
+    """The loader's batch is the one the sampler says comes next (a guard against a bug, cheap: no tensor read)."""
+    keys = getattr(dataset, "record_keys", None)
+    if keys is not None and "key" in batch and list(batch["key"]) != [keys[i] for i in indices]:
+        raise RuntimeError("internal error: the data loader fell out of step with the sampler")
 
 
 def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: InfiniteSampler,
@@ -107,7 +150,12 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
              method_inputs: Callable | None, method_cfg: Any, extras: dict[str, torch.Tensor],
              save_adapter: Callable[[Path], None], preview: Callable[[int], None] | None = None,
              start_step: int = 0, progress: bool = True) -> LoopResult:
-    """Train from ``start_step`` to ``settings.max_steps``."""
+    """Train from ``start_step`` to ``settings.max_steps``.
+
+    Per optimizer step: ``grad_accum`` micro-batches (gradients all-reduced on the last one only, under
+    ``accelerator.no_sync`` before it), one host read (mean loss, gradient norm, whether every rank was finite),
+    then the optimizer step or a skip.
+    """
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -116,44 +164,51 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
     result.skipped_nonfinite = run_state.skipped_steps_total
     bar = tqdm(total=settings.max_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
                desc="train", dynamic_ncols=True)
+    device = accelerator.device
+    batches = batch_stream(dataset, sampler, extras, settings.num_workers, pin_memory=device.type == "cuda")
+    reset_peak_memory(device)  # report training's peak, not loading and encoding
     t0 = time.perf_counter()
     step = start_step
-    device = accelerator.device
     while step < settings.max_steps:
         step_start = time.perf_counter()
-        losses = []
-        ok = True
+        loss_sum = torch.zeros((), device=device)
         for micro in range(settings.grad_accum):
-            indices = sampler.next_batch()
-            batch = _to_device(collate([dataset[i] for i in indices], extras), device)
+            indices = sampler.next_batch()  # the position a checkpoint records: batches used, not prefetched
+            host_batch = next(batches)
+            _check_in_step(dataset, indices, host_batch)
+            batch = batch_to_device(host_batch, device)
             # Seed the global RNG too (LoRA dropout draws from it): resume reproduces the same step.
             torch.manual_seed(settings.seed * 31 + step * settings.grad_accum + micro)
             g = step_generator(settings.seed, step * settings.grad_accum + micro, accelerator.process_index)
-            with accelerator.autocast():
-                loss = diffusion_training_loss(
-                    model, batch, c_clip_img=settings.c_clip_img, caption_dropout=settings.caption_dropout,
-                    shift=settings.shift, offset=settings.offset_noise, generator=g,
-                    method_inputs=method_inputs, method_cfg=method_cfg, dtype=settings.dtype)
-            accelerator.backward(loss / settings.grad_accum)
-            losses.append(float(loss.detach()))
-        grad_norm = _grad_norm(accelerator, params, settings.max_grad_norm)
-        mean_loss = sum(losses) / len(losses)
-        finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+            last = micro == settings.grad_accum - 1
+            # Only the last micro-batch all-reduces gradients across processes (DDP); the others accumulate locally.
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss = diffusion_training_loss(
+                        model, batch, c_clip_img=settings.c_clip_img, caption_dropout=settings.caption_dropout,
+                        shift=settings.shift, offset=settings.offset_noise, generator=g,
+                        method_inputs=method_inputs, method_cfg=method_cfg)
+                accelerator.backward(loss / settings.grad_accum)
+            loss_sum = loss_sum + loss.detach().float()
+        mean_loss_t = loss_sum / settings.grad_accum
+        grad_norm_t = _grad_norm(accelerator, params, settings.max_grad_norm)
         # every rank must agree, or DDP ranks would diverge
-        finite = bool(accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=device), "sum").item() == 0)
+        bad = (~torch.isfinite(mean_loss_t) | ~torch.isfinite(grad_norm_t)).float().reshape(1)
+        bad_ranks_t = accelerator.reduce(bad, "sum")
+        mean_loss, grad_norm, bad_ranks = host_floats(mean_loss_t, grad_norm_t, bad_ranks_t)  # the step's one read
+        finite = bad_ranks == 0
         if finite:
             optimizer.step()
             scheduler.step()
             nonfinite_in_a_row = 0
         else:
-            ok = False
             nonfinite_in_a_row += 1
             result.skipped_nonfinite += 1
             events.emit("nonfinite", step=step + 1, loss=mean_loss, grad_norm=grad_norm)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         result.step = step
-        if ok:
+        if finite:
             result.losses.append(mean_loss)
         if nonfinite_in_a_row >= settings.max_nonfinite_steps:
             good = checkpoints.list()
@@ -171,7 +226,7 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             if step % max(1, settings.log_every) == 0 or step == settings.max_steps:
                 metrics = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "it_per_s": 1.0 / max(seconds, 1e-9),
-                           "peak_memory_mb": peak_memory_mb(), "nonfinite_skipped": result.skipped_nonfinite}
+                           "peak_memory_mb": peak_memory_mb(device), "nonfinite_skipped": result.skipped_nonfinite}
                 tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
                 remaining = (settings.max_steps - step) * (time.perf_counter() - t0) / max(1, step - start_step)
                 events.emit("step", step=step, max_steps=settings.max_steps, loss=mean_loss, lr=lr,
@@ -188,30 +243,33 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
             # The final step is still saved when the weights are finite: a skipped step leaves them as the last
             # good step made them, and the final checkpoint must match what is exported.
             healthy = nonfinite_in_a_row == 0 or step == settings.max_steps
-            if healthy and _all_finite(params):
+            if healthy and all_finite(params):
                 save_checkpoint(accelerator, checkpoints, step, optimizer, scheduler, sampler, run_state,
                                 save_adapter, events)
             else:
                 events.emit("warning", step=step, message="checkpoint skipped: the adapter or the last step is "
                             "not finite; the previous checkpoint is kept")
     bar.close()
+    del batches  # stops the loader's workers
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _all_finite(params) -> bool:
-    return all(bool(torch.isfinite(p.detach()).all()) for p in params)
+def all_finite(params) -> bool:
+    """Whether every tensor in ``params`` is finite (one host read for all of them)."""
+    bad = [(~torch.isfinite(p.detach())).sum() for p in params]
+    return not bad or host_floats(torch.stack(bad).sum())[0] == 0
 
 
-def _grad_norm(accelerator, params, max_norm: float) -> float:
+def _grad_norm(accelerator, params, max_norm: float) -> torch.Tensor:
+    """The total gradient norm as a device tensor (clipped to ``max_norm`` when that is set); no host read."""
     if max_norm and max_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_norm)
-        return float(norm)
-    total = torch.zeros(())
-    for p in params:
-        if p.grad is not None:
-            total = total + p.grad.detach().float().pow(2).sum().cpu()
-    return float(total.sqrt())
+        return norm if torch.is_tensor(norm) else torch.tensor(float(norm))
+    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=accelerator.device)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def save_checkpoint(accelerator, checkpoints, step, optimizer, scheduler, sampler, run_state, save_adapter, events):
@@ -247,9 +305,18 @@ def restore_checkpoint(checkpoints, path: Path, optimizer, scheduler, sampler,
     return state
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the accelerator's peak memory afresh (the host's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak memory since :func:`reset_peak_memory`: allocated on a CUDA device, else the process's peak RSS."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                            else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

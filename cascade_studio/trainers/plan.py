@@ -487,3 +487,56 @@ def measure_peak_tensor_bytes(fn: Callable[[], Any]) -> tuple[int, int]:
         live += nbytes
         peak = max(peak, live)
     return peak, live
+
+
+# --------------------------------------------------------------------------------- every method, at run start
+@dataclass(frozen=True)
+class ResidentMemory:
+    """What a run keeps on the accelerator for its whole length, before any activation: the frozen base as
+    loaded (quantized layers at their packed size), and per trainable parameter its fp32 weight, its gradient
+    and the optimizer's state. Measured on the built modules, so it covers every method (LoRA, ControlNet,
+    IP-Adapter) exactly; activations come on top (``cascade-studio plan`` models them for LoRA)."""
+
+    base: int
+    trainable: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.base + self.trainable + self.gradients + self.optimizer
+
+
+def resident_memory(stage_c: Any, trainable: Sequence[Any], optimizer: str) -> ResidentMemory:
+    from .quantize import quantized_bytes
+
+    params = [p for p in trainable]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    return ResidentMemory(base=quantized_bytes(stage_c), trainable=weights, gradients=weights,
+                          optimizer=optimizer_state_bytes([p.numel() for p in params], optimizer))
+
+
+def resident_memory_report(memory: ResidentMemory, optimizer: str, device_total: int | None,
+                           quantize_base: str = "none", gradient_checkpointing: bool = True) -> tuple[str, bool]:
+    """A one-line summary and whether it leaves too little room on a device of ``device_total`` bytes
+    (nothing is judged without one, e.g. on the CPU); an over-budget report names the switches that help."""
+    line = (f"memory before activations: frozen base {memory.base / GiB:.2f} GiB + adapter weights, gradients and "
+            f"{optimizer} state {(memory.total - memory.base) / GiB:.2f} GiB = {memory.total / GiB:.2f} GiB")
+    if not device_total:
+        return line, False
+    line += f" of this device's {device_total / GiB:.1f} GiB"
+    # activations, the CUDA context and fragmentation need the rest; below ~15% headroom a run will not fit
+    tight = memory.total + CUDA_CONTEXT_BYTES > 0.85 * device_total
+    if not tight:
+        return line, False
+    switches = []
+    if optimizer == "adamw":
+        eight = memory.optimizer - optimizer_state_bytes([memory.trainable // 4], "adamw8bit")
+        switches.append(f"optimizer.name=adamw8bit (saves about {eight / GiB:.1f} GiB)")
+    if quantize_base == "none":
+        switches.append("train.quantize_base=nf4 (frozen base at about a quarter of its bf16 size)")
+    if not gradient_checkpointing:
+        switches.append("train.gradient_checkpointing=true")
+    advice = "; ".join(switches) if switches else "a smaller preset or a GPU with more memory"
+    return (f"{line}: too little is left for activations, so this run will likely run out of memory. "
+            f"Try: {advice}"), True

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..devices import to_host
+
 
 def preview_text(text_encoder, prompts: list[str]):
     """Text embeddings for every preview prompt (cond + empty-caption uncond), computed once."""
@@ -81,7 +83,7 @@ def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Pa
 def _to_image(pixels: torch.Tensor):
     from PIL import Image
 
-    array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    array = to_host((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0)).numpy()
     return Image.fromarray(array)
 
 

@@ -25,6 +25,9 @@ MODES = ("none", "int8", "nf4")
 # (the conditioning tokens every attention reads). Together about 2% of the big Stage C's parameters, and every
 # block's output depends on them, so their rounding error would reach everything.
 DEFAULT_SKIP = (r"(.+\.)?mapper(_\w+)?", r"clip_(txt|txt_pooled|img)_mapper")
+# How many layers quantize_frozen_linears replaces between two torch.cuda.empty_cache() calls (each call costs a
+# device sync; the big Stage C has about 900 Linears).
+EMPTY_CACHE_EVERY = 32
 # bitsandbytes' blockwise 4-bit layout: one absmax per 64 weights (QLoRA's NF4 default), double-quantized.
 NF4_BLOCKSIZE = 64
 
@@ -121,17 +124,29 @@ def quantize_frozen_linears(stage_c: nn.Module, mode: str, skip: Iterable[str] =
     bnb = _import_bnb(mode)
     _refuse_adapters(stage_c)
     patterns = [re.compile(p) for p in skip]
+    # Names only, then one layer at a time: a list of the modules themselves would keep every replaced
+    # full-precision Linear alive until the end, so the peak would be the whole base plus its quantized copy.
+    # Holding nothing but the layer being replaced lets each original be freed right after its replacement.
+    # Exact type: bitsandbytes layers subclass nn.Linear and are already quantized.
+    names = [name for name, module in stage_c.named_modules()
+             if type(module) is nn.Linear and not any(p.fullmatch(name) for p in patterns)
+             and not any(p.requires_grad for p in module.parameters())]
     done: list[str] = []
-    for name, module in list(stage_c.named_modules()):
-        # Exact type: bitsandbytes layers subclass nn.Linear and are already quantized.
-        if type(module) is not nn.Linear or any(p.fullmatch(name) for p in patterns):
-            continue
-        if any(p.requires_grad for p in module.parameters()):
-            continue
+    any_cuda = False
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = stage_c.get_submodule(parent_name) if parent_name else stage_c
-        setattr(parent, child, _quantized_linear(module, mode, bnb, compute_dtype))
+        original = getattr(parent, child)
+        any_cuda |= original.weight.device.type == "cuda"
+        setattr(parent, child, _quantized_linear(original, mode, bnb, compute_dtype))
+        del original  # the last reference: the full-precision weight is freed here
         done.append(name)
+        # Freed blocks stay in PyTorch's cache; hand them back now and then so bitsandbytes and other processes
+        # see the lower footprint during the conversion, not only after it.
+        if any_cuda and torch.cuda.is_available() and len(done) % EMPTY_CACHE_EVERY == 0:
+            torch.cuda.empty_cache()
+    if any_cuda and torch.cuda.is_available():
+        torch.cuda.empty_cache()
     # PEFT reads these to choose its bitsandbytes LoRA layers (peft LoraModel._create_and_replace).
     stage_c.is_loaded_in_8bit = mode == "int8"
     stage_c.is_loaded_in_4bit = mode == "nf4"
@@ -200,8 +215,9 @@ def quantized_bytes(stage_c: nn.Module) -> int:
     total = 0
     seen: set[int] = set()
     for tensor in list(stage_c.parameters()) + list(stage_c.buffers()):
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
+        key = id(tensor) if tensor.is_meta else tensor.data_ptr()  # meta tensors all share data_ptr 0
+        if key not in seen:
+            seen.add(key)
             total += tensor.numel() * tensor.element_size()
     for module in stage_c.modules():
         weight = getattr(module, "weight", None)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..devices import to_host
 from .atomic import atomic_save_safetensors
 
 
@@ -21,7 +22,7 @@ def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor], scalars:
     """Nested dicts become dotted names; bitsandbytes keeps its 8-bit buffers in a nested dict
     (``__bnb_optimizer_quant_state__``), so a flat pass would turn them into JSON lists."""
     if torch.is_tensor(value):
-        tensors[prefix] = value.detach().cpu().contiguous()
+        tensors[prefix] = to_host(value).contiguous()
     elif isinstance(value, dict):
         if not value:
             scalars[prefix] = {}

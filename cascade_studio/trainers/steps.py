@@ -51,46 +51,67 @@ def base_inputs(batch: dict[str, Any], c_clip_img: int, caption_dropout: float,
 
 def diffusion_training_loss(model: Callable, batch: dict[str, Any], *, c_clip_img: int, caption_dropout: float,
                             shift: float, offset: float, generator: torch.Generator,
-                            method_inputs: Callable | None = None, method_cfg: Any = None,
-                            dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One batch's P2-weighted ε loss (a scalar)."""
-    x0 = batch["latents"]
-    if dtype is not None:
-        x0 = x0.to(dtype)
+                            method_inputs: Callable | None = None, method_cfg: Any = None) -> torch.Tensor:
+    """One batch's P2-weighted ε loss (a scalar).
+
+    Precision (docs/DESIGN.md, "Precision"): the latents, the noise, the noise level ``r`` and every conditioning
+    input stay float32 here, as at inference; Stage C casts its own inputs to its weights' dtype (and builds the
+    sinusoidal embedding of ``r`` in float32), each adapter casts its own inputs to its own weights' dtype. A
+    bf16 ``r`` would scramble the embedding's high frequencies (it is multiplied by 10000 first).
+    """
+    x0 = batch["latents"].float()
     b = x0.shape[0]
+    # Random draws use the step's CPU generator (so a seed means the same noise on every device), then move.
     t = sample_t(b, generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
     if offset > 0:
         noise = offset_noise(noise, offset, generator=generator)
     x_t, lsnr = add_noise(x0, t, noise, shift=shift)
-    r = noise_condition(lsnr)
+    r = noise_condition(lsnr).float()
     inputs = base_inputs(batch, c_clip_img, caption_dropout, generator)
     if method_inputs is not None:
         inputs = method_inputs(batch, inputs, method_cfg, generator)
-    if dtype is not None:
-        inputs = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
-    pred = model(x_t, r.to(x_t.dtype), **inputs)
-    return diffusion_loss(pred.float(), noise.float(), lsnr.float())
+    pred = model(x_t, r, **inputs)
+    return diffusion_loss(pred.float(), noise, lsnr.float())
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every tensor of a collated batch on ``device`` (non-blocking from pinned memory)."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def model_device(model: Any) -> torch.device:
+    """Where ``model`` computes: the device of its first parameter (CPU for a parameterless callable)."""
+    parameters = getattr(model, "parameters", None)
+    for tensor in (parameters() if callable(parameters) else ()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 @torch.no_grad()
 def heldout_loss(model: Callable, batches: list[dict[str, Any]], *, c_clip_img: int, shift: float = 1.0,
                  seed: int = 1234, repeats: int = 4, method_inputs: Callable | None = None,
-                 method_cfg: Any = None, dtype: torch.dtype | None = None) -> float:
+                 method_cfg: Any = None) -> float:
     """Mean diffusion loss over ``batches`` with fixed t and noise (comparable across adapters and steps).
 
-    No caption dropout and no condition dropout: the held-out number measures the conditioned model.
+    No caption dropout and no condition dropout: the held-out number measures the conditioned model. Batches
+    may live on the host; each is moved to the model's device here. One host read for the whole evaluation.
     """
-    total, count = 0.0, 0
+    from ..devices import host_floats
+
+    device = model_device(model)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    count = 0
     for rep in range(repeats):
         for i, batch in enumerate(batches):
             g = step_generator(seed, i, stream=rep + 1)
-            loss = diffusion_training_loss(model, batch, c_clip_img=c_clip_img, caption_dropout=0.0, shift=shift,
-                                           offset=0.0, generator=g, method_inputs=_no_dropout(method_inputs),
-                                           method_cfg=method_cfg, dtype=dtype)
-            total += float(loss) * batch["latents"].shape[0]
-            count += batch["latents"].shape[0]
-    return total / max(1, count)
+            loss = diffusion_training_loss(model, batch_to_device(batch, device), c_clip_img=c_clip_img,
+                                           caption_dropout=0.0, shift=shift, offset=0.0, generator=g,
+                                           method_inputs=_no_dropout(method_inputs), method_cfg=method_cfg)
+            n = batch["latents"].shape[0]
+            total = total + loss.float() * n
+            count += n
+    return host_floats(total)[0] / max(1, count)
 
 
 def _no_dropout(method_inputs: Callable | None) -> Callable | None:

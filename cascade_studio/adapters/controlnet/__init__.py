@@ -134,6 +134,8 @@ def create_adapter(cfg: Any, model: AdaptedStageC, context: Any, name: str = "co
                               freeze_backbone=spec.freeze_backbone)
     adapter = ControlNetAdapter(spec, name=name, strength=float(_get(cfg, "strength", 1.0)),
                                 info=_base_info(context, width))
+    # Built where the base lives: weights copied in (a file, the compressor) go straight to that device.
+    adapter.to(_device_of(model))
     if tensors is not None:
         try:
             adapter.load_adapter_state_dict(tensors)
@@ -151,7 +153,6 @@ def create_adapter(cfg: Any, model: AdaptedStageC, context: Any, name: str = "co
         raise AdapterMismatchError(f"adapter.controlnet.backbone_init compressor needs an EfficientNet backbone; the "
                                    f"{spec.bottleneck} bottleneck has none (set bottleneck: effnet, or drop "
                                    "backbone_init)")
-    adapter.to(_device_of(model))
     model.add_adapter(adapter)
     return adapter
 
@@ -205,7 +206,7 @@ def init_backbone_from_compressor(backbone: torch.nn.Module, compressor: torch.n
         if rgb.shape[0] != want[0] or rgb.shape[2:] != want[2:]:
             raise AdapterMismatchError(f"the compressor's first conv {tuple(rgb.shape)} cannot start a backbone "
                                        f"whose first conv is {tuple(want)}; set backbone_init: random")
-        conv = torch.zeros(want, dtype=rgb.dtype)
+        conv = torch.zeros(want, dtype=rgb.dtype, device=rgb.device)
         channels = min(want[1], rgb.shape[1])
         conv[:, :channels] = rgb[:, :channels]
         state[first] = conv
@@ -213,7 +214,8 @@ def init_backbone_from_compressor(backbone: torch.nn.Module, compressor: torch.n
         if value.shape != target_state[key].shape:
             raise AdapterMismatchError(f"the compressor's {key} {tuple(value.shape)} does not fit the ControlNet "
                                        f"backbone's {tuple(target_state[key].shape)}; set backbone_init: random")
-    backbone.load_state_dict({k: v.to(target_state[k].dtype) for k, v in state.items()})
+    backbone.load_state_dict({k: v.to(device=target_state[k].device, dtype=target_state[k].dtype)
+                              for k, v in state.items()})
 
 
 def _device_of(model: AdaptedStageC) -> torch.device:

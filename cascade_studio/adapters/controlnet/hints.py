@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...devices import to_host
+
 # The latent grid is 1/32 of the image (the effnet compressor's stride), so hints must tile it exactly.
 LATENT_STRIDE = 32
 CONTROLS = ("canny", "inpainting", "sr", "image")
@@ -184,7 +186,7 @@ class InpaintingHint:
         if self.saliency is None:
             return torch.stack([make_mask(self.mask, height, width, g) for g in generators])
         with torch.no_grad():
-            scores = self.saliency(images).float().cpu()
+            scores = to_host(self.saliency(images).float())
         masks = []
         for score, generator in zip(scores, generators):
             mask = score > _uniform(generator, 0.04, 0.4)
@@ -229,7 +231,7 @@ class SuperResolutionHint:
                             f"{LATENT_STRIDE} (set data.resolution to a multiple of 32)")
         small = F.interpolate(images, scale_factor=self.scale, mode="nearest")
         with torch.no_grad():
-            latents = self.effnet.encode(small).float().cpu()
+            latents = to_host(self.effnet.encode(small).float())
         latents = F.interpolate(latents, size=(height // LATENT_STRIDE, width // LATENT_STRIDE), mode="nearest")
         return {"control": latents}
 

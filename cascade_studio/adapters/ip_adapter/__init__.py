@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...devices import to_host
 from ..base import AdaptedStageC, AdapterMismatchError
 from ..files import load_adapter_tensors, save_adapter_tensors
 from .adapter import ARCHITECTURE, MULTI_IMAGE_MODES, IPAdapter, find_attention_blocks
@@ -212,7 +213,7 @@ class IPImageFeature:
     def encode(self, batch: list) -> dict[str, torch.Tensor]:
         """Images ``[3, H, W]`` in [0, 1], all one size (the cache's contract) -> ``{name: [B, 1, D]}``."""
         embeds = self.encoder.encode(torch.stack(list(batch)))
-        return {self.name: embeds.float().cpu()}
+        return {self.name: to_host(embeds.float())}
 
 
 def image_encoder_feature(cfg: Any, context: Any = None) -> IPImageFeature:

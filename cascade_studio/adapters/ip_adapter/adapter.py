@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...devices import host_floats
 from ..base import AdapterMismatchError, check_adapter_tensors
 
 MULTI_IMAGE_MODES = ("average", "concat")
@@ -79,6 +80,45 @@ def find_attention_blocks(stage_c: nn.Module) -> list[nn.Module]:
             continue
         blocks.append(module)
     return blocks
+
+
+def float_weight(linear: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of ``linear`` as a floating-point tensor (detached), dequantized when ``linear``
+    is a bitsandbytes layer of a base quantized with ``train.quantize_base`` (``trainers.quantize``).
+
+    Duck-typed, so nothing imports bitsandbytes unless a 4-bit weight is met: a floating weight is returned as
+    is; a 4-bit ``Params4bit`` (packed uint8 with a ``quant_state``) goes through bitsandbytes'
+    ``dequantize_4bit``; an int8 ``Int8Params`` (LLM.int8 with ``has_fp16_weights=False``) holds the int8 rows
+    ``CB`` and their absmax scales ``SCB``, i.e. ``float = CB * SCB[:, None] / 127``. bitsandbytes (0.50) keeps
+    ``SCB`` on the weight until the layer's first call and on ``layer.state`` afterwards, so both are looked at.
+    """
+    weight = linear.weight
+    if weight.is_floating_point():
+        return weight.detach()
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, quant_state)
+    if weight.dtype == torch.int8:
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(linear, "state", None), "SCB", None)
+        if scb is None:
+            raise TypeError(f"{type(linear).__name__} holds an int8 weight without row scales (SCB on the weight "
+                            "or on .state); cannot dequantize it")
+        return weight.data.float() * scb.float()[:, None] / 127
+    raise TypeError(f"cannot read a float weight from {type(linear).__name__} (weight dtype {weight.dtype}); "
+                    "expected nn.Linear or a bitsandbytes Linear8bitLt / Linear4bit")
+
+
+def _compute_dtype(module: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    """The dtype ``module`` computes in: its first floating-point parameter's. On a quantized base the weights
+    are int8/uint8 but the biases keep the model dtype; ``fallback`` when nothing is floating."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return fallback
 
 
 def _block_dims(block: nn.Module) -> tuple[int, int]:
@@ -156,7 +196,8 @@ class IPAdapter(nn.Module):
                 for layer, block in zip(self.ip_layers, blocks):
                     attn = block.attention.attn
                     for new, old in ((layer.to_k_ip, attn.to_k), (layer.to_v_ip, attn.to_v)):
-                        new.weight.copy_(old.weight.to(new.weight))
+                        # On a quantized base (train.quantize_base) to_k/to_v hold packed bitsandbytes weights.
+                        new.weight.copy_(float_weight(old).to(new.weight))
                         new.bias.copy_(old.bias.to(new.bias) if old.bias is not None else torch.zeros_like(new.bias))
             self._fresh = False
         self._blocks = blocks
@@ -234,8 +275,13 @@ class IPAdapter(nn.Module):
     def apply(self, inputs: dict[str, Any], stage_c_kwargs: dict[str, Any]) -> contextlib.AbstractContextManager:
         """Compute the image tokens once and return a context holding one attention hook per AttnBlock.
 
-        No ``ip_image_embeds`` input, ``scale == 0`` or no image in the whole batch: nothing is hooked, so the
-        call is the base model's exactly.
+        No ``ip_image_embeds`` input or ``scale == 0``: nothing is hooked, so the call is the base model's exactly.
+        No image in the whole batch: the same at inference (grad disabled). With grad enabled (training) the branch
+        runs anyway: image dropout can empty a whole micro-batch (always, at batch size 1), and a loss that
+        reaches no adapter parameter cannot be backpropagated ("does not require grad") and leaves parameters
+        unused on that DDP rank. The branch's result for image-less samples is an exact zero (``torch.where`` in
+        the hook), so the output is still the base model's and every parameter gets a zero gradient, not None.
+        Training also never reads the masks on the host: each ``bool(tensor)`` would wait for the GPU every step.
         """
         embeds = inputs.get("ip_image_embeds")
         if embeds is None or self.scale == 0:
@@ -243,11 +289,17 @@ class IPAdapter(nn.Module):
         if not self._blocks:
             raise RuntimeError(f"IP-Adapter {self.name!r} is not attached; add it with AdaptedStageC.add_adapter")
         tokens, token_valid, sample_valid = self.image_tokens(embeds)
-        if not bool(sample_valid.any()):
-            return contextlib.nullcontext()
+        training = torch.is_grad_enabled()
+        if not training:
+            # One host read at inference: how many samples have no image, and how many tokens are empty.
+            samples_without, empty_tokens = host_floats((~sample_valid).sum(), (~token_valid).sum())
+            if samples_without == sample_valid.shape[0]:
+                return contextlib.nullcontext()
         # Samples without any image would make a softmax over nothing (NaN); let them attend to every token and
-        # zero their result afterwards instead. No mask at all when every token is real keeps SDPA's fast path.
-        if bool(token_valid.all()):
+        # zero their result afterwards instead. No mask at all when every token is real keeps SDPA's fast path:
+        # always so for ``average`` (a sample's tokens are all real or all empty, and empty samples attend to all);
+        # for ``concat`` inference checks, training passes the mask unchecked (no host sync).
+        if self.multi_image == "average" or (not training and empty_tokens == 0):
             attn_mask = None
         else:
             attn_mask = (token_valid | ~sample_valid[:, None])[:, None, None, :]
@@ -304,8 +356,9 @@ class IPAdapter(nn.Module):
                 toks = toks.expand(b, *toks.shape[1:])
                 mask = None if mask is None else mask.expand(b, *mask.shape[1:])
                 valid = valid.expand(b)
-            mapper_weight = next(block.kv_mapper.parameters())
-            kv = block.kv_mapper(toks.to(mapper_weight.dtype))  # the block's frozen conditioning mapper
+            # The block's frozen conditioning mapper. Its Linear is int8/NF4 on a quantized base, so the tokens
+            # go in the mapper's floating compute dtype (bitsandbytes casts internally), never the packed weight's.
+            kv = block.kv_mapper(toks.to(_compute_dtype(block.kv_mapper, q.dtype)))
             dtype = layer.to_k_ip.weight.dtype
             kv = kv.to(dtype)
             k = layer.to_k_ip(kv).view(b, -1, nhead, head_dim).transpose(1, 2)
