@@ -85,6 +85,8 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
     if not resume and checkpoints.list():
         raise SystemExit(f"{run_dir} already has checkpoints from an earlier run named {recipe.name!r}: pass --resume "
                          "to continue it, or set name=<new name> to start a new run")
+    # Everything a resume can refuse is checked before anything is written (recipe.yaml, events, MLflow).
+    resume_changes = _check_resume(run_dir, recipe) if latest is not None else {}
     run_state = checkpoints.load_run_state(latest) if latest is not None else RunState()
     if resume and run_state.mlflow_run_id is None:
         # Killed before its first checkpoint: continue the same MLflow run rather than leave it RUNNING forever.
@@ -189,7 +191,15 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
 
         start_step = 0
         if latest is not None:
-            run_state = restore_checkpoint(checkpoints, latest, optimizer, scheduler, sampler, load_adapter)
+            run_state = restore_checkpoint(checkpoints, latest, optimizer, scheduler, sampler, load_adapter,
+                                           lr=recipe.optimizer.lr, weight_decay=recipe.optimizer.weight_decay)
+            if resume_changes and is_main:
+                said = ", ".join(f"{path} {old!r} -> {new!r}" for path, (old, new) in resume_changes.items())
+                print(f"[cascade-studio] --resume applies the changed settings: {said}", flush=True)
+                events.emit("resume_changes", step=run_state.step,
+                            changes={path: [old, new] for path, (old, new) in resume_changes.items()})
+                tracker.set_tags({f"resume.step{run_state.step}.{path}": f"{old!r} -> {new!r}"
+                                  for path, (old, new) in resume_changes.items()})
             run_state.mlflow_run_id = result.run_id or run_state.mlflow_run_id
             start_step = run_state.step
             if is_main:
@@ -315,6 +325,22 @@ def distributed_settings(recipe) -> list:
 
     return [InitProcessGroupKwargs(timeout=timedelta(minutes=recipe.train.distributed_timeout_minutes)),
             DistributedDataParallelKwargs(find_unused_parameters=False)]
+
+
+def _check_resume(run_dir: Path, recipe) -> dict:
+    """The settings this resume changes against the recipe the run was started with (``run_dir/recipe.yaml``);
+    refuses the ones a resume cannot change (``config.resume``) with a RecipeError."""
+    from .config import RecipeError, load_recipe
+    from .config.resume import resume_changes
+
+    started_with = run_dir / "recipe.yaml"
+    if not started_with.is_file():
+        return {}
+    try:
+        previous = load_recipe(started_with)
+    except RecipeError:
+        return {}  # written by another version of the studio: nothing to compare against
+    return resume_changes(previous, recipe)
 
 
 def _previous_run_id(run_dir: Path) -> str | None:

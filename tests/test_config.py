@@ -374,3 +374,18 @@ def test_random_mutations_of_a_good_recipe_only_ever_raise_recipe_error(data: st
         assert err.problems and str(err)
     else:
         assert load_recipe_text(dump_recipe_yaml(recipe)) == recipe
+
+
+def test_a_section_or_key_written_twice_is_reported_with_every_other_problem():
+    """Plain YAML keeps the last of two equal keys without a word (issue 17, item 4)."""
+    text = ("version: 1\nmodel:\n  preset: tiny\n  preset: toy\nadapter: {method: lora}\n"
+            "data: {path: datasets/tiny-shapes}\ntrain:\n  max_steps: 10\ntrain:\n  max_steps: 0\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe_text(text)
+    problems = _by_path(err.value.problems)
+    assert set(problems) == {"model.preset", "train", "train.max_steps"}
+    assert "lines 3 and 4" in problems["model.preset"].message and problems["model.preset"].value == ["tiny", "toy"]
+    assert "lines 7 and 9" in problems["train"].message
+    # without the repetition the same text is a valid recipe
+    load_recipe_text(text.replace("  preset: toy\n", "").replace("train:\n  max_steps: 10\n", "").replace(
+        "max_steps: 0", "max_steps: 10"))

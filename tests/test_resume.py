@@ -258,3 +258,48 @@ def test_optimizer_state_for_another_adapter_is_refused(tmp_path):
     save_optimizer_state(torch.optim.AdamW(params), tmp_path / "optimizer.safetensors")
     with pytest.raises(ValueError, match="different adapter configuration"):
         load_optimizer_state(torch.optim.AdamW(params[:1]), tmp_path / "optimizer.safetensors")
+
+
+# ------------------------------------------------------------------------------------ changing the recipe
+def _short(workspace: Path, *extra: str) -> list[str]:
+    return [f"workspace={workspace}", f"data.path={REPO / 'datasets' / 'tiny-shapes'}", "preview.every=0",
+            "train.checkpoint_every=2", "data.max_images=8", "data.holdout_fraction=0", "name=changing", *extra]
+
+
+@pytest.mark.slow
+def test_resume_with_a_lower_learning_rate_trains_at_it_and_records_it(tmp_path, monkeypatch):
+    """The NaN guard's advice ("lower optimizer.lr, then --resume") must work: the restored schedule used to
+    bring back the old rate while recipe.yaml and MLflow said the new one (issue 17, item 2)."""
+    from cascade_studio.run import train
+
+    monkeypatch.chdir(REPO)
+    train(RECIPE, _short(tmp_path, "train.max_steps=2", "optimizer.lr=1e-3"), progress=False)
+    result = train(RECIPE, _short(tmp_path, "train.max_steps=4", "optimizer.lr=2.5e-4"), resume=True,
+                   progress=False)
+    events = read_events(result.run_dir)
+    rates = {e["step"]: e["lr"] for e in events if e["event"] == "step"}
+    assert rates[1] == rates[2] == pytest.approx(1e-3)
+    assert rates[3] == rates[4] == pytest.approx(2.5e-4)  # before: 1e-3 again
+    changes = [e["changes"] for e in events if e["event"] == "resume_changes"]
+    assert changes == [{"optimizer.lr": [1e-3, 2.5e-4], "train.max_steps": [2, 4]}]
+    assert "lr: 0.00025" in (result.run_dir / "recipe.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_resume_that_would_change_the_adapter_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """recipe.yaml, the events and the finished MLflow run stay as they were (issue 17, items 2 and 5)."""
+    import mlflow
+
+    from cascade_studio.run import main, train
+
+    monkeypatch.chdir(REPO)
+    first = train(RECIPE, _short(tmp_path, "train.max_steps=2"), progress=False)
+    recorded = {p: p.read_bytes() for p in (first.run_dir / "recipe.yaml", first.run_dir / "events.jsonl")}
+    code = main([RECIPE, *_short(tmp_path, "train.max_steps=4", "adapter.lora.rank=16", "data.max_images=6"),
+                 "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "adapter.lora.rank" in err and "data.max_images" in err and "name=<new name>" in err
+    assert {p: p.read_bytes() for p in recorded} == recorded
+    run = mlflow.MlflowClient(first.tracking_uri).get_run(first.run_id)
+    assert run.info.status == "FINISHED"

@@ -86,7 +86,42 @@ def load_recipe_text(text: str, name: str = "recipe", overrides: Sequence[str] =
     """Like :func:`load_recipe` for YAML text (the studio's editor); ``name`` is used if the text has none."""
     label = label or name
     data = _parse_yaml(text, label)
-    return _load_data(data, overrides, default_name=name, label=label)
+    return _load_data(data, overrides, default_name=name, label=label, problems=duplicate_keys(text))
+
+
+def duplicate_keys(text: str) -> list[Problem]:
+    """A problem for every key written twice in one mapping of ``text`` (plain YAML keeps the last one without a
+    word, so a second ``train:`` section would silently replace the first)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # the node tree only: nothing is constructed
+    except yaml.YAMLError:
+        return []  # a syntax error is reported by _parse_yaml
+    problems: list[Problem] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, tuple[int, Any]] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                dotted = f"{path}.{key}" if path else str(key)
+                if key is not None and key != "<<":
+                    line = key_node.start_mark.line + 1
+                    if key in first:
+                        earlier_line, earlier = first[key]
+                        scalar = isinstance(value_node, yaml.ScalarNode)
+                        value = [earlier, value_node.value] if scalar and earlier is not None else "2 sections"
+                        problems.append(Problem(dotted, value, f"is written twice (lines {earlier_line} and "
+                                                f"{line}); YAML would silently keep only the last one",
+                                                "keep one of them, with every setting it needs"))
+                    else:
+                        first[key] = (line, value_node.value if isinstance(value_node, yaml.ScalarNode) else None)
+                walk(value_node, dotted)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item, path)
+
+    walk(root, "")
+    return problems
 
 
 def validate_recipe_file(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) -> list[Problem]:
@@ -117,9 +152,11 @@ def _parse_yaml(text: str, label: str) -> Any:
                                    "remove control characters and check the file is plain text")], label) from None
 
 
-def _load_data(data: Any, overrides: Sequence[str], default_name: str, label: str) -> Recipe:
-    """Validate already-parsed YAML data; the core of every ``load_*`` function."""
-    problems: list[Problem] = []
+def _load_data(data: Any, overrides: Sequence[str], default_name: str, label: str,
+               problems: Optional[list[Problem]] = None) -> Recipe:
+    """Validate already-parsed YAML data; the core of every ``load_*`` function. ``problems`` already found in
+    the text (keys written twice) are reported with the rest."""
+    problems = list(problems or [])
     if data is None:  # every other problem would just follow from this one
         raise RecipeError([Problem("(recipe)", None, "the recipe is empty",
                                    "start from a file in recipes/, e.g. recipes/tiny/lora.yaml")], label)

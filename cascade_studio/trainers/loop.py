@@ -293,12 +293,29 @@ def _jsonable(value: Any) -> Any:
 
 
 def restore_checkpoint(checkpoints, path: Path, optimizer, scheduler, sampler,
-                       load_adapter: Callable[[Path], None]) -> RunState:
+                       load_adapter: Callable[[Path], None], lr: float | None = None,
+                       weight_decay: float | None = None) -> RunState:
+    """Adapter, optimizer state, schedule position and data position of checkpoint ``path``.
+
+    The learning rate follows the *current* recipe (``lr``, ``weight_decay`` and the schedule the scheduler was
+    built with): only the step count comes from the checkpoint, so a resume with a lower ``optimizer.lr`` trains
+    at the lower rate. With an unchanged recipe this gives exactly the rate the uninterrupted run had.
+    """
     load_adapter(path / "adapter.safetensors")
+    base_lrs = list(scheduler.base_lrs)
     load_optimizer_state(optimizer, path / "optimizer.safetensors")
     sched = json.loads((path / "scheduler.json").read_text())
     sched.pop("lr_lambdas", None)
     scheduler.load_state_dict({**scheduler.state_dict(), **sched})
+    if lr is not None:
+        base_lrs = [lr] * len(base_lrs)
+    scheduler.base_lrs = base_lrs
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, base, rate in zip(optimizer.param_groups, base_lrs, rates):
+        group["initial_lr"], group["lr"] = base, rate
+        if weight_decay is not None and "weight_decay" in group:
+            group["weight_decay"] = weight_decay
+    scheduler._last_lr = rates  # what get_last_lr() reports until the next step
     state = checkpoints.load_run_state(path)
     if state.sampler_state:
         sampler.load_state_dict(state.sampler_state)
