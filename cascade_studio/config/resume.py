@@ -58,7 +58,7 @@ def resume_changes(previous: Any, current: Any) -> dict[str, tuple[Any, Any]]:
     Raises :class:`RecipeError` listing every change a resume may not make (nothing has been written then).
     """
     old, new = _flat(recipe_to_dict(previous)), _flat(recipe_to_dict(current))
-    for path in _path_fields(type(current)):  # ./data and /home/me/project/data are the same folder
+    for path in _path_fields(type(current)):  # a relative and an absolute spelling of one folder are equal
         for values in (old, new):
             if isinstance(values.get(path), str):
                 values[path] = os.path.abspath(os.path.expanduser(values[path]))
