@@ -316,7 +316,8 @@ def distributed_settings(recipe) -> list:
       ``train.distributed_timeout_minutes`` sets it.
     * ``find_unused_parameters=False``: every method's trainable parameters take part in every step's graph, also
       when a micro-batch drops all of its image prompts or captions (the IP-Adapter still runs its branch then,
-      with an exact zero result; ``tests/test_published_settings.py`` checks every parameter gets a gradient).
+      with an exact zero result; ``tests/test_gpu_ready_ip_quant.py`` checks every parameter gets a gradient and
+      ``tests/test_gpu_ready.py`` runs it under 2-process DDP).
       DDP's slower search for unused parameters is therefore not needed.
     """
     from datetime import timedelta

@@ -15,24 +15,13 @@ import torch
 from torch import nn
 
 from cascade_studio.adapters import ip_adapter as ipa
-from cascade_studio.adapters.base import AdaptedStageC
-from cascade_studio.adapters.ip_adapter import IPAdapter
 from cascade_studio.adapters.ip_adapter.adapter import find_attention_blocks
 from cascade_studio.config.schema import IPAdapterConfig
 from cascade_studio.trainers import quantize
 from cascade_studio.trainers.quantize import (QuantizationUnsupportedError, check_quantization_supported,
                                               quantize_frozen_linears)
 from cascade_studio.trainers.steps import diffusion_training_loss
-from test_ip_adapter import EMBED, embeds, make_base, make_inputs, perturb  # the same tiny base and inputs
-
-def attach(base: nn.Module, seed: int = 0, **adapter_kw) -> tuple[AdaptedStageC, IPAdapter]:
-    model = AdaptedStageC(base)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        adapter = IPAdapter.for_stage_c(base, embed_dim=EMBED, image_encoder="tiny", **adapter_kw)
-    model.add_adapter(adapter)
-    return model, adapter
-
+from test_ip_adapter import EMBED, adapted, embeds, make_base, make_inputs, perturb  # the same tiny base and inputs
 
 def supported(mode: str) -> None:
     """Skip (naming the reason) only when bitsandbytes cannot run ``mode`` on this CPU."""
@@ -42,21 +31,12 @@ def supported(mode: str) -> None:
         pytest.skip(f"train.quantize_base={mode} is unsupported here: {exc}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: extra threads only contend with each other (and other jobs) on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------ 1. batch of 1 with the image dropped
 def test_training_step_with_every_image_dropped_gives_every_parameter_a_zero_gradient():
     """Image dropout can empty a whole micro-batch (always at batch size 1). The loss must still reach every
     adapter parameter (zero gradients, not None: backward works and DDP sees no unused parameter), while the
     prediction stays the base model's bit for bit."""
-    model, adapter = attach(make_base())
+    model, adapter = adapted(base=make_base())
     perturb(adapter)
     g = torch.Generator().manual_seed(4)
     batch = {"latents": torch.randn(1, 16, 4, 4, generator=g), "clip_text": torch.randn(1, 77, 64, generator=g),
@@ -84,7 +64,7 @@ def test_training_step_with_every_image_dropped_gives_every_parameter_a_zero_gra
 
 
 def test_inference_still_skips_the_branch_when_no_sample_has_an_image():
-    model, adapter = attach(make_base())
+    model, adapter = adapted(base=make_base())
     with torch.no_grad():
         context = adapter.apply({"ip_image_embeds": torch.zeros(2, 1, EMBED)}, {})
     assert isinstance(context, contextlib.nullcontext)
@@ -94,7 +74,7 @@ def test_inference_still_skips_the_branch_when_no_sample_has_an_image():
 def test_training_apply_does_not_read_the_image_mask_on_the_host(monkeypatch, multi_image):
     """``bool(mask.any())`` waits for the GPU every step; in training the branch runs anyway, so it is not
     needed. Any tensor -> Python bool/number conversion inside ``apply`` fails this test."""
-    model, adapter = attach(make_base(), multi_image=multi_image)
+    model, adapter = adapted(base=make_base(), multi_image=multi_image)
     e = embeds(images=2)
     e[0, 1] = 0  # one empty image among real ones: concat needs a token mask
     real_apply = adapter.apply
@@ -146,7 +126,7 @@ def test_ip_adapter_attaches_and_trains_on_a_quantized_base(mode, tol):
     # What the adapter must cope with: its k/v source and the block's kv_mapper are bitsandbytes layers.
     assert type(blocks[0].attention.attn.to_k) is not nn.Linear
     assert not any(p.is_floating_point() for p in blocks[0].kv_mapper[-1].parameters() if p.dim() == 2)
-    model, adapter = attach(base)
+    model, adapter = adapted(base=base)
     # Fresh k/v projections: the base's weights up to quantization error (biases are not quantized).
     for layer, block in zip(adapter.ip_layers, find_attention_blocks(reference)):
         attn = block.attention.attn

@@ -59,9 +59,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def adapted(seed: int = 0, **adapter_kw) -> tuple[AdaptedStageC, IPAdapter]:
-    """A seeded base and a seeded fresh adapter (its image projection draws from the global RNG)."""
-    base = make_base(seed)
+def adapted(seed: int = 0, base: nn.Module | None = None, **adapter_kw) -> tuple[AdaptedStageC, IPAdapter]:
+    """A seeded base (or ``base``) and a seeded fresh adapter (its image projection draws from the global RNG)."""
+    base = make_base(seed) if base is None else base
     model = AdaptedStageC(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import dataclasses
 import json
 import math
@@ -116,23 +117,13 @@ class _BatchIndices:
             yield self.sampler.next_batch()
 
 
-class _Collate:
-    """Picklable collate function for DataLoader workers (the null features ride along)."""
-
-    def __init__(self, extras: dict[str, torch.Tensor]) -> None:
-        self.extras = extras
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate(samples, self.extras)
-
-
 def batch_stream(dataset, sampler: InfiniteSampler, extras: dict[str, torch.Tensor], num_workers: int,
                  pin_memory: bool):
     """An endless iterator of collated host batches in the sampler's order, read by ``num_workers`` processes
     (0: in this process) while the accelerator computes."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_sampler=_BatchIndices(sampler), collate_fn=_Collate(extras),
+    loader = DataLoader(dataset, batch_sampler=_BatchIndices(sampler), collate_fn=functools.partial(collate, extras=extras),
                         num_workers=num_workers, pin_memory=pin_memory,
                         prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
     return iter(loader)
