@@ -266,3 +266,30 @@ def test_adapter_inputs_without_their_images_are_explained(files, tmp_path, caps
     code, _, err = run_cli(["generate", "--prompt", "x", "--preview", *FAST, "--out", tmp_path / "x.png",
                             "--controlnet", files.controlnet], capsys)
     assert code != 0 and "--control IMAGE" in err
+
+
+@pytest.mark.slow
+def test_generate_and_compare_on_the_toy_preset_draw_the_toy_cascade_in_a_fresh_process(tmp_path):
+    """`--preset toy` used to build the random tiny base (a flat brown square for every prompt) while training
+    used the shipped toy weights. Both commands, as a user types them, each in a fresh process."""
+    import subprocess
+    import sys
+
+    exe = [sys.executable, "-m", "cascade_studio.cli"]
+    images = {}
+    for prompt in ("a large red circle", "a large blue square"):
+        out = tmp_path / f"{prompt.split()[2]}.png"
+        done = subprocess.run(exe + ["generate", "--preset", "toy", "--preview", "--prompt", prompt, "--out",
+                                     str(out)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        images[prompt] = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32) / 255
+    red, blue = images.values()
+    assert red.std() > 0.1 and blue.std() > 0.1  # a shape on a background, not a flat square
+    assert red[..., 0].max() > 0.8 and (red[..., 0] - red[..., 2]).max() > 0.5  # something red is drawn
+    assert (blue[..., 2] - blue[..., 0]).max() > 0.5  # and something blue for the other prompt
+    grid = tmp_path / "grid"
+    done = subprocess.run(exe + ["compare", "--preset", "toy", "--columns", "base", "--prompt", "a large red circle",
+                                 "--out", str(grid), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cell = np.asarray(Image.open(grid / "cells" / "r0_c0.png").convert("RGB"), dtype=np.float32) / 255
+    assert np.abs(cell - red).max() < 2 / 255  # the base column is what `generate` draws

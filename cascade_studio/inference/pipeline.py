@@ -175,7 +175,12 @@ class CascadeComponents:
             torch.cuda.empty_cache()
 
     def _build_random(self, name: str, dtype: torch.dtype) -> Any:
-        # One builder for every command, so train, generate and compare share the same random base.
+        # One builder for every command, so train, generate and compare share the same base: the toy preset's
+        # shipped weights (pretrained Stage C, previewer, compressor), the tiny preset's seeded random init.
+        if self.spec.preset == "toy":
+            from cascade_studio.models.toy import load_toy_component
+
+            return load_toy_component(name).to(device=self.device, dtype=dtype)
         from cascade_studio.models.random_init import build_random
 
         return build_random(name, self.spec.preset).to(device=self.device, dtype=dtype)

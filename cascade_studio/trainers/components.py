@@ -75,12 +75,7 @@ class BaseModels:
 
     def _get_stage(self, name: str, dtype: torch.dtype) -> Any:
         if name not in self._cache:
-            if self.preset_name == "toy" and self._weights_source(name) is None:
-                from ..models.toy import load_toy_component
-
-                module = load_toy_component(name).to(self.device, dtype=dtype)
-            else:
-                module = self.components.load(name, dtype)
+            module = self.components.load(name, dtype)  # the same loader generate and compare use
             if isinstance(module, nn.Module):
                 module.eval().requires_grad_(False)
             self._cache[name] = module
