@@ -100,9 +100,12 @@ def cmd_validate(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a run's adapter (or a checkpoint's) to comfyui/peft/official")
+    from .adapters import catalog
+
+    p = sub.add_parser("export", help="export a run's adapter (or a checkpoint's) as a file other tools load")
     p.add_argument("source", help="a run folder (workspace/runs/<name>) or one of its checkpoint folders")
-    p.add_argument("--format", default="comfyui", choices=["comfyui", "peft", "official", "ip_adapter"])
+    p.add_argument("--format", choices=catalog.all_formats(), help="default: the method's first format. " + " ".join(
+        f"{m.label}: {catalog.format_help(m)}." for m in catalog.methods()))
     p.add_argument("--out", help="output path (default: <run>/export/<name>-<format>[.safetensors])")
     p.set_defaults(handler=cmd_export)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .adapters import catalog
+
 
 @dataclass
 class RunResult:
@@ -125,14 +127,13 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
 
         models = BaseModels(recipe.model, device=accelerator.device)
         method = get_method(recipe.adapter.method)
-        method_cfg = getattr(recipe.adapter, recipe.adapter.method)
+        method_cfg = catalog.method_section(recipe)
         # The adapter context comes from the preset (not the loaded weights) so the big Stage C is not resident
         # while the encoders fill the cache.
         context = AdapterContext(preset=recipe.model.preset, base_fingerprint=models.fingerprint(),
                                  stage_c_config=dict(models.preset.stage_c, c_hidden=list(
                                      models.preset.stage_c.get("c_hidden", [2048, 2048]))),
-                                 extra={"models": models,
-                                        "ip_image_encoder_loader": _ip_encoder_loader(recipe, models)})
+                                 extra={"models": models})
         events.emit("phase", phase="data")
         train_set, holdout_set, extras, skipped, preview_embeddings = _prepare_data(
             recipe, models, method, method_cfg, context, accelerator, run_dir, progress, events=events)
@@ -368,40 +369,13 @@ def _refuse_nonfinite(model) -> None:
                                  "optimizer.lr and resume from an earlier checkpoint with --resume")
 
 
-def _ip_encoder_loader(recipe, models):
-    """Name -> frozen image encoder for the IP-Adapter, from the recipe's weights (never random for real use)."""
-    def load(name: str):
-        import torch
-
-        ip_cfg = recipe.adapter.ip_adapter
-        if name == "tiny" or (name == "toy" and not ip_cfg.image_encoder_weights):
-            # tiny: the same seeded random encoder generate/compare use, so embeddings and cache entries agree;
-            # toy: the shipped weights of the toy cascade
-            from .adapters.ip_adapter import image_encoder_feature
-
-            return image_encoder_feature({"image_encoder": name}).encoder
-        from .models.loading import load_ip_image_encoder
-
-        source = ip_cfg.image_encoder_weights or recipe.model.image_encoder or recipe.model.repo_id
-        if source is None:
-            raise ValueError(f"adapter.ip_adapter.image_encoder {name!r} needs weights: set "
-                             "adapter.ip_adapter.image_encoder_weights to its file or folder")
-        dtype = torch.float32 if models.device.type == "cpu" else models.dtype
-        return load_ip_image_encoder(name, source, dtype=dtype, device=models.device,
-                                     allow_pickle=bool(recipe.model.allow_pickle))
-    return load
-
-
 def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool,
                   events=None):
     """Scan the source, split off the held-out set, fill the cache (main process first), free the encoders."""
     from .data import build_cache, scan_source
     from .trainers.features import base_feature_encoders
 
-    control_column = None
-    if recipe.adapter.method == "controlnet" and recipe.adapter.controlnet.control == "image":
-        control_column = recipe.adapter.controlnet.control_column
-    scan = scan_source(recipe.data, control_column=control_column)
+    scan = scan_source(recipe.data, control_column=catalog.recipe_method(recipe).control_column(method_cfg))
     if accelerator.is_main_process:
         for item in scan.skipped[:20]:
             print(f"[cascade-studio] skipped {item.path}: {item.reason}", flush=True)
@@ -457,13 +431,10 @@ def _export(recipe, method, adapter, context, run_dir: Path, tracker) -> list[Pa
     out_dir = Path(recipe.export.dir) if recipe.export.dir else run_dir / "export"
     exports = []
     meta = {"cascade_studio.recipe_name": recipe.name, "cascade_studio.version": _version()}
-    for fmt in recipe.export.formats:
-        if fmt not in method.FORMATS:
-            print(f"[cascade-studio] export format {fmt!r} does not apply to {recipe.adapter.method}; skipped",
-                  flush=True)
-            continue
-        suffix = "" if fmt == "peft" else ".safetensors"
-        path = method.export_adapter(adapter, out_dir / f"{recipe.name}-{fmt}{suffix}", fmt, meta)
+    record = catalog.recipe_method(recipe)
+    for name in catalog.export_formats(recipe):
+        fmt = record.export_format(name)  # validation refused the formats the method lacks
+        path = method.export_adapter(adapter, fmt.target(out_dir, recipe.name), fmt.name, meta)
         exports.append(Path(path))
         tracker.log_artifact(path, artifact_path="adapter")
     return exports

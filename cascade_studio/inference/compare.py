@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -139,7 +139,7 @@ class _Call:
 def parse_column(column: str | AdapterSpec | Sequence[AdapterSpec], settings: CompareSettings) -> Column:
     """Resolve one column (``"base"``, a spec string with ``+`` joins, or AdapterSpecs) to files on disk."""
     defaults = dict(control=settings.control, control_mode=settings.control_mode,
-                    image_prompts=tuple(settings.image_prompts) or None, multi_image=None)
+                    image_prompts=tuple(settings.image_prompts) or None, multi_image=settings.ip_multi)
     if isinstance(column, str):
         text = column.strip()
         if text.lower() == BASE:
@@ -149,9 +149,6 @@ def parse_column(column: str | AdapterSpec | Sequence[AdapterSpec], settings: Co
         specs = [column] if isinstance(column, AdapterSpec) else list(column)
         specs = [spec.with_defaults(**defaults) for spec in specs]
         text = "+".join(spec.text or spec.source for spec in specs) or BASE
-    if settings.ip_multi != "average":
-        specs = [spec if spec.multi_image != "average" else replace(spec, multi_image=settings.ip_multi)
-                 for spec in specs]
     for spec in specs:
         if spec.merge:
             raise ValueError(f"column {text!r}: merged LoRAs cannot be compared (unmerging is exact only up to "

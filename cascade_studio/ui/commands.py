@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..adapters import catalog
 from ..config import load_recipe, parse_override
 from .paths import PathNotAllowed, safe_filename
 from .workspace import Workspace
 
 __all__ = ["TrainRequest", "CompareRequest", "Column", "export_argv", "default_run_name", "train_command",
-           "compare_argv", "CLI", "EXPORT_FORMATS", "new_comparison_dir", "parse_seeds"]
+           "compare_argv", "CLI", "new_comparison_dir", "parse_seeds"]
 
 CLI = [sys.executable, "-m", "cascade_studio.cli"]
 # The studio sets these itself; a user override of them would send the run somewhere the studio does not look.
@@ -215,13 +216,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------------------- export
-EXPORT_FORMATS = {"lora": ("comfyui", "peft"), "controlnet": ("official",), "ip_adapter": ("ip_adapter",)}
-
-
 def export_argv(workspace: Workspace, source: str | Path, fmt: str, out: str | Path) -> list[str]:
     """The ``cascade-studio export`` command line for a run or checkpoint folder inside the workspace."""
     source_path = workspace.confine_workspace(source)
     out_path = workspace.confine_workspace(out)
-    if fmt not in {f for formats in EXPORT_FORMATS.values() for f in formats}:
-        raise ValueError(f"unknown export format {fmt!r}")
+    if fmt not in catalog.all_formats():
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(catalog.all_formats())}")
     return [*CLI, "export", str(source_path), "--format", fmt, "--out", str(out_path)]
