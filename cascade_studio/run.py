@@ -236,13 +236,7 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             preview = make_preview_fn(recipe, models, unwrapped, adapter, tracker, events, run_dir,
                                       preview_embeddings, reference, method_inputs, method_cfg)
 
-        settings = LoopSettings(
-            max_steps=recipe.train.max_steps, grad_accum=recipe.train.grad_accum,
-            max_grad_norm=recipe.train.max_grad_norm, seed=recipe.train.seed,
-            checkpoint_every=recipe.train.checkpoint_every, log_every=recipe.train.log_every,
-            shift=recipe.train.shift, offset_noise=recipe.train.offset_noise,
-            caption_dropout=recipe.data.caption_dropout, max_nonfinite_steps=recipe.train.max_nonfinite_steps,
-            preview_every=recipe.preview.every, c_clip_img=models.c_clip_img(), num_workers=recipe.train.num_workers)
+        settings = LoopSettings.from_recipe(recipe, c_clip_img=models.c_clip_img())
         events.emit("phase", phase="train")
         # 8. loop (Stage C stays in eval mode: no dropout in the frozen base; adapters decide their own mode)
         model.train()
