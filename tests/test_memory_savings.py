@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from cascade_studio.adapters.lora.config import LoraConfig
 from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
 from cascade_studio.config.schema import ModelConfig, OptimizerConfig
@@ -104,7 +105,7 @@ def test_bf16_base_holds_no_fp32_copy_and_trains_fp32_adapter():
         models = BaseModels(ModelConfig(preset="tiny", dtype="bf16"))
         model = AdaptedStageC(models.stage_c())
         built["model"] = model
-        built["adapter"] = create_adapter({"rank": 8, "alpha": 8.0}, model, None)
+        built["adapter"] = create_adapter(LoraConfig(rank=8, alpha=8.0), model, None)
 
     _, live_after = planner.measure_peak_tensor_bytes(build)
     model, adapter = built["model"], built["adapter"]

@@ -213,10 +213,3 @@ def test_no_code_outside_the_method_folders_names_a_method(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text('def f(recipe):\n    return recipe.adapter.method == "controlnet" or "cn"\n')
     assert method_literals([sample], tmp_path) == ["sample.py:2 'controlnet'", "sample.py:2 'cn'"]
-
-
-def test_no_dict_or_attribute_get_helper_is_left():
-    helpers = [f"{p.relative_to(REPO)}" for p in sorted((REPO / "cascade_studio").rglob("*.py"))
-               if any(isinstance(n, ast.FunctionDef) and n.name in ("_get", "_cfg")
-                      for n in ast.walk(ast.parse(p.read_text())))]
-    assert helpers == []

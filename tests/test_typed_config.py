@@ -243,13 +243,9 @@ def test_no_trainer_parameter_restates_a_schema_default():
     assert not found, "pass the recipe's value instead of a default of its own:\n" + "\n".join(found)
 
 
-# Issue 16 item 1 rewrites these methods without their copies of the helper; drop this exemption then.
-GET_HELPER_PENDING = ("adapters/controlnet/", "adapters/ip_adapter/")
-
-
+# Every caller reads the typed sections (issue 16 item 4): no dict-or-attribute reader with defaults of its own.
 def test_no_dict_or_attribute_get_helper():
     helper = re.compile(r"^\s*def _get\(", re.MULTILINE)
     found = [path.relative_to(PACKAGE).as_posix() for path in sorted(PACKAGE.rglob("*.py"))
              if helper.search(path.read_text())]
-    found = [path for path in found if not path.startswith(GET_HELPER_PENDING)]
     assert not found, f"read the typed section's attributes instead of a _get(cfg, key, default) helper: {found}"
