@@ -34,7 +34,10 @@ def add_commands(sub) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=["tiny", "lite", "big", "toy"])
+    from .models.presets import PRESETS
+
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="model size and weights: " + ", ".join(f"{p.name} ({p.weights})" for p in PRESETS.values()))
     p.add_argument("--repo-id", help="Hugging Face repo id with the published weights (from the local hub cache)")
     for stage in _STAGES:
         p.add_argument(f"--{stage.replace('_', '-')}", dest=stage, help=f"weights of {stage} (file or folder)")
@@ -60,6 +63,8 @@ def _add_input_args(p: argparse.ArgumentParser, repeat_control: bool) -> None:
     for method in catalog.methods():
         if method.command_line is not None and method.command_line.add_inputs is not None:
             method.command_line.add_inputs(p, repeat_control)
+    p.add_argument("--force", action="store_true",
+                   help="load adapters trained on another base anyway (their base fingerprints differ)")
     p.add_argument("--workspace", default="workspace", help="where run: / ckpt: look for runs and mlflow.db")
     p.add_argument("--tracking-uri", help="MLflow store for run ids (default: <workspace>/mlflow.db)")
 
@@ -74,7 +79,7 @@ def _model_spec(args):
 def _sampling_kwargs(args) -> dict:
     from .models import get_preset
 
-    size = get_preset("tiny" if args.preset == "toy" else args.preset).generate_resolution
+    size = get_preset(args.preset).generate_resolution
     kwargs = dict(negative_prompt=args.negative_prompt, steps_c=args.steps, cfg_c=args.cfg, shift_c=args.shift,
                   steps_b=args.steps_b, cfg_b=args.cfg_b, width=args.width or size, height=args.height or size)
     if args.dtype:
@@ -133,7 +138,7 @@ def cmd_generate(args) -> int:
     if specs:
         images, resolved = generate_with_adapters(components, settings, specs, workspace=args.workspace,
                                                   tracking_uri=args.tracking_uri,
-                                                  ip_image_encoder=args.ip_image_encoder)
+                                                  ip_image_encoder=args.ip_image_encoder, force=args.force)
         for item in resolved:
             print(f"adapter: {item.label} <- {item.path}")
     else:
@@ -187,7 +192,7 @@ def cmd_compare(args) -> int:
         decoder=args.decoder, control=args.control, control_mode=args.control_mode,
         image_prompts=args.image_prompt, ip_multi=args.ip_multi, ip_image_encoder=args.ip_image_encoder,
         max_batch=args.max_batch, workspace=args.workspace, tracking_uri=args.tracking_uri, mlflow=args.mlflow,
-        progress=not args.no_progress, save_latents=args.save_latents, device=args.device,
+        progress=not args.no_progress, save_latents=args.save_latents, device=args.device, force=args.force,
         **_sampling_kwargs(args))
     result = run_compare(settings)
     print(f"grid: {result.grid_path}")

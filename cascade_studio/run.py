@@ -129,8 +129,8 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
         method = get_method(recipe.adapter.method)
         method_cfg = catalog.method_section(recipe)
         # The adapter context comes from the preset (not the loaded weights) so the big Stage C is not resident
-        # while the encoders fill the cache.
-        context = AdapterContext(preset=recipe.model.preset, base_fingerprint=models.fingerprint(),
+        # while the encoders fill the cache; the weights' fingerprint is added once Stage C is loaded.
+        context = AdapterContext(preset=recipe.model.preset, base_fingerprint="unknown",
                                  stage_c_config=dict(models.preset.stage_c, c_hidden=list(
                                      models.preset.stage_c.get("c_hidden", [2048, 2048]))),
                                  extra={"models": models})
@@ -144,6 +144,7 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
         # 5. frozen base
         events.emit("phase", phase="model")
         stage_c = models.stage_c()
+        context.base_fingerprint = models.fingerprint()  # recorded in the adapter: it loads on this base only
         if recipe.train.quantize_base != "none":
             from .trainers.quantize import quantize_frozen_linears
 

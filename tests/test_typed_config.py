@@ -141,9 +141,11 @@ def test_base_models_read_the_model_section():
     assert default.dtype == resolve_dtype(SCHEMA_DEFAULTS["model.dtype"])  # bf16, where BaseModels said fp32
     changed = BaseModels(CHANGED.model)
     assert (changed.preset_name, changed.dtype) == (CHANGED.model.preset, resolve_dtype(CHANGED.model.dtype))
-    assert changed.fingerprint() == CHANGED.model.stage_c  # not a file: the named source itself
+    spec = changed.components.spec  # the one model loader gets the section's sources
+    assert (spec.preset, spec.stage_c, spec.repo_id) == (CHANGED.model.preset, CHANGED.model.stage_c,
+                                                         CHANGED.model.repo_id)
     only_repo = BaseModels(dataclasses.replace(CHANGED.model, stage_c=None))
-    assert only_repo.fingerprint() == CHANGED.model.repo_id
+    assert only_repo.components.spec.source("stage_c") == CHANGED.model.repo_id
 
 
 def test_components_refuse_dicts_that_would_bring_their_own_defaults():

@@ -62,11 +62,31 @@ def detect_method(path: str | Path) -> str:
 
 
 def load_adapter(path: str | Path, model: AdaptedStageC, context: AdapterContext, name: str | None = None,
-                 **options: Any) -> Adapter:
-    """Load any adapter file onto ``model`` (method detected), checked against the base first."""
+                 force: bool = False, **options: Any) -> Adapter:
+    """Load any adapter file onto ``model`` (method detected), checked against the base first.
+
+    A file that records the fingerprint of the base it was trained on (``models.identity``) loads only on a base
+    with the same fingerprint; ``force`` loads it anyway (shapes are still checked by the method)."""
     method = detect_method(path)
+    if not force:
+        check_base(path, context)
     return get_method(method).load_adapter_file(Path(path), model, context, name=name or adapter_name(path),
                                                 **options)
+
+
+def check_base(path: str | Path, context: AdapterContext) -> None:
+    """Refuse an adapter trained on another base (by the weights' fingerprints), naming both bases."""
+    from ..models.identity import comparable
+
+    _, metadata = read_adapter_header(path)
+    trained_on = metadata.get("cascade_studio.base_fingerprint")
+    if not comparable(trained_on, context.base_fingerprint) or trained_on == context.base_fingerprint:
+        return
+    file_base = metadata.get("cascade_studio.base_model", "another base")
+    raise AdapterMismatchError(
+        f"{path} was trained on {file_base} (base fingerprint {trained_on}), but this base is {context.preset} "
+        f"(fingerprint {context.base_fingerprint}): its weights differ, so the adapter would not do what it learned "
+        "(--force loads it anyway)")
 
 
 def adapter_name(path: str | Path) -> str:

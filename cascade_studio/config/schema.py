@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from ..adapters import catalog
+from ..models.presets import PRESETS
 from .errors import Problem
 from .fields import setting
 
@@ -47,11 +48,13 @@ _FP16_REASON = ("fp16 is refused: Stage C activations overflow in fp16 (the publ
 class ModelConfig:
     """Which Stage C to adapt, and where its weights and encoders come from."""
 
-    preset: str = setting("tiny", "Model size: big (3.6B Stage C), lite (1B), tiny (a small model built in code "
-                          "for CPU runs and tests) or toy (an even smaller one for unit tests).",
-                          choices=("tiny", "lite", "big", "toy"))
+    preset: str = setting("tiny", "Model size and weights: big (3.6B Stage C) or lite (1B) with the published "
+                          "weights, tiny (a small model with a seeded random init, for CPU runs and tests) or toy "
+                          "(tiny's architecture with the pretrained weights shipped with the studio: real pictures "
+                          "of toy shapes on a CPU).",
+                          choices=tuple(PRESETS))
     stage_c: Optional[str] = setting(None, "Stage C weights: a local .safetensors file, a diffusers folder or a "
-                                     "Hugging Face repo id. null = the preset's random init (tiny/toy only); "
+                                     "Hugging Face repo id. null = the preset's built-in weights (tiny, toy); "
                                      "lite/big need this or model.repo_id. Relative paths resolve against the "
                                      "current directory.", path=True, weights=True, example="models/stage_c_bf16.safetensors")
     repo_id: Optional[str] = setting(None, "Hugging Face repo to fetch every missing weight file from (uses the "

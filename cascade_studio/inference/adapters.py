@@ -351,14 +351,15 @@ class LoadedAdapter:
 
 
 def adapter_context(stage_c: torch.nn.Module, model_spec: Any = None) -> AdapterContext:
-    """What the adapter loaders check files against, read from the loaded Stage C (a custom width counts)."""
-    from cascade_studio.adapters.controlnet.adapter import stage_c_width
+    """What the adapter loaders check files against, read from the loaded Stage C: its width (a custom width
+    counts) and the fingerprint of its weights (an adapter trained on other weights is refused)."""
+    from cascade_studio.adapters.base import stage_c_width
+    from cascade_studio.models.identity import weights_identity
 
     inner = stage_c.stage_c if isinstance(stage_c, AdaptedStageC) else stage_c
     width = stage_c_width(inner)
     preset = getattr(model_spec, "preset", None) or "tiny"
-    source = model_spec.source("stage_c") if hasattr(model_spec, "source") else None
-    return AdapterContext(preset=preset, base_fingerprint=str(source or f"{preset}-built-in"),
+    return AdapterContext(preset=preset, base_fingerprint=weights_identity(inner),
                           stage_c_config={"c_hidden": [width]})
 
 
@@ -370,8 +371,9 @@ def _safe_name(index: int, resolved: ResolvedAdapter) -> str:
 
 def load_adapters(model: AdaptedStageC, adapters: Sequence[AdapterSpec | ResolvedAdapter],
                   context: AdapterContext, *, workspace: str | Path = "workspace",
-                  tracking_uri: str | None = None) -> list[LoadedAdapter]:
-    """Load every adapter onto ``model`` (all or none: on an error the ones already added are removed)."""
+                  tracking_uri: str | None = None, force: bool = False) -> list[LoadedAdapter]:
+    """Load every adapter onto ``model`` (all or none: on an error the ones already added are removed).
+    ``force`` loads adapters trained on another base (see ``registry.check_base``)."""
     resolved = [a if isinstance(a, ResolvedAdapter) else resolve_adapter(a, workspace, tracking_uri)
                 for a in adapters]
     loaded: list[LoadedAdapter] = []
@@ -388,9 +390,10 @@ def load_adapters(model: AdaptedStageC, adapters: Sequence[AdapterSpec | Resolve
                         # PEFT warns on every LoRA after the first that the Stage C already has a
                         # peft_config; several named adapters on one model is exactly what we want.
                         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                        adapter = load_adapter(path, model, context, name=name, **options)
+                        adapter = load_adapter(path, model, context, name=name, force=force, **options)
                 except AdapterMismatchError as exc:
                     message = str(exc) if str(item.path) in str(exc) else f"{item.path}: {exc}"
+                    message = message.rstrip(". ")
                     raise AdapterMismatchError(
                         f"{message}. Use an adapter trained on this base ({context.preset}, Stage C width "
                         f"{context.width}), or load the base it was made for (--preset / --stage-c).") from None
@@ -505,7 +508,7 @@ class AdapterInputs:
 def generate_with_adapters(
     components: Any, settings: Any, specs: Sequence[AdapterSpec], *, workspace: str | Path = "workspace",
     tracking_uri: str | None = None, ip_image_encoder: str | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None, force: bool = False,
 ) -> tuple[list, list[ResolvedAdapter]]:
     """``pipeline.generate`` with adapters on Stage C; returns (images, resolved adapters).
 
@@ -522,17 +525,18 @@ def generate_with_adapters(
     with components.use("text_encoder", settings.torch_dtype) as text_encoder:
         text = encode_prompts(text_encoder, settings)
         del text_encoder
-    latents = _sample_adapted(components, settings, text, resolved, inputs, progress)
+    latents = _sample_adapted(components, settings, text, resolved, inputs, progress, force)
     components.release()  # Stage C and its adapters died with _sample_adapted's frame: return the memory
     return decode_latents(components, latents, settings, text, progress=progress), resolved
 
 
 def _sample_adapted(components: Any, settings: Any, text: Any, resolved: Sequence[ResolvedAdapter],
-                    inputs: AdapterInputs, progress: Callable[[str, int, int], None] | None) -> torch.Tensor:
+                    inputs: AdapterInputs, progress: Callable[[str, int, int], None] | None,
+                    force: bool = False) -> torch.Tensor:
     from cascade_studio.inference.pipeline import sample_stage_c
 
     stage_c = components.load("stage_c", settings.torch_dtype)
     model = AdaptedStageC(stage_c)
-    loaded = load_adapters(model, resolved, adapter_context(stage_c, components.spec))
+    loaded = load_adapters(model, resolved, adapter_context(stage_c, components.spec), force=force)
     extra_cond, extra_uncond = inputs.build(loaded, settings.total_images)
     return sample_stage_c(model, text, settings, extra_cond, extra_uncond, progress=progress)

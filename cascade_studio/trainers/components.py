@@ -61,7 +61,7 @@ class BaseModels:
         from ..models import get_preset
 
         name = self.preset_name
-        return get_preset("tiny" if name == "toy" else name)
+        return get_preset(name)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,21 +98,13 @@ class BaseModels:
         return self._get_stage("previewer", torch.float32)
 
     def fingerprint(self) -> str:
-        """A short id of the base Stage C weights (recorded in adapter files, checked on load)."""
-        source = self.model_cfg.stage_c or self.model_cfg.repo_id
-        if source is None:
-            from ..models.random_init import RANDOM_INIT_SEED
+        """The fingerprint of the base Stage C's weights (``models.identity``), recorded in adapter files and
+        checked when they load. Computed once, from the loaded weights, before anything modifies them."""
+        if "fingerprint" not in self._cache:
+            from ..models.identity import weights_identity
 
-            return f"{self.preset_name}-random-seed{RANDOM_INIT_SEED}"
-        from pathlib import Path
-
-        from ..models.loading import weights_fingerprint
-
-        if Path(str(source)).exists():
-            return weights_fingerprint(source)
-        # A repo id: hash the resolved file once it is loaded (the loader records where it came from).
-        resolved = getattr(self._cache.get("stage_c"), "source_path", None)
-        return weights_fingerprint(resolved) if resolved and Path(str(resolved)).is_file() else str(source)
+            self._cache["fingerprint"] = weights_identity(self.stage_c())
+        return self._cache["fingerprint"]
 
     def free(self, *names: str) -> None:
         """Drop components (encoders after caching) and return their memory."""

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 from ..adapters import catalog
 from ..config import load_recipe, parse_override
+from ..models.presets import PRESETS
 from .paths import PathNotAllowed, safe_filename
 from .workspace import Workspace
 
@@ -158,7 +159,7 @@ class CompareRequest:
             found.append("seeds are whole numbers >= 0")
         if self.steps is not None and not 1 <= self.steps <= 200:
             found.append("Stage C steps must be between 1 and 200 (20 is the published setting)")
-        if self.preset not in ("tiny", "toy", "lite", "big"):
+        if self.preset not in PRESETS:
             found.append(f"unknown preset {self.preset!r}")
         if self.decoder not in ("previewer", "cascade"):
             found.append(f"unknown decoder {self.decoder!r}")

@@ -7,10 +7,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ..base import AdaptedStageC, AdapterMismatchError
+from ..base import AdaptedStageC, AdapterMismatchError, stage_c_width
 from ..files import load_adapter_tensors, read_safetensors_header, save_adapter_tensors
 from .adapter import (BOTTLENECKS, CONTROL_CHANNELS, ControlNetAdapter, ControlNetSpec, as_blocks, check_fits,
-                      preset_for_width, stage_c_width)
+                      preset_for_width)
 from .config import METHOD, ControlNetConfig
 from .formats import FileLayout, control_from, read_layout, sniff_layout
 from .hints import (CannyHint, HintError, ImageHint, InpaintingHint, SuperResolutionHint, build_hint_encoder,
