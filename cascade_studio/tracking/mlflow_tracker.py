@@ -250,6 +250,9 @@ class Tracker:
         self._warned_changed: set[str] = set()
         self._ended = False
         self._pending_count = 0
+        # metric -> steps this run already has (set when resuming): the steps between the last checkpoint and
+        # the interruption run again, and MLflow's history should hold each step once.
+        self._logged_steps: dict[str, set[int]] = {}
 
     # --------------------------------------------------------------------------------------------- start
     @classmethod
@@ -282,6 +285,7 @@ class Tracker:
                     # Send what an earlier process buffered (including its end status) before marking RUNNING again.
                     tracker._flush(force=True)
                     client.update_run(tracker.run_id, status="RUNNING")
+                    tracker._logged_steps = tracker._metric_steps()
                     if tags:
                         tracker.set_tags(tags)
                 else:
@@ -322,6 +326,9 @@ class Tracker:
             except (TypeError, ValueError):
                 logger.warning("Metric %r has a non-numeric value %r; not logged.", key, value)
         values = _drop_bad_keys(values, "Metric")
+        # A resumed run repeats the steps after its last checkpoint exactly (same batches, same seeds): the
+        # points the interrupted process logged for them stay, and are not logged a second time.
+        values = {key: value for key, value in values.items() if int(step) not in self._logged_steps.get(key, ())}
         if values:
             self._record({"kind": "metrics", "step": int(step), "timestamp": _now_ms(), "values": values})
 
@@ -488,6 +495,17 @@ class Tracker:
             self.client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
         else:
             logger.warning("Unknown tracking record kind %r in %s; skipped.", kind, self.buffer_path)
+
+    def _metric_steps(self) -> dict[str, set[int]]:
+        """The steps at which this run has each metric, in the store or still waiting in the buffer file."""
+        steps: dict[str, set[int]] = {}
+        for key in self.client.get_run(self.run_id).data.metrics:
+            steps[key] = {int(m.step) for m in self.client.get_metric_history(self.run_id, key)}
+        for record in self._read_buffer():
+            if record.get("kind") == "metrics" and record.get("run_id") == self.run_id:
+                for key in record.get("values", {}):
+                    steps.setdefault(key, set()).add(int(record["step"]))
+        return steps
 
     def _existing_params(self, run_id: str) -> dict[str, str]:
         if run_id not in self._params_by_run:
