@@ -169,7 +169,7 @@ def test_file_size_limit_while_creating_the_database_leaves_nothing_half_made(tm
     database = tmp_path / "mlflow.db"
     assert message.startswith(f"error: Could not create the MLflow database {database}: the file-size limit of this "
                               "process was reached"), message
-    assert f"on the filesystem mounted at " in message and "Nothing half-made was left behind" in message
+    assert "on the filesystem mounted at " in message and "Nothing half-made was left behind" in message
     assert not database.exists() and not list(tmp_path.glob(".mlflow.db*"))
     assert not (tmp_path / "cache").exists()
     tracker = start(tmp_path, "next")  # the next run in the same workspace creates it whole
