@@ -196,7 +196,7 @@ def test_a_really_full_filesystem_is_named_by_its_mount_point(tmp_path):
     message = error_line(train_cli(small, "full", prefix=prefix))
     assert message.startswith(f"error: Could not create the MLflow database {small / 'mlflow.db'}: the disk "
                               "holding it is full"), message
-    assert f"free on the filesystem mounted at {small})" in message  # that disk, not the current directory's
+    assert f"free on the filesystem mounted at {small} once" in message  # that disk, not the current directory's
     assert f"Free space on the filesystem holding {small}" in message
 
 

@@ -268,6 +268,8 @@ def store_error_message(exc: BaseException, path: Path, action: str = "open") ->
                 f"you may write there, or set tracking.uri (or $MLFLOW_TRACKING_URI) to another {SQLITE_PREFIX}... "
                 f"path.")
     space = describe_free_space(path.parent)
+    if action == "create":  # measured after the unfinished file was removed, so it may look roomy
+        space += " once the unfinished file was removed"
     limit = file_size_limit()
     free = free_space(path.parent)
     if limit is not None and (kind == "io" or (free is not None and free > _LOW_SPACE_BYTES)):
