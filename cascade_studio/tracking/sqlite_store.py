@@ -178,7 +178,8 @@ def prepare_sqlite_store(path: Path, artifact_root: Optional[str], create: bool 
     if _is_complete(state, head):
         return True
     if state.runs:
-        # Runs are in it: never rebuilt. MLflow may complete the tables itself; if not, its error is explained.
+        # Runs are in it: never rebuilt. MLflow completes missing tables itself, and for an older schema its own
+        # error says what to do (`mlflow db upgrade`).
         return True
     aside = path.with_name(f"{path.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
     logger.warning(
