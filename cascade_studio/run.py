@@ -376,6 +376,8 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
             print(f"[cascade-studio] skipped {item.path}: {item.reason}", flush=True)
         if len(scan.skipped) > 20:
             print(f"[cascade-studio] ... and {len(scan.skipped) - 20} more skipped files", flush=True)
+        if scan.missing_caption_warning():
+            print(f"[cascade-studio] warning: {scan.missing_caption_warning()}", flush=True)
     records = list(scan.records)
     if recipe.data.max_images:
         records = records[: recipe.data.max_images]
@@ -508,7 +510,7 @@ def _user_message(exc: BaseException) -> str | None:
     from .trainers.atomic import as_disk_full
 
     # Disk full outside a checkpoint (cache shards, exports): raw OSErrors and safetensors' "(os error 28)".
-    where = getattr(exc, "filename", None) or "a file in the workspace"
+    where = getattr(exc, "filename", None)  # None: the message then guesses no filesystem
     full = as_disk_full(exc, where, kept="Completed checkpoints are intact.")
     return full.strerror if full is not None else None
 
