@@ -181,6 +181,7 @@ def cache_worker() -> dict:
     if os.environ.get("CASCADE_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
 
+    from cascade_studio.config.schema import DataConfig
     from cascade_studio.data import build_cache, scan_source
     from cascade_studio.data.images import resize_and_crop, to_tensor01
     from cascade_studio.config.schema import ModelConfig
@@ -188,7 +189,7 @@ def cache_worker() -> dict:
     from cascade_studio.trainers.features import base_feature_encoders
     from cascade_studio.trainers.loop import collate
 
-    records = list(scan_source({"source": "folder", "path": "datasets/tiny-shapes"}).records)
+    records = list(scan_source(DataConfig(source="folder", path="datasets/tiny-shapes")).records)
     models = BaseModels(ModelConfig(preset="tiny", dtype="fp32"))
     encoders = base_feature_encoders(models)
     batch_size, size = 4, (256, 256)

@@ -8,7 +8,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -101,11 +100,10 @@ def cmd_validate(args) -> int:
           f"{recipe.train.max_steps} steps)")
     if not args.data:
         return 0
+    from .adapters import catalog
     from .data import DataSourceError, scan_source  # imports torch: only when asked
 
-    control_column = None  # as run.py scans: pre-made control images only for a ControlNet that uses them
-    if recipe.adapter.method == "controlnet" and recipe.adapter.controlnet.control == "image":
-        control_column = recipe.adapter.controlnet.control_column
+    control_column = catalog.control_column(recipe)  # as the run scans: pre-made control images if any
     where = str(recipe.data.path or recipe.data.name)
     try:
         scan = scan_source(recipe.data, control_column=control_column)

@@ -14,7 +14,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .adapters import catalog
 
@@ -370,7 +370,7 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
     from .data import build_cache, scan_source
     from .trainers.features import base_feature_encoders
 
-    scan = scan_source(recipe.data, control_column=catalog.recipe_method(recipe).control_column(method_cfg))
+    scan = scan_source(recipe.data, control_column=catalog.control_column(recipe))
     if accelerator.is_main_process:
         for item in scan.skipped[:20]:
             print(f"[cascade-studio] skipped {item.path}: {item.reason}", flush=True)

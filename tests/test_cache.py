@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import cascade_studio.data.cache as cache_module
+from cascade_studio.config.schema import DataConfig
 from cascade_studio.data import (
     BucketBatchSampler,
     CacheError,
@@ -102,7 +103,7 @@ def snapshot(cache_dir: Path) -> dict[str, bytes]:
 
 
 def test_second_build_calls_no_encoder_and_values_are_right(tmp_path: Path) -> None:
-    records = scan_source({"path": str(make_folder(tmp_path / "data"))}).records
+    records = scan_source(DataConfig(path=str(make_folder(tmp_path / "data")))).records
     image, text = ToyImageEncoder(), ToyTextEncoder()
     cache_dir = tmp_path / "cache"
     assert cache_status(records, [image.identity, text.identity], cache_dir, PRE) == (0, 5)
@@ -133,12 +134,12 @@ def test_second_build_calls_no_encoder_and_values_are_right(tmp_path: Path) -> N
 
 
 def test_what_misses_the_cache(tmp_path: Path) -> None:
-    records = scan_source({"path": str(make_folder(tmp_path / "data"))}).records
+    records = scan_source(DataConfig(path=str(make_folder(tmp_path / "data")))).records
     cache_dir = tmp_path / "cache"
     build_cache(records, [ToyImageEncoder(), ToyTextEncoder()], cache_dir, PRE, progress=False)
 
     (tmp_path / "data" / "01.txt").write_text("a new caption")  # one caption edited
-    edited = scan_source({"path": str(tmp_path / "data")}).records
+    edited = scan_source(DataConfig(path=str(tmp_path / "data"))).records
     assert cache_status(edited, ["toy-image-v1", "toy-text-v1"], cache_dir, PRE) == (4, 5)
     image, text = ToyImageEncoder(), ToyTextEncoder()
     build_cache(edited, [image, text], cache_dir, PRE, progress=False)
@@ -158,7 +159,7 @@ def test_duplicates_encoded_once_and_buckets_batched_by_size(tmp_path: Path) -> 
     folder = make_folder(tmp_path / "data", sizes=sizes)
     (folder / "03.png").write_bytes((folder / "00.png").read_bytes())  # 03 becomes identical to 00:
     (folder / "03.txt").write_text("caption 0")  # same bytes, same caption, so one cache entry
-    records = scan_source({"path": str(folder)}).records
+    records = scan_source(DataConfig(path=str(folder))).records
     image = ToyImageEncoder()
     pre = {"resolution": 96, "crop": "center", "buckets": True}
     cached = build_cache(records, [image], tmp_path / "cache", pre, batch_size=8, progress=False)
@@ -174,17 +175,17 @@ def test_duplicates_encoded_once_and_buckets_batched_by_size(tmp_path: Path) -> 
 
 def test_control_encoder_and_missing_control(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "data")
-    records = scan_source({"path": str(folder)}, control_column="_control").records
+    records = scan_source(DataConfig(path=str(folder)), control_column="_control").records
     cached = build_cache(records, [ToyControlEncoder()], tmp_path / "cache", PRE, progress=False)
     assert torch.allclose(cached[2]["hint"], torch.full((1, 64, 64), 80 / 255))
     (folder / "04_control.png").unlink()
-    partial = scan_source({"path": str(folder)}, control_column="_control").records
+    partial = scan_source(DataConfig(path=str(folder)), control_column="_control").records
     with pytest.raises(CacheError, match="no control image"):
         build_cache(partial, [ToyControlEncoder()], tmp_path / "cache2", PRE, progress=False)
 
 
 def test_contract_violations_are_reported(tmp_path: Path) -> None:
-    records = scan_source({"path": str(make_folder(tmp_path / "data", count=2))}).records
+    records = scan_source(DataConfig(path=str(make_folder(tmp_path / "data", count=2)))).records
     with pytest.raises(CacheError, match="random crops"):
         build_cache(records, [ToyImageEncoder()], tmp_path / "c", {"resolution": 64, "crop": "random"})
 
@@ -207,7 +208,7 @@ def test_contract_violations_are_reported(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "garbled_index"])
 def test_corrupt_shard_is_detected_and_reencoded(tmp_path: Path, damage: str) -> None:
-    records = scan_source({"path": str(make_folder(tmp_path / "data"))}).records
+    records = scan_source(DataConfig(path=str(make_folder(tmp_path / "data")))).records
     cache_dir = tmp_path / "cache"
     built = build_cache(records, [ToyImageEncoder()], cache_dir, PRE, batch_size=2, progress=False, shard_size=2)
     victim_index = shard_indexes(cache_dir)[1]
@@ -248,7 +249,7 @@ def test_corrupt_shard_is_detected_and_reencoded(tmp_path: Path, damage: str) ->
 def test_interrupted_write_leaves_previous_shards_intact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_point: str
 ) -> None:
-    records = scan_source({"path": str(make_folder(tmp_path / "data"))}).records
+    records = scan_source(DataConfig(path=str(make_folder(tmp_path / "data")))).records
     cache_dir = tmp_path / "cache"
     build_cache(records[:2], [ToyImageEncoder()], cache_dir, PRE, progress=False, shard_size=2)
     before = snapshot(cache_dir)
@@ -288,7 +289,7 @@ def test_interrupted_write_leaves_previous_shards_intact(
 
 
 def _build_in_process(folder: str, cache_dir: str, result_file: str, barrier) -> None:
-    records = scan_source({"path": folder}).records
+    records = scan_source(DataConfig(path=folder)).records
     image, text = ToyImageEncoder(sleep=0.05), ToyTextEncoder(sleep=0.05)
     barrier.wait()  # both processes reach build_cache at the same moment
     build_cache(records, [image, text], cache_dir, PRE, batch_size=2, progress=False, shard_size=3)
@@ -317,7 +318,7 @@ def test_two_processes_building_the_same_cache(tmp_path: Path) -> None:
     assert sum(c["image"] for c in counts) == 6 and sum(c["text"] for c in counts) == 6 + 1
     assert sorted(c["image"] for c in counts) == [0, 6]
 
-    records = scan_source({"path": str(folder)}).records
+    records = scan_source(DataConfig(path=str(folder))).records
     image, text = ToyImageEncoder(), ToyTextEncoder()
     cached = build_cache(records, [image, text], cache_dir, PRE, progress=False)  # verifies every checksum
     assert image.calls == text.calls == 0

@@ -12,7 +12,6 @@ import struct
 import tarfile
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # imagefolder pings the hub otherwise (STACK.md)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cascade_studio.config.schema import DataConfig
 from cascade_studio.data import (
     BucketBatchSampler,
     DataSourceError,
@@ -109,7 +109,7 @@ def messy_folder(tmp_path: Path) -> Path:
 
 
 def test_bad_files_are_skipped_with_path_and_reason(messy_folder: Path) -> None:
-    result = scan_source({"source": "folder", "path": str(messy_folder)})
+    result = scan_source(DataConfig(source="folder", path=str(messy_folder)))
     reasons = {Path(s.path).name: s.reason for s in result.skipped}
     assert set(reasons) == {"trunc_png.png", "trunc_jpg.jpg", "zero.png", "text.png", "bomb.png", "tiny.png"}
     assert "truncated" in reasons["trunc_png.png"] and "truncated" in reasons["trunc_jpg.jpg"]
@@ -125,7 +125,7 @@ def test_bad_files_are_skipped_with_path_and_reason(messy_folder: Path) -> None:
 
 
 def test_modes_are_converted_to_rgb_as_designed(messy_folder: Path) -> None:
-    records = {r.key: r for r in scan_source({"path": str(messy_folder)}).records}
+    records = {r.key: r for r in scan_source(DataConfig(path=str(messy_folder))).records}
     images = {key: record.load_image() for key, record in records.items()}
     assert all(image.mode == "RGB" for image in images.values())
     cmyk = images["cmyk.jpg"].getpixel((20, 20))
@@ -156,21 +156,21 @@ def test_empty_valid_set_raises_with_counts_and_reasons(tmp_path: Path) -> None:
     (tmp_path / "b.png").write_bytes(b"")
     (tmp_path / "c.jpg").write_text("hello")
     with pytest.raises(EmptyDatasetError) as info:
-        scan_source({"path": str(tmp_path)})
+        scan_source(DataConfig(path=str(tmp_path)))
     message = str(info.value)
     assert "3 file(s) were skipped" in message
     assert "2 x empty file" in message and "1 x not an image" in message
     empty = tmp_path / "nothing"
     empty.mkdir()
     with pytest.raises(EmptyDatasetError, match="No images found"):
-        scan_source({"path": str(empty)})
+        scan_source(DataConfig(path=str(empty)))
 
 
 def test_config_errors_say_what_to_write(tmp_path: Path) -> None:
     with pytest.raises(DataSourceError, match="one of: folder, hf_disk, hf_hub, webdataset"):
-        scan_source({"source": "ftp", "path": str(tmp_path)})
+        scan_source(DataConfig(source="ftp", path=str(tmp_path)))
     with pytest.raises(DataSourceError, match="not a folder"):
-        scan_source({"path": str(tmp_path / "missing")})
+        scan_source(DataConfig(path=str(tmp_path / "missing")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,14 +186,14 @@ def test_folder_with_sidecars_controls_and_subfolders(tmp_path: Path) -> None:
     save(tmp_path / "lonely_control.png", solid(BLUE))  # no "lonely" image: an ordinary training image
     save(tmp_path / ".hidden" / "c.png", solid())
 
-    plain = scan_source({"path": str(tmp_path)})
+    plain = scan_source(DataConfig(path=str(tmp_path)))
     assert [r.key for r in plain.records] == ["a.png", "lonely_control.png", "sub/b.jpg"]
     assert [r.caption for r in plain.records] == ["red one", "", "blue one"]
     assert plain.missing_captions == 1 and not any(r.has_control for r in plain.records)
     # content hash of a control-less record is the sha256 of the file's bytes
     assert plain.records[0].content_hash == hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
 
-    with_controls = scan_source({"path": str(tmp_path)}, control_column="_control")
+    with_controls = scan_source(DataConfig(path=str(tmp_path)), control_column="_control")
     first = with_controls.records[0]
     assert first.control_path == str(tmp_path / "a_control.png")
     assert first.load_control().getpixel((0, 0)) == (255, 255, 255)
@@ -204,8 +204,7 @@ def test_folder_with_sidecars_controls_and_subfolders(tmp_path: Path) -> None:
 def test_max_images_and_records_survive_pickling(tmp_path: Path) -> None:
     for i in range(5):
         save(tmp_path / f"{i}.png", solid((i * 40, 0, 0)))
-    config = SimpleNamespace(source="folder", path=str(tmp_path), name=None, split=None, image_column=None,
-                             caption_column=None, max_images=3, max_pixels=None)  # attributes, like the recipe
+    config = DataConfig(source="folder", path=str(tmp_path), max_images=3)  # the recipe's section
     records = scan_source(config).records
     assert [r.key for r in records] == ["0.png", "1.png", "2.png"]
     clone = pickle.loads(pickle.dumps(records[2]))  # DataLoader workers and subprocesses receive records
@@ -225,7 +224,7 @@ def test_metadata_jsonl_matches_imagefolder(tmp_path: Path) -> None:
     _metadata_folder(tmp_path)
     rows = [{"file_name": "a.png", "text": "red"}, {"file_name": "imgs/b.png", "text": "blue"}]
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = scan_source({"path": str(tmp_path)}, control_column="_control")
+    result = scan_source(DataConfig(path=str(tmp_path)), control_column="_control")
     assert [(r.key, r.caption) for r in result.records] == [("a.png", "red"), ("imgs/b.png", "blue")]
     assert result.records[0].load_control().getpixel((1, 1)) == (200, 200, 200)
     assert result.missing_controls == ["imgs/b.png"]
@@ -241,20 +240,20 @@ def test_metadata_jsonl_matches_imagefolder(tmp_path: Path) -> None:
 def test_metadata_csv_blank_caption_and_missing_file(tmp_path: Path) -> None:
     _metadata_folder(tmp_path)
     (tmp_path / "metadata.csv").write_text("file_name,caption\na.png,red\nimgs/b.png,\ngone.png,x\n")
-    result = scan_source({"path": str(tmp_path)})
+    result = scan_source(DataConfig(path=str(tmp_path)))
     assert [(r.key, r.caption) for r in result.records] == [("a.png", "red"), ("imgs/b.png", "")]
     assert result.missing_captions == 1
     reasons = {Path(s.path).name: s.reason for s in result.skipped}
     assert "not found" in reasons["gone.png"] and "not listed" in reasons["stray.png"]
     with pytest.raises(DataSourceError, match="caption_column"):
-        scan_source({"path": str(tmp_path), "caption_column": "prompt_text"})
+        scan_source(DataConfig(path=str(tmp_path), caption_column="prompt_text"))
 
 
 def test_metadata_control_column_holds_paths(tmp_path: Path) -> None:
     save(tmp_path / "a.png", solid(RED))
     save(tmp_path / "edges" / "a.png", Image.new("L", (48, 40), 255))
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "r", "hint": "edges/a.png"}))
-    result = scan_source({"path": str(tmp_path)}, control_column="hint")
+    result = scan_source(DataConfig(path=str(tmp_path)), control_column="hint")
     assert len(result.records) == 1 and result.skipped == []  # the control file is not reported as unlisted
     assert result.records[0].control_path.endswith("edges/a.png")
 
@@ -280,7 +279,7 @@ def test_saved_hf_dataset_with_control_column(tmp_path: Path) -> None:
     import datasets
 
     _hf_dataset().save_to_disk(str(tmp_path / "single"))
-    result = scan_source({"source": "hf_disk", "path": str(tmp_path / "single")}, control_column="edges")
+    result = scan_source(DataConfig(source="hf_disk", path=str(tmp_path / "single")), control_column="edges")
     assert [(r.key, r.caption) for r in result.records] == [("00000000", "red"), ("00000001", "blue")]
     assert result.records[1].load_image().getpixel((0, 0)) == BLUE
     assert result.records[0].load_control().getpixel((0, 0)) == (255, 255, 255)
@@ -289,11 +288,11 @@ def test_saved_hf_dataset_with_control_column(tmp_path: Path) -> None:
     assert pickle.loads(pickle.dumps(result.records[0])).load_image().getpixel((0, 0)) == RED
 
     datasets.DatasetDict({"validation": _hf_dataset()}).save_to_disk(str(tmp_path / "dict"))
-    assert len(scan_source({"source": "hf_disk", "path": str(tmp_path / "dict"), "split": "validation"}).records) == 2
+    assert len(scan_source(DataConfig(source="hf_disk", path=str(tmp_path / "dict"), split="validation")).records) == 2
     with pytest.raises(DataSourceError, match="set data.split"):
-        scan_source({"source": "hf_disk", "path": str(tmp_path / "dict")})
+        scan_source(DataConfig(source="hf_disk", path=str(tmp_path / "dict")))
     with pytest.raises(DataSourceError, match="set data.image_column"):
-        scan_source({"source": "hf_disk", "path": str(tmp_path / "single"), "image_column": "picture"})
+        scan_source(DataConfig(source="hf_disk", path=str(tmp_path / "single"), image_column="picture"))
 
 
 def test_hub_dataset_arguments_are_passed_through(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -306,7 +305,7 @@ def test_hub_dataset_arguments_are_passed_through(monkeypatch: pytest.MonkeyPatc
         return _hf_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    config = {"source": "hf_hub", "name": "someone/shapes", "split": "validation", "caption_column": "text"}
+    config = DataConfig(source="hf_hub", name="someone/shapes", split="validation", caption_column="text")
     result = scan_source(config)
     assert calls == [("someone/shapes", "validation", {})]
     assert [r.caption for r in result.records] == ["red", "blue"]
@@ -344,20 +343,20 @@ def test_webdataset_shards_with_both_control_spellings(tmp_path: Path) -> None:
         _add(archive, "004.txt", "ünïcode".encode())
 
     pattern = str(tmp_path / "shard-{000..001}.tar")
-    plain = scan_source({"source": "webdataset", "path": pattern})
+    plain = scan_source(DataConfig(source="webdataset", path=pattern))
     assert [(r.key, r.caption) for r in plain.records] == [("s/000", "red sample"), ("s/001", ""), ("004", "ünïcode")]
     assert plain.records[1].load_image().getpixel((0, 0)) == BLUE
     reasons = {s.path.split("::")[1]: s.reason for s in plain.skipped}
     assert set(reasons) == {"s/002", "s/003.webp"} and "no .jpg/.png/.webp" in reasons["s/002"]
 
-    dotted = scan_source({"source": "webdataset", "path": str(tmp_path / "*.tar")}, control_column="control")
+    dotted = scan_source(DataConfig(source="webdataset", path=str(tmp_path / "*.tar")), control_column="control")
     assert [r.has_control for r in dotted.records] == [True, False, False]
-    suffixed = scan_source({"source": "webdataset", "path": str(tmp_path)}, control_column="_control")
+    suffixed = scan_source(DataConfig(source="webdataset", path=str(tmp_path)), control_column="_control")
     assert [r.has_control for r in suffixed.records] == [False, True, False]
     assert suffixed.records[1].load_control().getpixel((0, 0)) == (255, 255, 255)
     assert suffixed.missing_controls == ["s/000", "004"]
     with pytest.raises(DataSourceError, match="no .tar shards"):
-        scan_source({"source": "webdataset", "path": str(tmp_path / "nope-*.tar")})
+        scan_source(DataConfig(source="webdataset", path=str(tmp_path / "nope-*.tar")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,7 +463,7 @@ def _generator_module():
 
 
 def test_tiny_shapes_is_complete_and_small() -> None:
-    result = scan_source({"path": str(TINY_SHAPES)}, control_column="_control")
+    result = scan_source(DataConfig(path=str(TINY_SHAPES)), control_column="_control")
     assert len(result.records) == 24 and not result.skipped and not result.missing_controls
     for record in result.records:
         size, colour, shape = Path(record.key).stem.split("_")[1:]
@@ -473,7 +472,7 @@ def test_tiny_shapes_is_complete_and_small() -> None:
         assert Image.open(record.control_path).mode == "L"
     assert len({r.caption for r in result.records}) == 24
     # without control_column the edge maps are still never training images
-    assert len(scan_source({"path": str(TINY_SHAPES)}).records) == 24
+    assert len(scan_source(DataConfig(path=str(TINY_SHAPES))).records) == 24
     assert sum(f.stat().st_size for f in TINY_SHAPES.iterdir()) < 300 * 1024
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cascade_studio.config.schema import DataConfig
 from cascade_studio.adapters.controlnet.hints import (CannyHint, HintError, ImageHint, InpaintingHint,
                                                       SuperResolutionHint, build_hint_encoder, make_mask)
 
@@ -192,7 +193,7 @@ def test_hints_work_as_cache_encoders(tmp_path):
         Image.fromarray(np.roll(photo, 20 * i, axis=1)).save(folder / f"p{i}.png")
         (folder / f"p{i}.txt").write_text(f"shapes {i}")
         Image.fromarray(np.roll(photo, 20 * i, axis=1)[..., 0]).save(folder / f"p{i}_control.png")
-    records = scan_source({"source": "folder", "path": str(folder)}, control_column="_control").records
+    records = scan_source(DataConfig(source="folder", path=str(folder)), control_column="_control").records
     pre = {"resolution": 64, "crop": "center"}
     canny = build_cache(records, [CannyHint()], tmp_path / "c1", pre, progress=False)
     assert canny[0]["control"].shape == (1, 64, 64) and set(canny[0]["control"].unique().tolist()) <= {0.0, 1.0}

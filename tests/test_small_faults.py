@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cascade_studio.config.schema import DataConfig
 from cascade_studio.data import EmptyDatasetError, scan_source
 from cascade_studio.run import main as run_main
 from cascade_studio.run import train
@@ -176,7 +177,7 @@ def bad_folder(root: Path) -> dict[str, Path]:
 def test_the_all_bad_folder_summary_keeps_every_reason_and_the_configured_limit(tmp_path):
     files = bad_folder(tmp_path / "bad")
     with pytest.raises(EmptyDatasetError) as caught:
-        scan_source({"source": "folder", "path": str(tmp_path / "bad"), "max_pixels": 10000})
+        scan_source(DataConfig(source="folder", path=str(tmp_path / "bad"), max_pixels=10000))
     message = str(caught.value)
     assert f"all {len(files)} file(s) were skipped" in message
     for marker in ("empty file", "not an image", "under 32 px", "truncated", "caption file latin1.txt unreadable",

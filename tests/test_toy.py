@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cascade_studio.config.schema import DataConfig
 from cascade_studio.adapters.ip_adapter.config import IPAdapterConfig
 from cascade_studio.demo import (held_out_share, load_trained, purple_prompts, sample_previews, toy_shapes,
                                  train_toy_recipe)
@@ -42,7 +43,7 @@ def test_written_split_is_a_folder_the_data_module_reads(tmp_path):
     from cascade_studio.data import scan_source
 
     folder = SHAPES.ensure_split("purple", tmp_path, limit=6)
-    scan = scan_source({"source": "folder", "path": str(folder)}, control_column="_control")
+    scan = scan_source(DataConfig(source="folder", path=str(folder)), control_column="_control")
     assert len(scan.records) == 6 and not scan.skipped
     assert all("purple" in r.caption and r.has_control for r in scan.records)
     assert SHAPES.ensure_split("purple", tmp_path, limit=6) == folder  # second call reuses the folder

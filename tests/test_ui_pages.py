@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from cascade_studio.config.schema import DataConfig
 from cascade_studio.config import load_recipe
 from cascade_studio.ui import jobs as jobs_module
 from cascade_studio.ui.commands import CLI, Column, CompareRequest, compare_argv
@@ -181,7 +182,7 @@ def test_data_page_shows_cache_status_once_a_run_recorded_its_encoders(ws: Works
         def encode(self, batch):
             return {"fake": torch.zeros(len(batch), 2)}
 
-    records = scan_source({"source": "folder", "path": str(dataset)}).records
+    records = scan_source(DataConfig(source="folder", path=str(dataset))).records
     preprocessing = {"resolution": 256, "crop": "center"}
     build_cache(records[:2], [CaptionEncoder()], ws.root / "cache", preprocessing, progress=False)
     run_dir = ws.runs_dir / "earlier"

@@ -22,7 +22,8 @@ from types import ModuleType
 from typing import Any, Callable, Optional
 
 __all__ = ["BUILTIN_METHODS", "PLUGIN_ENV", "ENTRY_POINT_GROUP", "ExportFormat", "CommandLine", "Method", "register", "methods",
-           "names", "get", "by_alias", "all_formats", "recipe_method", "export_formats", "format_help"]
+           "names", "get", "by_alias", "all_formats", "recipe_method", "method_section", "control_column",
+           "export_formats", "format_help"]
 
 # The catalog's import list: the built-in methods' folders (each has a config.py that registers its record).
 BUILTIN_METHODS = ("lora", "controlnet", "ip_adapter")
@@ -218,6 +219,11 @@ def recipe_method(recipe: Any) -> Method:
 def method_section(recipe: Any) -> Any:
     """The recipe's section of its own method (``recipe.adapter.<method>``)."""
     return getattr(recipe.adapter, recipe.adapter.method)
+
+
+def control_column(recipe: Any) -> Optional[str]:
+    """The dataset column / sidecar suffix of pre-made control images the recipe's method reads (None: none)."""
+    return recipe_method(recipe).control_column(method_section(recipe))
 
 
 def export_formats(recipe: Any) -> tuple[str, ...]:

@@ -113,7 +113,8 @@ class DataConfig:
     name: Optional[str] = setting(None, "Hub dataset name (source hf_hub).", example="user/my-dataset")
     split: str = setting("train", "Dataset split to read (hf_disk, hf_hub).", example="train")
     image_column: str = setting("image", "Column (or webdataset extension) holding the image.", example="image")
-    caption_column: str = setting("text", "Column (or webdataset extension) holding the caption.", example="text")
+    caption_column: Optional[str] = setting(None, "Column (or webdataset extension) holding the caption; null = the "
+                                            "first of text, caption, prompt that the data has.", example="text")
     resolution: int = setting(768, "Training side length in pixels; a multiple of 32 (Stage C latents are 1/32 "
                               "of the image through the effnet compressor).", minimum=32, multiple_of=32,
                               example=768)

@@ -194,30 +194,26 @@ class _Candidate:
 # Entry point
 
 
-def _cfg(data_cfg: Any, name: str, default: Any = None) -> Any:
-    value = data_cfg.get(name) if isinstance(data_cfg, Mapping) else getattr(data_cfg, name, None)
-    return default if value is None else value
-
-
 def scan_source(data_cfg: Any, control_column: str | None = None) -> ScanResult:
     """Read every sample of the configured source, validating each image once.
 
-    `data_cfg` has (as attributes or dict keys) `source` (folder | hf_disk | hf_hub | webdataset), `path`, `name`,
-    `split`, `image_column`, `caption_column`, `max_images`, `max_pixels`. `control_column` asks for pre-made
-    control images (sidecar suffix, dataset column, or webdataset extension; see the module docstring).
+    `data_cfg` is the recipe's `data` section (`DataConfig`): `source` (folder | hf_disk | hf_hub | webdataset),
+    `path`, `name`, `split`, `image_column`, `caption_column`, `max_images`, `max_pixels`. `control_column` asks
+    for pre-made control images (sidecar suffix, dataset column, or webdataset extension; see the module
+    docstring).
     Raises `DataSourceError` for an unreadable config and `EmptyDatasetError` when nothing usable is left.
     """
-    source = _cfg(data_cfg, "source", "folder")
-    max_pixels = int(_cfg(data_cfg, "max_pixels", DEFAULT_MAX_PIXELS))
-    max_images = int(_cfg(data_cfg, "max_images", 0))
-    caption_column = _cfg(data_cfg, "caption_column")
+    source = data_cfg.source
+    max_pixels = data_cfg.max_pixels
+    max_images = data_cfg.max_images or 0
+    caption_column = data_cfg.caption_column
     if source == "folder":
         root = Path(_require(data_cfg, "path", source))
         where = str(root)
         items = _folder_candidates(root, caption_column, control_column)
     elif source in ("hf_disk", "hf_hub"):
         dataset, where = _load_hf(data_cfg, source)
-        image_column = _cfg(data_cfg, "image_column", "image")
+        image_column = data_cfg.image_column
         items = _dataset_candidates(dataset, where, image_column, caption_column, control_column)
     elif source == "webdataset":
         pattern = str(_require(data_cfg, "path", source))
@@ -249,7 +245,7 @@ def scan_source(data_cfg: Any, control_column: str | None = None) -> ScanResult:
 
 
 def _require(data_cfg: Any, name: str, source: str) -> Any:
-    value = _cfg(data_cfg, name)
+    value = getattr(data_cfg, name)
     if not value:
         raise DataSourceError(f"data.{name} is required for data.source {source!r}")
     return value
@@ -502,7 +498,7 @@ def _metadata_candidates(
 def _load_hf(data_cfg: Any, source: str) -> tuple[Any, str]:
     import datasets  # heavy, and only needed for these two sources
 
-    split = _cfg(data_cfg, "split", "train")
+    split = data_cfg.split
     if source == "hf_disk":
         path = str(_require(data_cfg, "path", source))
         try:
@@ -516,7 +512,7 @@ def _load_hf(data_cfg: Any, source: str) -> tuple[Any, str]:
                 raise DataSourceError(f"{path} has splits {list(loaded)}, not {split!r}; set data.split")
             loaded = loaded[split]
         return loaded, where
-    name = _cfg(data_cfg, "name") or _require(data_cfg, "path", source)
+    name = data_cfg.name or _require(data_cfg, "path", source)
     try:
         loaded = datasets.load_dataset(str(name), split=split)
     except Exception as exc:  # hub/network/builder errors come in many types; all mean "could not load"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config.schema import DataConfig
 from ..trainers.events import read_events
 from .workspace import Workspace
 
@@ -36,7 +37,7 @@ def scan_folder(folder: Path) -> ScanView:
     from ..data import DataSourceError, EmptyDatasetError, scan_source  # imports torch: only when scanning
 
     try:
-        result = scan_source({"source": "folder", "path": str(folder)})
+        result = scan_source(DataConfig(source="folder", path=str(folder)))
     except EmptyDatasetError as exc:
         return ScanView((), (), 0, error=str(exc))
     except DataSourceError as exc:
@@ -89,5 +90,5 @@ def cached_count(folder: Path, context: CacheContext) -> tuple[int, int]:
     """(images already cached, images) of ``folder`` for one run's encoders (reads the shard indexes only)."""
     from ..data import cache_status, scan_source  # imports torch: only when asked
 
-    records = scan_source({"source": "folder", "path": str(folder)}).records
+    records = scan_source(DataConfig(source="folder", path=str(folder))).records
     return cache_status(records, list(context.encoder_identities), context.cache_dir, context.preprocessing)
