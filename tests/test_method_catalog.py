@@ -84,7 +84,8 @@ def _outputs(model, spec_source: str, control: Path, image: Path, method: str) -
     from cascade_studio.inference.adapters import AdapterInputs, AdapterSpec, adapter_context, load_adapters, \
         remove_adapters
 
-    spec = AdapterSpec(source=spec_source, origin="ckpt" if Path(spec_source).is_dir() else "file",
+    checkpoint = (Path(spec_source) / "adapter.safetensors").is_file()
+    spec = AdapterSpec(source=spec_source, origin="ckpt" if checkpoint else "file",
                        control=str(control), image_prompts=(str(image),))
     loaded = load_adapters(model, [spec], adapter_context(model.stage_c))
     assert [entry.resolved.method for entry in loaded] == [method]
@@ -130,6 +131,11 @@ def test_a_tiny_run_exports_exactly_its_formats_and_each_loads_back_to_the_same_
     with torch.no_grad():
         base = model(x, torch.full((2,), 0.6), torch.randn(2, 77, 64, generator=g), torch.randn(2, 1, 64, generator=g),
                      torch.zeros(2, 1, 32))
+    from cascade_studio.adapters.registry import read_adapter_header
+    from cascade_studio.models.identity import weights_identity
+
+    trained_on = weights_identity(model.stage_c)  # each file records the weights it was trained on
+    assert {read_adapter_header(p)[1].get("cascade_studio.base_fingerprint") for p in result.exports} == {trained_on}
     checkpoint = sorted((result.run_dir / "checkpoints").iterdir())[-1]
     reference = _outputs(model, str(checkpoint), control, image, method)
     assert (reference - base).abs().max() > 1e-4, "the run's adapter changes nothing: the comparison would be empty"
