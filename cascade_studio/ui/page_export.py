@@ -9,6 +9,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from ..run_folder import RunFolder
 from .commands import EXPORT_FORMATS, export_argv
 from .common import workspace
 from .paths import PathNotAllowed
@@ -21,7 +22,7 @@ EXPORT_TIMEOUT_S = 600
 def export_target(run_dir: Path, fmt: str, step: int) -> Path:
     """Where an export goes: ``<run>/export/<run>-step<N>-<format>[.safetensors]`` (PEFT is a folder). The step
     is in the name so an export never overwrites the file the run itself wrote when it finished."""
-    return run_dir / "export" / (f"{run_dir.name}-step{step}-{fmt}" + ("" if fmt == "peft" else ".safetensors"))
+    return RunFolder(run_dir).export_path(fmt, step=step)
 
 
 def run_export(ws: Workspace, source: Path, fmt: str, out: Path) -> tuple[bool, str]:
