@@ -343,7 +343,7 @@ class RunFolder:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise RunFolderBusy(self._busy_message(self._wait_for_owner(wait_for_owner_s))) from None
+            raise RunFolderBusy(self.busy_message(self._wait_for_owner(wait_for_owner_s))) from None
         try:
             stale = LockOwner.parse(_read_fd(fd))
             owner = LockOwner(os.getpid(), socket.gethostname(), time.time(),
@@ -367,10 +367,6 @@ class RunFolder:
             return None
         return recorded
 
-    def busy_message(self, owner: Optional[LockOwner]) -> str:
-        """What to tell a user whose run would share this folder with ``owner``."""
-        return self._busy_message(owner)
-
     def _wait_for_owner(self, seconds: float) -> Optional[LockOwner]:
         # The owner writes its record right after it takes the lock; give it that moment.
         deadline = time.monotonic() + seconds
@@ -383,7 +379,8 @@ class RunFolder:
                 return recorded
             time.sleep(0.05)
 
-    def _busy_message(self, owner: Optional[LockOwner]) -> str:
+    def busy_message(self, owner: Optional[LockOwner]) -> str:
+        """What to tell a user whose run would share this folder with ``owner``."""
         who = f"another training run ({owner.describe()})" if owner else "another training run"
         return (f"run folder {self.path} is in use by {who}: two runs cannot share one folder. Give this run "
                 f"another name (name=<new name>), or wait until that run ends and continue it with --resume.")
