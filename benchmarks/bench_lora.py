@@ -109,6 +109,7 @@ def worker(variant: str, size: str, steps: int | None, profile: bool = False) ->
     import torch
 
     import cascade_studio.adapters.lora  # noqa: F401
+    from cascade_studio.config.schema import OptimizerConfig
     from cascade_studio.trainers.optim import build_optimizer
     from cascade_studio.trainers.plan import measure_peak_tensor_bytes
     from cascade_studio.trainers.steps import diffusion_training_loss, step_generator
@@ -141,7 +142,7 @@ def worker(variant: str, size: str, steps: int | None, profile: bool = False) ->
     else:
         memory = variant == "studio-memory"
         model, params = _studio_model(cfg, rank, checkpointing=memory)
-        optimizer = build_optimizer(params, {"name": "adamw8bit" if memory else "adamw", "lr": 1e-4})
+        optimizer = build_optimizer(params, OptimizerConfig(name="adamw8bit" if memory else "adamw", lr=1e-4))
 
         def loss_fn(step: int):
             return diffusion_training_loss(model, batch, c_clip_img=c_img, caption_dropout=0.0, shift=1.0,
@@ -182,12 +183,13 @@ def cache_worker() -> dict:
 
     from cascade_studio.data import build_cache, scan_source
     from cascade_studio.data.images import resize_and_crop, to_tensor01
+    from cascade_studio.config.schema import ModelConfig
     from cascade_studio.trainers.components import BaseModels
     from cascade_studio.trainers.features import base_feature_encoders
     from cascade_studio.trainers.loop import collate
 
     records = list(scan_source({"source": "folder", "path": "datasets/tiny-shapes"}).records)
-    models = BaseModels({"preset": "tiny", "dtype": "fp32"})
+    models = BaseModels(ModelConfig(preset="tiny", dtype="fp32"))
     encoders = base_feature_encoders(models)
     batch_size, size = 4, (256, 256)
     encoders[1].encode(["warm up"])

@@ -83,6 +83,9 @@ def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="check a recipe and list every problem at once")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--data", action="store_true",
+                   help="also scan the recipe's data as a run would (images, captions, every bad file and why); "
+                        "trains nothing")
     p.set_defaults(handler=cmd_validate)
 
 
@@ -96,13 +99,30 @@ def cmd_validate(args) -> int:
         return 2
     print(f"{args.recipe}: OK ({recipe.adapter.method} on preset {recipe.model.preset}, "
           f"{recipe.train.max_steps} steps)")
+    if not args.data:
+        return 0
+    from .data import DataSourceError, scan_source  # imports torch: only when asked
+
+    control_column = None  # as run.py scans: pre-made control images only for a ControlNet that uses them
+    if recipe.adapter.method == "controlnet" and recipe.adapter.controlnet.control == "image":
+        control_column = recipe.adapter.controlnet.control_column
+    where = str(recipe.data.path or recipe.data.name)
+    try:
+        scan = scan_source(recipe.data, control_column=control_column)
+    except DataSourceError as exc:  # also "no usable image", with every reason
+        print(f"data: {exc}", file=sys.stderr)
+        return 2
+    print(scan.report(where))
     return 0
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a run's adapter (or a checkpoint's) to comfyui/peft/official")
+    from .adapters import catalog
+
+    p = sub.add_parser("export", help="export a run's adapter (or a checkpoint's) as a file other tools load")
     p.add_argument("source", help="a run folder (workspace/runs/<name>) or one of its checkpoint folders")
-    p.add_argument("--format", default="comfyui", choices=["comfyui", "peft", "official", "ip_adapter"])
+    p.add_argument("--format", choices=catalog.all_formats(), help="default: the method's first format. " + " ".join(
+        f"{m.label}: {catalog.format_help(m)}." for m in catalog.methods()))
     p.add_argument("--out", help="output path (default: <run>/export/<name>-<format>[.safetensors])")
     p.set_defaults(handler=cmd_export)
 

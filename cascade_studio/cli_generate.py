@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 _STAGES = ("stage_c", "stage_b", "stage_a", "previewer", "text_encoder", "effnet")
@@ -35,7 +34,10 @@ def add_commands(sub) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=["tiny", "lite", "big", "toy"])
+    from .models.presets import PRESETS
+
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="model size and weights: " + ", ".join(f"{p.name} ({p.weights})" for p in PRESETS.values()))
     p.add_argument("--repo-id", help="Hugging Face repo id with the published weights (from the local hub cache)")
     for stage in _STAGES:
         p.add_argument(f"--{stage.replace('_', '-')}", dest=stage, help=f"weights of {stage} (file or folder)")
@@ -56,18 +58,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_input_args(p: argparse.ArgumentParser, repeat_control: bool) -> None:
-    p.add_argument("--control", action="append" if repeat_control else "store", metavar="IMAGE",
-                   help="control image of the ControlNet(s)" + (" (repeat to pair one per --controlnet)"
-                                                               if repeat_control else ""))
-    p.add_argument("--control-mode", choices=["canny", "image"],
-                   help="canny: edges of a photo (default for canny ControlNets); image: use the image as is")
-    p.add_argument("--image-prompt", action="append", default=[], metavar="PATH",
-                   help="IP-Adapter image prompt (repeatable; several are combined by --ip-multi)")
-    p.add_argument("--ip-multi", choices=["average", "concat"], default="average",
-                   help="several image prompts: average their embeddings (one blended prompt) or concatenate "
-                        "their tokens (each image keeps its features)")
-    p.add_argument("--ip-image-encoder", metavar="SOURCE",
-                   help="weights of the IP-Adapter's image encoder (file, folder or repo id; tiny is built in)")
+    from .adapters import catalog
+
+    for method in catalog.methods():
+        if method.command_line is not None and method.command_line.add_inputs is not None:
+            method.command_line.add_inputs(p, repeat_control)
+    p.add_argument("--force", action="store_true",
+                   help="load adapters trained on another base anyway (their base fingerprints differ)")
     p.add_argument("--workspace", default="workspace", help="where run: / ckpt: look for runs and mlflow.db")
     p.add_argument("--tracking-uri", help="MLflow store for run ids (default: <workspace>/mlflow.db)")
 
@@ -82,7 +79,7 @@ def _model_spec(args):
 def _sampling_kwargs(args) -> dict:
     from .models import get_preset
 
-    size = get_preset("tiny" if args.preset == "toy" else args.preset).generate_resolution
+    size = get_preset(args.preset).generate_resolution
     kwargs = dict(negative_prompt=args.negative_prompt, steps_c=args.steps, cfg_c=args.cfg, shift_c=args.shift,
                   steps_b=args.steps_b, cfg_b=args.cfg_b, width=args.width or size, height=args.height or size)
     if args.dtype:
@@ -103,50 +100,30 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--preview", action="store_true", help="decode with the previewer only (fast)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[@MULT]",
-                   help="LoRA file (or run:/ckpt: spec) with an optional multiplier; repeatable")
-    p.add_argument("--merge-lora", action="store_true", help="fold the LoRAs into the base weights (faster)")
-    p.add_argument("--controlnet", action="append", default=[], metavar="FILE[@STRENGTH]", help="repeatable")
-    p.add_argument("--strength", type=float, default=1.0, help="ControlNet strength when FILE has no @STRENGTH")
-    p.add_argument("--ip-adapter", metavar="FILE[@SCALE]", help="IP-Adapter file (needs --image-prompt)")
-    p.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter scale when FILE has no @SCALE")
+    from .adapters import catalog
+
+    for method in catalog.methods():
+        if method.command_line is not None:
+            method.command_line.add_generate(p)
     p.add_argument("--adapter", action="append", default=[], metavar="SPEC",
                    help="any adapter in the spec syntax below (repeatable)")
     _add_input_args(p, repeat_control=True)
     p.set_defaults(handler=cmd_generate)
 
 
-def _with_method(spec, method: str):
-    return spec if spec.method is not None else replace(spec, method=method)
-
-
 def generate_specs(args) -> list:
-    """The AdapterSpecs a generate command line asks for (every flag checked before any model loads)."""
+    """The AdapterSpecs a generate command line asks for (every flag checked before any model loads): each
+    method's own flags in catalog order, then the ``--adapter`` specs with every method's input settings."""
+    from .adapters import catalog
     from .inference.adapters import parse_adapter_spec
 
-    controls = list(args.control or [])
-    if controls and len(controls) not in (1, len(args.controlnet)) and args.controlnet:
-        raise ValueError(f"{len(args.controlnet)} --controlnet but {len(controls)} --control images; give one "
-                         "image for all of them or one per ControlNet, in the same order")
-    specs = [_with_method(parse_adapter_spec(text, merge=args.merge_lora), "lora") for text in args.lora]
-    for index, text in enumerate(args.controlnet):
-        control = controls[index if len(controls) > 1 else 0] if controls else None
-        spec = parse_adapter_spec(text, control=control, control_mode=args.control_mode)
-        specs.append(_with_method(replace(spec, weight=args.strength if spec.weight is None else spec.weight),
-                                  "controlnet"))
-    if args.ip_adapter:
-        spec = parse_adapter_spec(args.ip_adapter, image_prompts=tuple(args.image_prompt) or None,
-                                  multi_image=args.ip_multi)
-        specs.append(_with_method(replace(spec, weight=args.ip_scale if spec.weight is None else spec.weight),
-                                  "ip_adapter"))
-    specs += [parse_adapter_spec(text, merge=args.merge_lora, control=controls[0] if controls else None,
-                                 control_mode=args.control_mode, image_prompts=tuple(args.image_prompt) or None,
-                                 multi_image=args.ip_multi) for text in args.adapter]
-    if controls and not (args.controlnet or args.adapter):
-        raise ValueError("--control needs a ControlNet: add --controlnet FILE")
-    if args.image_prompt and not (args.ip_adapter or args.adapter):
-        raise ValueError("--image-prompt needs an IP-Adapter: add --ip-adapter FILE")
-    return specs
+    specs: list = []
+    settings: dict = {}
+    for method in catalog.methods():
+        if method.command_line is not None:
+            specs += method.command_line.specs(args, parse_adapter_spec)
+            settings.update(method.command_line.settings(args))
+    return specs + [parse_adapter_spec(text, **settings) for text in args.adapter]
 
 
 def cmd_generate(args) -> int:
@@ -161,7 +138,7 @@ def cmd_generate(args) -> int:
     if specs:
         images, resolved = generate_with_adapters(components, settings, specs, workspace=args.workspace,
                                                   tracking_uri=args.tracking_uri,
-                                                  ip_image_encoder=args.ip_image_encoder)
+                                                  ip_image_encoder=args.ip_image_encoder, force=args.force)
         for item in resolved:
             print(f"adapter: {item.label} <- {item.path}")
     else:
@@ -215,7 +192,7 @@ def cmd_compare(args) -> int:
         decoder=args.decoder, control=args.control, control_mode=args.control_mode,
         image_prompts=args.image_prompt, ip_multi=args.ip_multi, ip_image_encoder=args.ip_image_encoder,
         max_batch=args.max_batch, workspace=args.workspace, tracking_uri=args.tracking_uri, mlflow=args.mlflow,
-        progress=not args.no_progress, save_latents=args.save_latents, device=args.device,
+        progress=not args.no_progress, save_latents=args.save_latents, device=args.device, force=args.force,
         **_sampling_kwargs(args))
     result = run_compare(settings)
     print(f"grid: {result.grid_path}")

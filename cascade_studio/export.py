@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .adapters import catalog
 from .adapters.base import AdapterMismatchError
-from .adapters.files import load_adapter_tensors, save_adapter_tensors
+from .adapters.files import load_adapter_tensors
 from .run_folder import ADAPTER_FILE, RunFolder
 
 
@@ -31,24 +32,25 @@ def find_adapter_tensors(source: str | Path) -> Path:
                             "(workspace/runs/<name>), a checkpoint folder or an adapter file")
 
 
-def export_from_run(source: str | Path, fmt: str = "comfyui", out: str | Path | None = None) -> Path:
+def export_from_run(source: str | Path, fmt: str | None = None, out: str | Path | None = None) -> Path:
+    """Write the adapter of ``source`` (run folder, checkpoint folder or checkpoint file) as ``fmt`` (None: its
+    method's default format) at ``out`` (None: ``<run>/export/<recipe name>-<format>``)."""
     tensors_path = find_adapter_tensors(source)
     tensors, metadata = load_adapter_tensors(tensors_path)
-    method = metadata.get("cascade_studio.method")
-    out = Path(out) if out else _default_out(Path(source), tensors_path, metadata, fmt)
-    if method == "lora":
-        return _export_lora(tensors, metadata, fmt, out)
-    if method in ("controlnet", "ip_adapter"):
-        wanted = {"controlnet": "official", "ip_adapter": "ip_adapter"}[method]
-        if fmt != wanted:
-            raise ValueError(f"a {method} exports as --format {wanted}, not {fmt}")
-        metadata["cascade_studio.format"] = fmt
-        return save_adapter_tensors(tensors, out, metadata)
-    raise AdapterMismatchError(f"{tensors_path}: no cascade_studio.method in its metadata; was it written by "
-                               "cascade-studio?")
+    name = metadata.get("cascade_studio.method")
+    if name is None:
+        raise AdapterMismatchError(f"{tensors_path}: no cascade_studio.method in its metadata; was it written by "
+                                   "cascade-studio?")
+    method = catalog.get(name)
+    try:
+        export_format = method.export_format(fmt or method.default_format.name)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (--format)") from None
+    out = Path(out) if out else _default_out(Path(source), tensors_path, metadata, export_format)
+    return method.load().export_tensors(tensors, metadata, export_format.name, out)
 
 
-def _default_out(source: Path, tensors_path: Path, metadata: dict, fmt: str) -> Path:
+def _default_out(source: Path, tensors_path: Path, metadata: dict, export_format) -> Path:
     """A run folder's export goes to its ``export/``; a checkpoint's to its run's ``export/`` with the step in the
     name (never into the checkpoint itself); a loose file's to ``export/`` beside it."""
     step = None
@@ -58,41 +60,5 @@ def _default_out(source: Path, tensors_path: Path, metadata: dict, fmt: str) -> 
         run, step = checkpoint
     else:
         run = RunFolder(tensors_path.parent)
-    return run.export_path(fmt, step=step, run_name=metadata.get("cascade_studio.recipe_name") or run.name)
-
-
-def _export_lora(tensors, metadata, fmt: str, out: Path) -> Path:
-    from .adapters.lora.adapter import LoraSpec
-    from .adapters.lora.formats import _split_peft_key, peft_to_comfyui
-
-    spec = LoraSpec(rank=int(metadata.get("cascade_studio.rank", 16)),
-                    alpha=float(metadata.get("cascade_studio.alpha", 16)),
-                    type=metadata.get("cascade_studio.lora_type", "lora"),
-                    targets=tuple(filter(None, metadata.get("cascade_studio.targets", "attention").split(","))))
-    modules = sorted({_split_peft_key(k)[0] for k in tensors})
-    ranks = {}
-    for m in modules:
-        if f"{m}.lora_A.weight" in tensors:
-            ranks[m] = tensors[f"{m}.lora_A.weight"].shape[0]
-        elif f"{m}.hada_w1_b" in tensors:
-            ranks[m] = tensors[f"{m}.hada_w1_b"].shape[0]
-        else:
-            ranks[m] = spec.rank
-    alphas = {m: spec.alpha for m in modules}
-    if fmt == "comfyui":
-        metadata["cascade_studio.format"] = "comfyui"
-        return save_adapter_tensors(peft_to_comfyui(tensors, spec, alphas, ranks), out, metadata)
-    if fmt == "peft":
-        import json
-
-        from .adapters.lora.adapter import _peft_config
-
-        out.mkdir(parents=True, exist_ok=True)
-        metadata["cascade_studio.format"] = "peft"
-        save_adapter_tensors(tensors, out / "adapter_model.safetensors", metadata)
-        config = _peft_config(spec, modules).to_dict()
-        config["target_modules"] = modules
-        (out / "adapter_config.json").write_text(json.dumps(
-            {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}, indent=2, default=list))
-        return out
-    raise ValueError(f"a LoRA exports as --format comfyui or peft, not {fmt}")
+    stem = run.export_stem(step=step, run_name=metadata.get("cascade_studio.recipe_name"))
+    return export_format.target(run.export_dir, stem)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .adapters import catalog
 from .run_folder import RunFolder, RunFolderBusy
 
 
@@ -142,14 +143,13 @@ def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool
 
         models = BaseModels(recipe.model, device=accelerator.device)
         method = get_method(recipe.adapter.method)
-        method_cfg = getattr(recipe.adapter, recipe.adapter.method)
+        method_cfg = catalog.method_section(recipe)
         # The adapter context comes from the preset (not the loaded weights) so the big Stage C is not resident
-        # while the encoders fill the cache.
-        context = AdapterContext(preset=recipe.model.preset, base_fingerprint=models.fingerprint(),
+        # while the encoders fill the cache; the weights' fingerprint is added once Stage C is loaded.
+        context = AdapterContext(preset=recipe.model.preset, base_fingerprint="unknown",
                                  stage_c_config=dict(models.preset.stage_c, c_hidden=list(
                                      models.preset.stage_c.get("c_hidden", [2048, 2048]))),
-                                 extra={"models": models,
-                                        "ip_image_encoder_loader": _ip_encoder_loader(recipe, models)})
+                                 extra={"models": models})
         events.emit("phase", phase="data")
         train_set, holdout_set, extras, skipped, preview_embeddings = _prepare_data(
             recipe, models, method, method_cfg, context, accelerator, run_dir, progress, events=events)
@@ -160,6 +160,7 @@ def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool
         # 5. frozen base
         events.emit("phase", phase="model")
         stage_c = models.stage_c()
+        context.base_fingerprint = models.fingerprint()  # recorded in the adapter: it loads on this base only
         if recipe.train.quantize_base != "none":
             from .trainers.quantize import quantize_frozen_linears
 
@@ -252,13 +253,7 @@ def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool
             preview = make_preview_fn(recipe, models, unwrapped, adapter, tracker, events, run_dir,
                                       preview_embeddings, reference, method_inputs, method_cfg)
 
-        settings = LoopSettings(
-            max_steps=recipe.train.max_steps, grad_accum=recipe.train.grad_accum,
-            max_grad_norm=recipe.train.max_grad_norm, seed=recipe.train.seed,
-            checkpoint_every=recipe.train.checkpoint_every, log_every=recipe.train.log_every,
-            shift=recipe.train.shift, offset_noise=recipe.train.offset_noise,
-            caption_dropout=recipe.data.caption_dropout, max_nonfinite_steps=recipe.train.max_nonfinite_steps,
-            preview_every=recipe.preview.every, c_clip_img=models.c_clip_img(), num_workers=recipe.train.num_workers)
+        settings = LoopSettings.from_recipe(recipe, c_clip_img=models.c_clip_img())
         events.emit("phase", phase="train")
         # 8. loop (Stage C stays in eval mode: no dropout in the frozen base; adapters decide their own mode)
         model.train()
@@ -400,45 +395,20 @@ def _refuse_nonfinite(model) -> None:
                                  "optimizer.lr and resume from an earlier checkpoint with --resume")
 
 
-def _ip_encoder_loader(recipe, models):
-    """Name -> frozen image encoder for the IP-Adapter, from the recipe's weights (never random for real use)."""
-    def load(name: str):
-        import torch
-
-        ip_cfg = recipe.adapter.ip_adapter
-        if name == "tiny" or (name == "toy" and not ip_cfg.image_encoder_weights):
-            # tiny: the same seeded random encoder generate/compare use, so embeddings and cache entries agree;
-            # toy: the shipped weights of the toy cascade
-            from .adapters.ip_adapter import image_encoder_feature
-
-            return image_encoder_feature({"image_encoder": name}).encoder
-        from .models.loading import load_ip_image_encoder
-
-        source = ip_cfg.image_encoder_weights or recipe.model.image_encoder or recipe.model.repo_id
-        if source is None:
-            raise ValueError(f"adapter.ip_adapter.image_encoder {name!r} needs weights: set "
-                             "adapter.ip_adapter.image_encoder_weights to its file or folder")
-        dtype = torch.float32 if models.device.type == "cpu" else models.dtype
-        return load_ip_image_encoder(name, source, dtype=dtype, device=models.device,
-                                     allow_pickle=bool(recipe.model.allow_pickle))
-    return load
-
-
 def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool,
                   events=None):
     """Scan the source, split off the held-out set, fill the cache (main process first), free the encoders."""
     from .data import build_cache, scan_source
     from .trainers.features import base_feature_encoders
 
-    control_column = None
-    if recipe.adapter.method == "controlnet" and recipe.adapter.controlnet.control == "image":
-        control_column = recipe.adapter.controlnet.control_column
-    scan = scan_source(recipe.data, control_column=control_column)
+    scan = scan_source(recipe.data, control_column=catalog.recipe_method(recipe).control_column(method_cfg))
     if accelerator.is_main_process:
         for item in scan.skipped[:20]:
             print(f"[cascade-studio] skipped {item.path}: {item.reason}", flush=True)
         if len(scan.skipped) > 20:
             print(f"[cascade-studio] ... and {len(scan.skipped) - 20} more skipped files", flush=True)
+        if scan.missing_caption_warning():
+            print(f"[cascade-studio] warning: {scan.missing_caption_warning()}", flush=True)
     records = list(scan.records)
     if recipe.data.max_images:
         records = records[: recipe.data.max_images]
@@ -488,13 +458,12 @@ def _holdout_batches(holdout_set, extras, batch_size: int) -> list[dict]:
 def _export(recipe, method, adapter, context, folder: RunFolder, tracker) -> list[Path]:
     exports = []
     meta = {"cascade_studio.recipe_name": recipe.name, "cascade_studio.version": _version()}
-    for fmt in recipe.export.formats:
-        if fmt not in method.FORMATS:
-            print(f"[cascade-studio] export format {fmt!r} does not apply to {recipe.adapter.method}; skipped",
-                  flush=True)
-            continue
-        out = folder.export_path(fmt, run_name=recipe.name, export_dir=recipe.export.dir)
-        path = method.export_adapter(adapter, out, fmt, meta)
+    record = catalog.recipe_method(recipe)
+    out_dir = Path(recipe.export.dir) if recipe.export.dir else folder.export_dir
+    for name in catalog.export_formats(recipe):
+        fmt = record.export_format(name)  # validation refused the formats the method lacks
+        path = method.export_adapter(adapter, fmt.target(out_dir, folder.export_stem(run_name=recipe.name)),
+                                     fmt.name, meta)
         exports.append(Path(path))
         tracker.log_artifact(path, artifact_path="adapter")
     return exports
@@ -573,7 +542,7 @@ def _user_message(exc: BaseException) -> str | None:
     from .trainers.atomic import as_disk_full
 
     # Disk full outside a checkpoint (cache shards, exports): raw OSErrors and safetensors' "(os error 28)".
-    where = getattr(exc, "filename", None) or "a file in the workspace"
+    where = getattr(exc, "filename", None)  # None: the message then guesses no filesystem
     full = as_disk_full(exc, where, kept="Completed checkpoints are intact.")
     return full.strerror if full is not None else None
 

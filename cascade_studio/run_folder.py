@@ -11,7 +11,8 @@ Layout (every path below is built here and nowhere else)::
             tmp-step-00000200/  a checkpoint being written (or left by a crash)
             latest              names the newest complete checkpoint (for humans)
         previews/step-000100.png  base-vs-adapter grids written during training
-        export/<name>-<format>.safetensors   the run's exports (a PEFT export is a folder, no suffix)
+        export/<name>-<format>[.safetensors]  the run's exports (the format decides file or folder:
+                                adapters/catalog.py ExportFormat.target(export_dir, export_stem))
         features/               the run's private encode-once cache when ``cache.enabled`` is false
         tracking_buffer.jsonl   MLflow records waiting for an unreachable server (tracking/mlflow_tracker.py),
         tracking_pending/       and the images/texts logged meanwhile
@@ -46,7 +47,7 @@ from typing import Optional, Union
 __all__ = ["RunFolder", "RunFolderBusy", "RunLock", "LockOwner", "RUNS_DIR", "RECIPE_FILE", "EVENTS_FILE",
            "LOCK_FILE", "CHECKPOINTS_DIR", "PREVIEWS_DIR", "EXPORT_DIR", "FEATURES_DIR", "TRACKING_BUFFER_FILE",
            "TRACKING_PENDING_DIR", "ADAPTER_FILE", "COMPLETE_MARKER", "checkpoint_name", "checkpoint_step",
-           "complete_checkpoints", "export_name", "preview_name", "preview_files"]
+           "complete_checkpoints", "preview_name", "preview_files"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -62,8 +63,6 @@ TRACKING_BUFFER_FILE = "tracking_buffer.jsonl"
 TRACKING_PENDING_DIR = "tracking_pending"
 ADAPTER_FILE = "adapter.safetensors"  # the adapter tensors inside a checkpoint
 COMPLETE_MARKER = "COMPLETE"
-# Export formats written as a folder rather than one file (PEFT: adapter_model.safetensors + adapter_config.json).
-_FOLDER_FORMATS = ("peft",)
 
 _CHECKPOINT_DIR = re.compile(r"^step-(\d{8,})$")
 _PREVIEW_FILE = re.compile(r"^step-(\d+).*\.png$")  # step-000030.png (more grids of a step may follow)
@@ -92,13 +91,6 @@ def complete_checkpoints(directory: PathLike) -> dict[int, Path]:
         if step is not None and path.is_dir() and (path / COMPLETE_MARKER).is_file():
             found[step] = path
     return dict(sorted(found.items()))
-
-
-def export_name(run_name: str, fmt: str, step: Optional[int] = None) -> str:
-    """``<run>-<format>[.safetensors]``; with ``step`` (exports made later from a checkpoint)
-    ``<run>-step<N>-<format>``, so they never overwrite the file the run wrote when it finished."""
-    stem = f"{run_name}-{fmt}" if step is None else f"{run_name}-step{step}-{fmt}"
-    return stem if fmt in _FOLDER_FORMATS else stem + ".safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ locking
@@ -264,12 +256,12 @@ class RunFolder:
     def preview_path(self, step: int) -> Path:
         return self.previews_dir / preview_name(step)
 
-    def export_path(self, fmt: str, step: Optional[int] = None, run_name: Optional[str] = None,
-                    export_dir: Optional[PathLike] = None) -> Path:
-        """Where an export in ``fmt`` goes (see :func:`export_name`); ``export_dir`` = the recipe's
-        ``export.dir`` when it sets one, ``run_name`` = the recipe's name when it differs from the folder's."""
-        folder = Path(export_dir) if export_dir else self.export_dir
-        return folder / export_name(run_name or self.name, fmt, step)
+    def export_stem(self, step: Optional[int] = None, run_name: Optional[str] = None) -> str:
+        """The name an export starts with (the format adds ``-<format>`` and its suffix): the run's name, and for
+        exports made later from a checkpoint ``<run>-step<N>``, so they never overwrite the file the run wrote
+        when it finished. ``run_name`` = the recipe's name when it differs from the folder's."""
+        name = run_name or self.name
+        return name if step is None else f"{name}-step{step}"
 
     # ------------------------------------------------------------------------------------------ reading
     def checkpoints(self) -> dict[int, Path]:

@@ -53,7 +53,7 @@ def _own_vs_other(recipe_path, overrides, result, key: str) -> tuple[float, floa
             if shuffle:
                 batch[key] = torch.roll(batch[key], 1, dims=0)
             evaluated.append(batch)
-        return heldout_loss(model, evaluated, c_clip_img=32, seed=recipe.train.seed,
+        return heldout_loss(model, evaluated, c_clip_img=32, shift=recipe.train.shift, seed=recipe.train.seed,
                             method_inputs=method.training_inputs, method_cfg=cfg)
 
     right, wrong = loss(False), loss(True)

@@ -179,7 +179,7 @@ def bad_adapters(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     save_file(no_up, str(folder / "missing_keys.safetensors"), metadata=metadata)
     cases["missing_keys"] = (folder / "missing_keys.safetensors", "needs both lora_down.weight and lora_up.weight")
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(4, 4)}, str(folder / "full_model.safetensors"))
-    cases["full_model"] = (folder / "full_model.safetensors", "not a LoRA, ControlNet or IP-Adapter file")
+    cases["full_model"] = (folder / "full_model.safetensors", "not an adapter file this studio knows")
     return cases
 
 

@@ -231,7 +231,7 @@ def test_disk_full_during_save_keeps_previous_latest_and_says_why(tmp_path):
     result = run_python(script, str(tmp_path / "ckpt"))
     assert result.returncode == 0, result.stderr
     message = json.loads(result.stdout)["message"]
-    assert "tmp-step-00000002" in message and "free on that filesystem" in message
+    assert "tmp-step-00000002" in message and "free on the filesystem mounted at" in message
     assert "earlier checkpoints are intact" in message
     manager = CheckpointManager(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-00000001"]

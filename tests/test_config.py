@@ -15,9 +15,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cascade_studio.adapters.lora.config import LoraConfig
 from cascade_studio.config import (
     MISSING,
-    LoraConfig,
     Problem,
     Recipe,
     RecipeError,

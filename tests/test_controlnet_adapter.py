@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cascade_studio.adapters.controlnet.config import ControlNetConfig
 from cascade_studio.adapters import controlnet as cn
 from cascade_studio.adapters.base import AdaptedStageC, AdapterMismatchError, merge_cnet
 from cascade_studio.adapters.controlnet import ControlNetAdapter, ControlNetSpec
@@ -68,7 +69,7 @@ def _run(model, inputs, **extra) -> torch.Tensor:
 
 def test_fresh_controlnet_leaves_stage_c_output_unchanged(model, context, inputs):
     base = _run(model, inputs)
-    adapter = cn.create_adapter({"control": "canny"}, model, context)
+    adapter = cn.create_adapter(ControlNetConfig(control="canny"), model, context)
     # tiny default: the tiny compressor architecture as backbone, fed the hint at image resolution
     assert adapter.spec == ControlNetSpec(c_in=1, c_proj=64, proj_blocks=TINY_BLOCKS, bottleneck="effnet_tiny",
                                           control="canny", hint_size=None)
@@ -77,7 +78,7 @@ def test_fresh_controlnet_leaves_stage_c_output_unchanged(model, context, inputs
 
 def test_strength_scales_residuals_and_zero_is_the_base(model, context, inputs):
     base = _run(model, inputs)
-    adapter = cn.create_adapter({"control": "canny"}, model, context)
+    adapter = cn.create_adapter(ControlNetConfig(control="canny"), model, context)
     _randomize(adapter, 3)
     hint = _hint()
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_strength_scales_residuals_and_zero_is_the_base(model, context, inputs):
 
 
 def test_only_controlnet_parameters_receive_gradients(model, context, inputs):
-    adapter = cn.create_adapter({"control": "inpainting"}, model, context)
+    adapter = cn.create_adapter(ControlNetConfig(control="inpainting"), model, context)
     _randomize(adapter.controlnet.backbone, 4)
     adapter.train()
     assert set(map(id, adapter.trainable_parameters())) == set(map(id, adapter.controlnet.parameters()))
@@ -111,7 +112,7 @@ def test_only_controlnet_parameters_receive_gradients(model, context, inputs):
 
 
 def test_freeze_backbone_trains_projections_only(model, context, inputs):
-    adapter = cn.create_adapter({"control": "canny", "freeze_backbone": True}, model, context)
+    adapter = cn.create_adapter(ControlNetConfig(control="canny", freeze_backbone=True), model, context)
     _randomize(adapter.controlnet.projections, 5)
     assert set(map(id, adapter.trainable_parameters())) == set(map(id, adapter.controlnet.projections.parameters()))
     model(**inputs, control=_hint()).square().mean().backward()
@@ -142,7 +143,7 @@ def test_backbone_stays_in_eval_mode_while_training(effnet_adapter):
 
 
 def test_missing_or_malformed_control_input_is_a_clear_error(model, context, inputs):
-    cn.create_adapter({"control": "canny"}, model, context, name="edges")
+    cn.create_adapter(ControlNetConfig(control="canny"), model, context, name="edges")
     with pytest.raises(AdapterMismatchError, match=r"'edges' needs a control hint: pass control="):
         _run(model, inputs)
     with pytest.raises(AdapterMismatchError, match=r"expects a hint batch \[B, 1, H, W\]; got \(2, 3, 256, 256\)"):
@@ -160,7 +161,7 @@ def test_attach_refuses_wrong_width_and_out_of_range_blocks(model):
 
 
 def test_export_then_import_reproduces_outputs_exactly(tmp_path, model, context, inputs, stage_c):
-    adapter = cn.create_adapter({"control": "inpainting", "strength": 0.7}, model, context)
+    adapter = cn.create_adapter(ControlNetConfig(control="inpainting", strength=0.7), model, context)
     _randomize(adapter, 6)
     hint = _hint(4)
     expected = _run(model, inputs, control=hint)
@@ -187,16 +188,16 @@ def test_export_then_import_reproduces_outputs_exactly(tmp_path, model, context,
 
 
 def test_init_from_starts_from_a_file_and_refuses_a_contradicting_recipe(tmp_path, model, context, inputs, stage_c):
-    source = cn.create_adapter({"control": "canny"}, model, context, name="source")
+    source = cn.create_adapter(ControlNetConfig(control="canny"), model, context, name="source")
     _randomize(source, 7)
     path = cn.export_adapter(source, tmp_path / "canny.safetensors")
     other = AdaptedStageC(stage_c)
-    started = cn.create_adapter({"control": "canny", "init_from": str(path)}, other, context)
+    started = cn.create_adapter(ControlNetConfig(control="canny", init_from=str(path)), other, context)
     for key, value in source.adapter_state_dict().items():
         assert torch.equal(started.adapter_state_dict()[key], value), key
     with pytest.raises(AdapterMismatchError, match=r"init_from .*canny.safetensors: it takes 1-channel hints \(canny\)"
                                                    r".*control inpainting gives 4"):
-        cn.create_adapter({"control": "inpainting", "init_from": str(path)}, AdaptedStageC(stage_c), context)
+        cn.create_adapter(ControlNetConfig(control="inpainting", init_from=str(path)), AdaptedStageC(stage_c), context)
 
 
 def _published_shapes(reference_dir: Path, name: str) -> dict[str, list[int]]:
@@ -222,18 +223,18 @@ def test_published_layouts_are_recognised_and_rebuilt_exactly(reference_dir, nam
 
 def test_recipe_defaults_per_base():
     big = AdapterContext(preset="big")
-    spec = cn.spec_from_config({"control": "canny"}, 2048, big)
+    spec = cn.spec_from_config(ControlNetConfig(control="canny"), 2048, big)
     assert (spec.c_in, spec.c_proj, spec.proj_blocks, spec.bottleneck, spec.hint_size) == (
         1, 2048, tuple(BIG_BLOCKS), "effnet", None)
-    spec = cn.spec_from_config({"control": "sr", "bottleneck": "effnet"}, 2048, big)
+    spec = cn.spec_from_config(ControlNetConfig(control="sr", bottleneck="effnet"), 2048, big)
     assert (spec.c_in, spec.bottleneck) == (16, "large")
-    lite = cn.spec_from_config({"control": "inpainting"}, 1536, AdapterContext(preset="lite"))
+    lite = cn.spec_from_config(ControlNetConfig(control="inpainting"), 1536, AdapterContext(preset="lite"))
     assert (lite.c_in, lite.c_proj, lite.proj_blocks) == (4, 1536, (0, 2, 4, 6, 25, 27, 29, 31))
-    image = cn.spec_from_config({"control": "image", "channels": 1, "proj_blocks": [1, 3]}, 64,
-                                AdapterContext(preset="tiny"))
+    image = cn.spec_from_config(ControlNetConfig(control="image", proj_blocks=(1, 3)), 64,
+                                AdapterContext(preset="tiny"), channels=1)
     assert (image.c_in, image.proj_blocks, image.bottleneck, image.hint_size) == (1, (1, 3), "effnet_tiny", None)
-    simple = cn.spec_from_config({"control": "image", "channels": 1, "bottleneck": "simple"}, 64,
-                                 AdapterContext(preset="tiny"))
+    simple = cn.spec_from_config(ControlNetConfig(control="image", bottleneck="simple"), 64,
+                                 AdapterContext(preset="tiny"), channels=1)
     assert (simple.bottleneck, simple.hint_size) == ("simple", 32)
 
 
@@ -267,7 +268,7 @@ def test_effnet_file_without_metadata_loads_with_preset_blocks(tmp_path, model, 
 
 def test_two_controlnets_sum_their_residuals(model, context, inputs):
     # random backbones on both, so neither one's BatchNorm statistics dwarf the other's residuals
-    first = cn.create_adapter({"control": "canny", "backbone_init": "random"}, model, context, name="edges")
+    first = cn.create_adapter(ControlNetConfig(control="canny", backbone_init="random"), model, context, name="edges")
     _randomize(first, 9)
     second = ControlNetAdapter(ControlNetSpec(c_in=4, c_proj=64, proj_blocks=(2, 5), bottleneck="effnet_tiny",
                                               control="inpainting"), name="paint", input_name="mask")
@@ -300,8 +301,9 @@ def test_training_inputs_takes_the_cached_hint():
     assert cn.training_inputs({"control": hint}, {"x": 1}, None, None) == {"x": 1, "control": hint}
     with pytest.raises(AdapterMismatchError, match="rebuild it"):
         cn.training_inputs({"latents": hint}, {}, None, None)
-    encoders = cn.hint_encoders({"control": "inpainting", "mask": "box"})
-    assert [e.identity for e in encoders] == ["hint-inpainting-v1(mask=box)"]
+    encoders = cn.hint_encoders(ControlNetConfig(control="inpainting"))
+    assert [e.identity for e in encoders] == ["hint-inpainting-v1(mask=mixed)"]
+    assert cn.build_hint_encoder("inpainting", mask="box").identity == "hint-inpainting-v1(mask=box)"
 
 
 def test_backbone_starts_from_the_base_compressor(model, context):
@@ -310,24 +312,24 @@ def test_backbone_starts_from_the_base_compressor(model, context):
     from cascade_studio.models.random_init import build_random
 
     compressor = build_random("effnet", "tiny").backbone.state_dict()
-    image = cn.create_adapter({"control": "image"}, model, context, name="image")
+    image = cn.create_adapter(ControlNetConfig(control="image"), model, context, name="image")
     state = image.controlnet.backbone.state_dict()
     assert set(state) == set(compressor)
     assert all(torch.equal(state[k], compressor[k]) for k in state)
     assert image.info["cascade_studio.backbone_init"] == "compressor"
 
-    canny = cn.create_adapter({"control": "canny"}, model, context, name="canny").controlnet.backbone
+    canny = cn.create_adapter(ControlNetConfig(control="canny"), model, context, name="canny").controlnet.backbone
     assert torch.equal(canny.state_dict()["0.0.weight"], compressor["0.0.weight"][:, :1])
-    inpaint = cn.create_adapter({"control": "inpainting"}, model, context, name="inpaint").controlnet.backbone
+    inpaint = cn.create_adapter(ControlNetConfig(control="inpainting"), model, context, name="inpaint").controlnet.backbone
     first = inpaint.state_dict()["0.0.weight"]
     assert torch.equal(first[:, :3], compressor["0.0.weight"]) and not first[:, 3].any()
 
-    fresh = cn.create_adapter({"control": "image", "backbone_init": "random"}, model, context, name="fresh")
+    fresh = cn.create_adapter(ControlNetConfig(control="image", backbone_init="random"), model, context, name="fresh")
     assert not torch.equal(fresh.controlnet.backbone.state_dict()["0.0.weight"], compressor["0.0.weight"])
     assert fresh.info["cascade_studio.backbone_init"] == "random"
 
     with pytest.raises(AdapterMismatchError, match="backbone_init"):
-        cn.create_adapter({"control": "image", "bottleneck": "simple", "backbone_init": "compressor"}, model,
+        cn.create_adapter(ControlNetConfig(control="image", bottleneck="simple", backbone_init="compressor"), model,
                           context, name="simple")
     # A published base whose compressor is not at hand: the default falls back to random, asking for it fails.
     assert cn._compressor(AdapterContext(preset="big"), required=False) is None
@@ -353,6 +355,6 @@ def test_backbone_init_uses_the_runs_compressor_and_frees_it(model):
 
     models = Models()
     context = AdapterContext(preset="tiny", stage_c_config=get_preset("tiny").stage_c, extra={"models": models})
-    adapter = cn.create_adapter({"control": "image"}, model, context)
+    adapter = cn.create_adapter(ControlNetConfig(control="image"), model, context)
     assert bool((adapter.controlnet.backbone[0][0].weight == 0.25).all())
     assert models.freed == ["effnet"]

@@ -14,6 +14,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from cascade_studio.adapters.lora.config import LoraConfig
+from cascade_studio.adapters.ip_adapter.config import IPAdapterConfig
+from cascade_studio.adapters.controlnet.config import ControlNetConfig
 from cascade_studio import cli
 from cascade_studio.adapters import controlnet as cn
 from cascade_studio.adapters import ip_adapter as ipa
@@ -46,7 +49,7 @@ def lora_adapter(seed: int | None = None, c_hidden: tuple[int, int] | None = Non
     else:
         stage_c = build_stage_c(**dict(get_preset("tiny").stage_c, c_hidden=list(c_hidden)))
         context = AdapterContext(preset="tiny", stage_c_config={"c_hidden": list(c_hidden)})
-    adapter = lora.create_adapter({"rank": 4, "alpha": 4.0, "targets": ["attention"]}, AdaptedStageC(stage_c),
+    adapter = lora.create_adapter(LoraConfig(rank=4, alpha=4.0, targets=("attention",)), AdaptedStageC(stage_c),
                                   context)
     if seed is not None:
         _randomize(adapter.trainable_parameters(), seed, 0.3)
@@ -62,11 +65,11 @@ def build_adapter_files(folder: Path) -> SimpleNamespace:
     files.lora = lora.export_adapter(lora_adapter(seed=1), folder / "style-lora.safetensors")
     files.narrow_lora = lora.export_adapter(lora_adapter(seed=1, c_hidden=(32, 32)), folder / "narrow.safetensors")
     model = AdaptedStageC(build_random("stage_c", "tiny"))
-    controlnet = cn.create_adapter({"control": "canny"}, model, CONTEXT)
+    controlnet = cn.create_adapter(ControlNetConfig(control="canny"), model, CONTEXT)
     # A fresh ControlNet's projections are zero (no effect); random ones make the hint matter.
     _randomize(controlnet.controlnet.projections.parameters(), 2, 0.2)
     files.controlnet = cn.export_adapter(controlnet, folder / "canny-cn.safetensors")
-    ip = ipa.create_adapter({"image_encoder": "tiny", "num_tokens": 2}, model, CONTEXT)
+    ip = ipa.create_adapter(IPAdapterConfig(image_encoder="tiny", num_tokens=2), model, CONTEXT)
     files.ip = ipa.export_adapter(ip, folder / "style-ip.safetensors")
     photo = Image.new("RGB", (256, 256), "black")
     ImageDraw.Draw(photo).ellipse((60, 60, 196, 196), fill="white")
@@ -178,15 +181,17 @@ def test_control_hints_follow_the_controlnet_conventions(files):
     model = AdaptedStageC(build_random("stage_c", "tiny"))
     entry = apply_adapters(model, [AdapterSpec(str(files.controlnet))], adapter_context(model.stage_c))[0]
     adapter = model.get_adapter(entry)
+    from cascade_studio.adapters.controlnet import generation_hint
+
     inputs = AdapterInputs(height=100, width=100)  # rounded up to whole 32 px latent cells
-    edges = inputs.hint(files.control, adapter)  # canny ControlNet: canny edges by default
+    edges = generation_hint(inputs, files.control, adapter)  # canny ControlNet: canny edges by default
     assert edges.shape == (1, 1, 128, 128)
     assert set(edges.unique().tolist()) == {0.0, 1.0}  # binary edges, as CannyHint caches them for training
     assert edges[0, 0, 64, 64] == 0 and edges.mean() < 0.2  # edges on the circle's rim, not its inside
-    as_is = inputs.hint(files.control, adapter, "image")  # the photo as a greyscale map
+    as_is = generation_hint(inputs, files.control, adapter, "image")  # the photo as a greyscale map
     assert as_is.shape == (1, 1, 128, 128) and as_is[0, 0, 64, 64] > 0.9 and as_is[0, 0, 2, 2] < 0.1
     with pytest.raises(ValueError, match="aspect ratio"):
-        AdapterInputs(height=128, width=256).hint(files.control, adapter)
+        generation_hint(AdapterInputs(height=128, width=256), files.control, adapter)
 
 
 def test_image_prompts_become_embeddings_with_zeros_when_unconditional(files):
@@ -201,7 +206,7 @@ def test_image_prompts_become_embeddings_with_zeros_when_unconditional(files):
     assert torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0, 0], embeds[0, 1])
     assert torch.equal(uncond["ip_image_embeds"], torch.zeros_like(embeds))
     with pytest.raises(ValueError, match="--image-prompt"):
-        AdapterInputs(128, 128).encode_image_prompts(
+        AdapterInputs(128, 128).prepare(
             [resolve_adapter(AdapterSpec(str(files.ip)))])
 
 

@@ -36,7 +36,8 @@ def host_batch(b: int = 2, seed: int = 0) -> dict:
 def test_heldout_loss_brings_host_batches_to_the_models_device():
     # before: "Tensors on different devices" (the held-out batches stayed on the host)
     model = AdaptedStageC(build_random("stage_c", "tiny").to("meta"))
-    assert heldout_loss(model, [host_batch()], c_clip_img=C_IMG, repeats=1) == 0.0  # meta reads as zeros
+    loss = heldout_loss(model, [host_batch()], c_clip_img=C_IMG, shift=1.0, seed=1234, repeats=1)
+    assert loss == 0.0  # meta reads as zeros
 
 
 # -------------------------------------------------------------------------------- 2. offset noise

@@ -16,7 +16,7 @@ from torch import nn
 
 from cascade_studio.adapters import ip_adapter as ipa
 from cascade_studio.adapters.ip_adapter.adapter import find_attention_blocks
-from cascade_studio.config.schema import IPAdapterConfig
+from cascade_studio.adapters.ip_adapter.config import IPAdapterConfig
 from cascade_studio.trainers import quantize
 from cascade_studio.trainers.quantize import (QuantizationUnsupportedError, check_quantization_supported,
                                               quantize_frozen_linears)

@@ -128,7 +128,7 @@ def test_super_resolution_with_the_real_tiny_effnet():
     from cascade_studio.models.effnet import EffnetEncoder
 
     effnet = EffnetEncoder("tiny")
-    control = build_hint_encoder("sr", None, None, effnet=effnet).encode([_shapes_image(256)])["control"]
+    control = build_hint_encoder("sr", effnet=effnet).encode([_shapes_image(256)])["control"]
     assert control.shape == (1, 16, 8, 8) and torch.isfinite(control).all()
     assert torch.equal(control[..., ::2, ::2], control[..., 1::2, 1::2])  # 2x nearest upsampling of a 4x4 grid
 
@@ -170,8 +170,8 @@ def test_image_hint_errors_name_the_file(tmp_path):
 
 def test_build_hint_encoder_choices():
     assert isinstance(build_hint_encoder("canny"), CannyHint)
-    assert build_hint_encoder("image", {"channels": 1}).channels == 1
-    assert build_hint_encoder("inpainting", {"mask": "border"}).mask == "border"
+    assert build_hint_encoder("image", channels=1).channels == 1
+    assert build_hint_encoder("inpainting", mask="border").mask == "border"
     with pytest.raises(HintError, match="needs the effnet encoder"):
         build_hint_encoder("sr")
     with pytest.raises(HintError, match="unknown control 'depth'"):

@@ -16,7 +16,7 @@ from cascade_studio.adapters.files import load_adapter_tensors
 from cascade_studio.adapters.ip_adapter import IPAdapter
 from cascade_studio.adapters.ip_adapter.adapter import find_attention_blocks
 from cascade_studio.adapters.registry import AdapterContext, detect_method, load_adapter
-from cascade_studio.config.schema import IPAdapterConfig
+from cascade_studio.adapters.ip_adapter.config import IPAdapterConfig
 from cascade_studio.models.presets import build_stage_c, get_preset
 
 EMBED = 32  # the tiny image encoder's width
@@ -342,7 +342,7 @@ def test_create_adapter_reads_the_encoder_width_without_building_it():
     assert ipa.image_embed_dim("tiny") == EMBED
     assert ipa.image_embed_dim("openclip-vit-h-14") == 1024  # meta-device build: no ViT-H weights allocated
     model = AdaptedStageC(make_base())
-    adapter = ipa.create_adapter({"image_encoder": "tiny", "num_tokens": 3}, model, None, name="ip")
+    adapter = ipa.create_adapter(IPAdapterConfig(image_encoder="tiny", num_tokens=3), model, None, name="ip")
     assert model.get_adapter("ip") is adapter
     assert (adapter.embed_dim, adapter.num_tokens, adapter.num_blocks) == (EMBED, 3, TINY_ATTN_BLOCKS)
 
@@ -363,5 +363,5 @@ def test_cache_feature_encodes_images_lazily_and_reproducibly():
     with pytest.raises(RuntimeError, match="ip_image_encoder_loader"):
         ipa.image_encoder_feature(IPAdapterConfig(image_encoder="openclip-vit-h-14")).encode(images)
     context = AdapterContext(extra={"ip_image_encoder_loader": lambda name: feature.encoder})
-    loaded = ipa.image_encoder_feature({"image_encoder": "clip-vit-l-14"}, context)
+    loaded = ipa.image_encoder_feature(IPAdapterConfig(image_encoder="clip-vit-l-14"), context)
     assert torch.equal(loaded.encode(images)["ip_image_embeds"], out)

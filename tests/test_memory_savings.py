@@ -19,8 +19,10 @@ import pytest
 import torch
 from torch import nn
 
+from cascade_studio.adapters.lora.config import LoraConfig
 from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
+from cascade_studio.config.schema import ModelConfig, OptimizerConfig
 from cascade_studio.models.random_init import build_random
 from cascade_studio.trainers import plan as planner
 from cascade_studio.trainers.optim import build_optimizer, optimizer_state_is_8bit
@@ -100,10 +102,10 @@ def test_bf16_base_holds_no_fp32_copy_and_trains_fp32_adapter():
     built = {}
 
     def build():
-        models = BaseModels({"preset": "tiny", "dtype": "bf16"})
+        models = BaseModels(ModelConfig(preset="tiny", dtype="bf16"))
         model = AdaptedStageC(models.stage_c())
         built["model"] = model
-        built["adapter"] = create_adapter({"rank": 8, "alpha": 8.0}, model, None)
+        built["adapter"] = create_adapter(LoraConfig(rank=8, alpha=8.0), model, None)
 
     _, live_after = planner.measure_peak_tensor_bytes(build)
     model, adapter = built["model"], built["adapter"]
@@ -136,9 +138,10 @@ def planner_stage_c() -> dict:
 # --------------------------------------------------------------------------------------------- 8-bit AdamW
 def _train(optimizer_name: str, steps: int = 30) -> tuple[list[float], torch.optim.Optimizer]:
     model, adapter = with_lora(tiny_base(), seed=3, init_weights=True)
-    optimizer = build_optimizer(adapter.trainable_parameters(), {"name": optimizer_name, "lr": 5e-3})
+    optimizer = build_optimizer(adapter.trainable_parameters(), OptimizerConfig(name=optimizer_name, lr=5e-3))
     batch = tiny_batch(batch=2, seed=1)
-    evaluate = lambda: heldout_loss(model, [batch], c_clip_img=32, repeats=2)  # fixed t and noise  # noqa: E731
+    # fixed t and noise
+    evaluate = lambda: heldout_loss(model, [batch], c_clip_img=32, shift=1.0, seed=1234, repeats=2)  # noqa: E731
     curve = [evaluate()]
     for step in range(steps):
         loss_of(model, batch, step).backward()
@@ -255,9 +258,10 @@ def test_quantized_base_trains_lora_and_stays_close(mode, layer_type):
     assert isinstance(to_q, getattr(peft.tuners.lora.bnb, layer_type))  # PEFT's bitsandbytes-aware LoRA layer
     with torch.no_grad():
         assert torch.equal(quantized(*args), out_q)  # a fresh LoRA (B = 0) changes no output
-        heldout_loss(model, [batch], c_clip_img=32, repeats=1)  # eval, no grad: the path that used to repack
+        # eval, no grad: the path that used to repack
+        heldout_loss(model, [batch], c_clip_img=32, shift=1.0, seed=1234, repeats=1)
     frozen = {k: v.clone() for k, v in quantized.state_dict().items() if "lora_" not in k}
-    optimizer = build_optimizer(adapter.trainable_parameters(), {"name": "adamw", "lr": 1e-2})
+    optimizer = build_optimizer(adapter.trainable_parameters(), OptimizerConfig(name="adamw", lr=1e-2))
     loss = loss_of(model, batch)
     loss.backward()
     grads = [p.grad for p in adapter.trainable_parameters()]

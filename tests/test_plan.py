@@ -13,6 +13,7 @@ import torch
 
 from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
+from cascade_studio.config.schema import OptimizerConfig
 from cascade_studio.models import build_stage_c, get_preset
 from cascade_studio.models.random_init import make_learnable
 from cascade_studio.trainers import plan as planner
@@ -44,7 +45,7 @@ def measure_training_step(setup: planner.Setup) -> tuple[int, int]:
     stage_c.gradient_checkpointing = setup.gradient_checkpointing
     model = AdaptedStageC(stage_c)
     model.add_adapter(LoraAdapter(LoraSpec(rank=setup.rank, alpha=setup.rank, targets=setup.targets)))
-    optimizer = build_optimizer(model.trainable_parameters(), {"name": setup.optimizer, "lr": 1e-3})
+    optimizer = build_optimizer(model.trainable_parameters(), OptimizerConfig(name=setup.optimizer, lr=1e-3))
     b, c_text, c_img = setup.batch_size, setup.stage_c["c_clip_text"], setup.stage_c["c_clip_img"]
     batch = {"latents": torch.randn(b, 16, setup.latent_h, setup.latent_w), "clip_text": torch.randn(b, 77, c_text),
              "clip_text_pooled": torch.randn(b, 1, c_text), "clip_img": torch.randn(b, 1, c_img)}
@@ -127,7 +128,7 @@ def test_8bit_optimizer_state_bytes_match_bitsandbytes():
     adapter = LoraAdapter(LoraSpec(rank=8))
     adapter.attach(stage_c)
     params = adapter.trainable_parameters()
-    optimizer = build_optimizer(params, {"name": "adamw8bit", "lr": 1e-3})
+    optimizer = build_optimizer(params, OptimizerConfig(name="adamw8bit", lr=1e-3))
     for p in params:
         p.grad = torch.ones_like(p)
     optimizer.step()

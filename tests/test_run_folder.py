@@ -57,6 +57,7 @@ def hold_lock_in_child(folder: RunFolder) -> subprocess.Popen:
 
 # ------------------------------------------------------------------------------------------------- layout
 def test_layout_and_the_one_complete_checkpoint_rule(tmp_path: Path) -> None:
+    from cascade_studio.adapters import catalog
     from cascade_studio.inference.adapters import AdapterSpec, resolve_adapter
     from cascade_studio.trainers.checkpoints import CheckpointManager
     from cascade_studio.ui.runs_data import checkpoint_dirs
@@ -66,8 +67,11 @@ def test_layout_and_the_one_complete_checkpoint_rule(tmp_path: Path) -> None:
     assert (run.recipe_file, run.events_file) == (run.path / "recipe.yaml", run.path / "events.jsonl")
     assert run.checkpoint(40) == run.path / "checkpoints" / "step-00000040"
     assert run.preview_path(30) == run.path / "previews" / "step-000030.png"
-    assert run.export_path("comfyui") == run.path / "export" / "r-comfyui.safetensors"
-    assert run.export_path("peft", step=40) == run.path / "export" / "r-step40-peft"  # PEFT is a folder
+    lora = catalog.get("lora")  # the format decides file or folder; the run folder, where and the name
+    assert lora.export_format("comfyui").target(run.export_dir, run.export_stem()) == \
+        run.path / "export" / "r-comfyui.safetensors"
+    assert lora.export_format("peft").target(run.export_dir, run.export_stem(step=40)) == \
+        run.path / "export" / "r-step40-peft"
     assert not run.path.exists()  # naming paths creates nothing
 
     manager = CheckpointManager(run.checkpoints_dir)
@@ -189,7 +193,8 @@ def test_two_runs_with_the_same_name_started_together_one_is_refused(tmp_path: P
     from cascade_studio.export import export_from_run
 
     exported, _ = load_adapter_tensors(export_from_run(folder.path, "comfyui", tmp_path / "again.safetensors"))
-    written, _ = load_adapter_tensors(folder.export_path("comfyui"))
+    written, _ = load_adapter_tensors(Path(events[-1]["exports"][0]))
+    assert Path(events[-1]["exports"][0]).parent == folder.export_dir
     assert exported.keys() == written.keys() and all((exported[k] == written[k]).all() for k in exported)
     assert folder.owner() is None  # released at the end
 

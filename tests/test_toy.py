@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cascade_studio.adapters.ip_adapter.config import IPAdapterConfig
 from cascade_studio.demo import (held_out_share, load_trained, purple_prompts, sample_previews, toy_shapes,
                                  train_toy_recipe)
 from cascade_studio.models.toy import ASSET_DIR, SHIPPED, load_toy_component
@@ -80,11 +81,11 @@ def test_toy_image_encoder_tells_shape_colours_apart():
     from cascade_studio.adapters.ip_adapter import image_encoder_feature
 
     trained = _colour_probe(load_toy_component("ip_image_encoder"))
-    random_tower = _colour_probe(image_encoder_feature({"image_encoder": "tiny"}).encoder)
+    random_tower = _colour_probe(image_encoder_feature(IPAdapterConfig(image_encoder="tiny")).encoder)
     # The toy encoder is the tiny tower trained as a small CLIP on the captions; the random one barely sees colour.
     assert trained >= 0.9, f"toy image encoder: colour probe {trained:.0%}"
     assert random_tower < 0.6, f"random tiny tower: colour probe {random_tower:.0%}"
-    assert image_encoder_feature({"image_encoder": "toy"}).encoder.embed_dim == 32
+    assert image_encoder_feature(IPAdapterConfig(image_encoder="toy")).encoder.embed_dim == 32
 
 
 def test_compressor_and_previewer_round_trip_colours():

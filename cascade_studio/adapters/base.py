@@ -23,6 +23,11 @@ class AdapterMismatchError(ValueError):
     """An adapter file or module does not fit the base model it is being attached to."""
 
 
+def stage_c_width(stage_c: nn.Module) -> int:
+    """Hidden width of a Stage C, read from its embedding conv (the official layout's first width)."""
+    return int(stage_c.embedding[1].out_channels)
+
+
 @runtime_checkable
 class Adapter(Protocol):
     """What every adapter method provides.

@@ -58,6 +58,13 @@ def load_adapter_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
                 tensors[key] = f.get_tensor(key)
     except Exception as exc:  # safetensors raises its own error types
         raise AdapterMismatchError(f"{path}: could not read tensors ({exc})") from exc
+    # A diverged training run's NaN weights would turn every image black or into noise, and say nothing.
+    broken = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise AdapterMismatchError(
+            f"{path}: {len(broken)} of {len(tensors)} tensors hold NaN or infinite values (first: {broken[0]}), so "
+            "it would only draw black or noise; use an earlier checkpoint of its run (cascade-studio export "
+            "<run folder>/checkpoints/step-N) or train it again with a lower optimizer.lr")
     return tensors, dict(metadata)
 
 

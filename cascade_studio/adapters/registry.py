@@ -1,25 +1,19 @@
-"""The closed registry of adapter methods.
+"""Adapter files and the torch side of the catalog's methods.
 
-Recipes name a method (``lora``, ``controlnet``, ``ip_adapter``); the method's package is found here, never by
-an import path written in a recipe (config is data, not code). Each method package exposes the same four
-functions: ``create_adapter``, ``export_adapter``, ``load_adapter_file`` and ``sniff``.
+Which methods exist is the catalog's business (:mod:`.catalog`); this module finds the method of a file and loads
+it. Every method's torch side exposes the same functions: ``create_adapter``, ``export_adapter``,
+``load_adapter_file`` and ``sniff`` (plus optional hooks such as ``training_inputs``).
 """
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from . import catalog
 from .base import AdaptedStageC, Adapter, AdapterMismatchError
-
-METHODS: dict[str, str] = {
-    "lora": "cascade_studio.adapters.lora",
-    "controlnet": "cascade_studio.adapters.controlnet",
-    "ip_adapter": "cascade_studio.adapters.ip_adapter",
-}
 
 
 @dataclass
@@ -37,9 +31,8 @@ class AdapterContext:
 
 
 def get_method(name: str) -> ModuleType:
-    if name not in METHODS:
-        raise ValueError(f"unknown adapter method {name!r}; choose one of {sorted(METHODS)}")
-    return importlib.import_module(METHODS[name])
+    """The torch side of the method ``name`` (ValueError naming the registered methods if there is none)."""
+    return catalog.get(name).load()
 
 
 def read_adapter_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
@@ -57,25 +50,43 @@ def read_adapter_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
 def detect_method(path: str | Path) -> str:
     """Which method made an adapter file: from its metadata, else from its tensor names."""
     path = Path(path)
-    if path.is_dir() and (path / "adapter_config.json").exists():
-        return "lora"
     keys, metadata = read_adapter_header(path)
     method = metadata.get("cascade_studio.method")
-    if method in METHODS:
+    if method in catalog.names():
         return method
-    for name in METHODS:
-        if get_method(name).sniff(keys, metadata):
-            return name
-    raise AdapterMismatchError(
-        f"{path}: not a LoRA, ControlNet or IP-Adapter file this studio knows (first keys: {keys[:3]})")
+    for record in catalog.methods():
+        if record.load().sniff(keys, metadata):
+            return record.name
+    known = ", ".join(record.label for record in catalog.methods())
+    raise AdapterMismatchError(f"{path}: not an adapter file this studio knows ({known}; first keys: {keys[:3]})")
 
 
 def load_adapter(path: str | Path, model: AdaptedStageC, context: AdapterContext, name: str | None = None,
-                 **options: Any) -> Adapter:
-    """Load any adapter file onto ``model`` (method detected), checked against the base first."""
+                 force: bool = False, **options: Any) -> Adapter:
+    """Load any adapter file onto ``model`` (method detected), checked against the base first.
+
+    A file that records the fingerprint of the base it was trained on (``models.identity``) loads only on a base
+    with the same fingerprint; ``force`` loads it anyway (shapes are still checked by the method)."""
     method = detect_method(path)
+    if not force:
+        check_base(path, context)
     return get_method(method).load_adapter_file(Path(path), model, context, name=name or adapter_name(path),
                                                 **options)
+
+
+def check_base(path: str | Path, context: AdapterContext) -> None:
+    """Refuse an adapter trained on another base (by the weights' fingerprints), naming both bases."""
+    from ..models.identity import comparable
+
+    _, metadata = read_adapter_header(path)
+    trained_on = metadata.get("cascade_studio.base_fingerprint")
+    if not comparable(trained_on, context.base_fingerprint) or trained_on == context.base_fingerprint:
+        return
+    file_base = metadata.get("cascade_studio.base_model", "another base")
+    raise AdapterMismatchError(
+        f"{path} was trained on {file_base} (base fingerprint {trained_on}), but this base is {context.preset} "
+        f"(fingerprint {context.base_fingerprint}): its weights differ, so the adapter would not do what it learned "
+        "(--force loads it anyway)")
 
 
 def adapter_name(path: str | Path) -> str:

@@ -3,37 +3,27 @@
 ``load_recipe("recipes/tiny/lora.yaml", ["train.max_steps=20"])`` returns a frozen :class:`Recipe` or raises one
 :class:`RecipeError` listing every problem. The field docs feed ``--help``, YAML comments and UI tooltips through
 :func:`describe_fields`.
-"""
-from .errors import MISSING, Problem, RecipeError
-from .loader import load_recipe, load_recipe_text, parse_override, validate_recipe_file
-from .schema import (
-    LORA_TARGET_GROUPS,
-    SCHEMA_VERSION,
-    AdapterConfig,
-    CacheConfig,
-    ControlNetConfig,
-    DataConfig,
-    ExportConfig,
-    FieldDoc,
-    IPAdapterConfig,
-    LoraConfig,
-    ModelConfig,
-    OptimizerConfig,
-    PreviewConfig,
-    Recipe,
-    ScheduleConfig,
-    TrackingConfig,
-    TrainConfig,
-    describe_fields,
-    dump_recipe_yaml,
-    get_setting,
-    recipe_to_dict,
-)
 
-__all__ = [
-    "MISSING", "Problem", "RecipeError", "load_recipe", "load_recipe_text", "parse_override",
-    "validate_recipe_file", "LORA_TARGET_GROUPS", "SCHEMA_VERSION", "AdapterConfig", "CacheConfig",
-    "ControlNetConfig", "DataConfig", "ExportConfig", "FieldDoc", "IPAdapterConfig", "LoraConfig", "ModelConfig",
-    "OptimizerConfig", "PreviewConfig", "Recipe", "ScheduleConfig", "TrackingConfig", "TrainConfig",
-    "describe_fields", "dump_recipe_yaml", "get_setting", "recipe_to_dict",
-]
+The names below are imported on first use: an adapter method's ``config.py`` declares its section with
+:func:`~.fields.setting` while the schema, which gathers every method's section, is still being built.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "errors": ("MISSING", "Problem", "RecipeError"),
+    "loader": ("load_recipe", "load_recipe_text", "parse_override", "validate_recipe_file"),
+    "schema": ("SCHEMA_VERSION", "AdapterConfig", "CacheConfig", "DataConfig", "ExportConfig", "FieldDoc",
+               "ModelConfig", "OptimizerConfig", "PreviewConfig", "Recipe", "ScheduleConfig", "TrackingConfig",
+               "TrainConfig", "describe_fields", "dump_recipe_yaml", "get_setting", "recipe_to_dict"),
+}
+__all__ = [name for names in _EXPORTS.values() for name in names]
+
+
+def __getattr__(name: str) -> Any:
+    for module, names in _EXPORTS.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

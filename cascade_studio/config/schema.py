@@ -19,17 +19,20 @@ import os
 import re
 import textwrap
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
 
+from ..adapters import catalog
+from ..models.presets import PRESETS
 from .errors import Problem
+from .fields import setting
 
 __all__ = [
-    "SCHEMA_VERSION", "LORA_TARGET_GROUPS", "WEIGHT_FIELDS", "PICKLE_SUFFIXES", "FieldDoc", "setting",
-    "ModelConfig", "LoraConfig", "ControlNetConfig", "IPAdapterConfig", "AdapterConfig", "DataConfig",
+    "SCHEMA_VERSION", "WEIGHT_FIELDS", "PICKLE_SUFFIXES", "FieldDoc", "setting",
+    "ModelConfig", "AdapterConfig", "DataConfig",
     "CacheConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig", "PreviewConfig", "TrackingConfig",
     "ExportConfig", "Recipe", "check_relations", "describe_fields", "get_setting", "recipe_to_dict",
     "dump_recipe_yaml", "is_section", "section_types",
@@ -41,77 +44,31 @@ SCHEMA_VERSION = 1
 _FP16_REASON = ("fp16 is refused: Stage C activations overflow in fp16 (the published weights run in bf16 or "
                 "fp32)")
 
-# Named groups of Stage C Linear layers a LoRA can target. "attention" uses ComfyUI's in-memory names for the
-# split attention projections, which is what makes the exported file loadable there (STABLE_CASCADE.md §6).
-LORA_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
-    "attention": ("to_q", "to_k", "to_v", "out_proj"),
-    "kv_mapper": ("kv_mapper.1",),
-    "channelwise": ("channelwise.0", "channelwise.4"),
-    "clip_mappers": ("clip_txt_mapper", "clip_txt_pooled_mapper", "clip_img_mapper"),
-}
-
-
-def setting(
-    default: Any = dataclasses.MISSING,
-    doc: str = "",
-    *,
-    choices: Optional[tuple[str, ...]] = None,
-    open_choices: bool = False,
-    minimum: Optional[float] = None,
-    maximum: Optional[float] = None,
-    min_exclusive: bool = False,
-    max_exclusive: bool = False,
-    multiple_of: Optional[int] = None,
-    example: Any = None,
-    path: bool = False,
-    allow_empty: bool = False,
-    refused: Optional[Mapping[str, str]] = None,
-    factory: Any = None,
-) -> Any:
-    """Declare one recipe field with its documentation and the rules validation enforces.
-
-    ``choices`` apply to a string field or to each item of a list field; with ``open_choices`` they are the
-    named options but other values are checked by a field-specific rule instead. ``minimum``/``maximum``
-    bound numbers (inclusive unless ``min_exclusive``/``max_exclusive``), or every item of a number list.
-    ``example`` is shown in hints; ``path`` marks a filesystem path (for the UI's file pickers).
-    Strings must be non-empty unless ``allow_empty``. ``refused`` maps values users are likely to try to the
-    reason they are not accepted (shown instead of a bare "must be one of").
-    """
-    if not doc:
-        raise ValueError("every recipe field needs a doc string")  # keeps STYLE.md habit 4 honest
-    metadata = {
-        "doc": doc, "choices": choices, "open_choices": open_choices, "min": minimum, "max": maximum,
-        "min_exclusive": min_exclusive, "max_exclusive": max_exclusive, "multiple_of": multiple_of,
-        "example": example, "path": path, "allow_empty": allow_empty, "refused": dict(refused or {}),
-    }
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Which Stage C to adapt, and where its weights and encoders come from."""
 
-    preset: str = setting("tiny", "Model size: big (3.6B Stage C), lite (1B), tiny (a small model built in code "
-                          "for CPU runs and tests) or toy (an even smaller one for unit tests).",
-                          choices=("tiny", "lite", "big", "toy"))
+    preset: str = setting("tiny", "Model size and weights: big (3.6B Stage C) or lite (1B) with the published "
+                          "weights, tiny (a small model with a seeded random init, for CPU runs and tests) or toy "
+                          "(tiny's architecture with the pretrained weights shipped with the studio: real pictures "
+                          "of toy shapes on a CPU).",
+                          choices=tuple(PRESETS))
     stage_c: Optional[str] = setting(None, "Stage C weights: a local .safetensors file, a diffusers folder or a "
-                                     "Hugging Face repo id. null = the preset's random init (tiny/toy only); "
+                                     "Hugging Face repo id. null = the preset's built-in weights (tiny, toy); "
                                      "lite/big need this or model.repo_id. Relative paths resolve against the "
-                                     "current directory.", path=True, example="models/stage_c_bf16.safetensors")
+                                     "current directory.", path=True, weights=True, example="models/stage_c_bf16.safetensors")
     repo_id: Optional[str] = setting(None, "Hugging Face repo to fetch every missing weight file from (uses the "
                                      "local hub cache).", example="stabilityai/stable-cascade")
     variant: Optional[str] = setting(None, "Weight file variant in the repo, e.g. bf16 picks stage_c_bf16."
                                      " null = full precision files.", example="bf16")
     text_encoder: Optional[str] = setting(None, "Text encoder (CLIP ViT-bigG text tower) path; null = from "
-                                          "model.repo_id, or built in code for tiny/toy.", path=True)
+                                          "model.repo_id, or built in code for tiny/toy.", path=True, weights=True)
     image_encoder: Optional[str] = setting(None, "Image encoder (CLIP ViT-L/14 vision tower) path; null = from "
-                                           "model.repo_id, or built in code for tiny/toy.", path=True)
+                                           "model.repo_id, or built in code for tiny/toy.", path=True, weights=True)
     effnet: Optional[str] = setting(None, "EfficientNet semantic compressor weights path; null = from "
-                                    "model.repo_id, or built in code for tiny/toy.", path=True)
+                                    "model.repo_id, or built in code for tiny/toy.", path=True, weights=True)
     previewer: Optional[str] = setting(None, "Previewer weights path (latent -> small RGB preview); null = from "
-                                       "model.repo_id, or built in code for tiny/toy.", path=True)
+                                       "model.repo_id, or built in code for tiny/toy.", path=True, weights=True)
     dtype: str = setting("bf16", "Precision the frozen base model is held in. fp16 is refused: Stage C overflows "
                          "in fp16 (published weights are bf16/fp32 only).", choices=("bf16", "fp32"),
                          refused={"fp16": _FP16_REASON, "float16": _FP16_REASON})
@@ -119,91 +76,28 @@ class ModelConfig:
                                  "Pickles can run code: keep false unless you trust the file.")
 
 
-@dataclass(frozen=True)
-class LoraConfig:
-    """LoRA (and its LoHa/LoKr/DoRA relatives) on Stage C Linear layers."""
+def _adapter_config() -> type:
+    """``adapter``: ``method`` plus one section per registered method (only the one ``method`` names is used).
 
-    rank: int = setting(16, "Rank of the low-rank update.", minimum=1, example=16)
-    alpha: float = setting(16.0, "Scale numerator: the update is multiplied by alpha/rank.", minimum=0,
-                           min_exclusive=True, example=16.0)
-    dropout: float = setting(0.0, "Dropout on the LoRA input during training (0 disables).", minimum=0,
-                             maximum=1, max_exclusive=True, example=0.0)
-    targets: tuple[str, ...] = setting(("attention",), "Layers to adapt: attention (= to_q, to_k, to_v, "
-                                       "out_proj), kv_mapper, channelwise, clip_mappers, or an explicit module "
-                                       "name suffix such as attn.to_q.", choices=tuple(LORA_TARGET_GROUPS),
-                                       open_choices=True, example=["attention"])
-    type: str = setting("lora", "Adapter flavour: lora, loha (Hadamard product), lokr (Kronecker) or dora "
-                        "(weight-decomposed). ComfyUI loads all four.", choices=("lora", "loha", "lokr", "dora"))
-    init_weights: bool = setting(True, "Initialise so the fresh adapter changes nothing (up weights zero).")
+    Built from the catalog, so a method's section exists exactly where its folder registers it."""
+    methods = catalog.methods()
+    fields: list[tuple[str, Any, Any]] = [(
+        "method", str, setting(methods[0].name, "Adapter method to train: " + "; ".join(
+            f"{m.name} ({m.doc})" for m in methods) + ".", choices=tuple(m.name for m in methods)))]
+    fields += [(m.name, m.config, setting(doc=f"{m.label} settings (used when method is {m.name}).",
+                                          factory=m.config)) for m in methods]
+    cls = dataclasses.make_dataclass("AdapterConfig", fields, frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = "Which adapter method to train; only the sub-section named by ``method`` is used."
+    return cls
 
 
-@dataclass(frozen=True)
-class ControlNetConfig:
-    """A ControlNet that feeds residuals into Stage C's ResBlocks."""
-
-    control: str = setting("canny", "Control signal: canny (edges computed from each image), inpainting (masked "
-                           "image + mask), sr (super-resolution) or image (pre-made control images from the "
-                           "dataset).", choices=("canny", "inpainting", "sr", "image"))
-    control_column: str = setting("_control", "Where pre-made control images live: a dataset column, or for a "
-                                  "folder the sidecar suffix (photo.png -> photo_control.png). Used when control "
-                                  "is image.", example="_control", allow_empty=True)
-    c_proj: Optional[int] = setting(None, "Channels of each projection output; null = the preset's width "
-                                    "(2048 on big).", minimum=1, example=2048)
-    proj_blocks: Optional[tuple[int, ...]] = setting(None, "ResBlock indices (call order) that receive a "
-                                                     "residual; null = the preset's default (big: 0,4,8,12,51,55,"
-                                                     "59,63).", minimum=0, example=[0, 4, 8, 12])
-    bottleneck: str = setting("effnet", "Control encoder: effnet (the official EfficientNetV2-S backbone, needed "
-                              "for the official file layout), simple (a small conv net for quick runs) or large "
-                              "(the super-resolution bottleneck); effnet_tiny is the tiny preset's small backbone (the default on "
-                              "tiny/toy, where effnet is read as effnet_tiny).",
-                              choices=("effnet", "simple", "large", "effnet_tiny"))
-    freeze_backbone: bool = setting(False, "Keep the control encoder's backbone frozen (the official trainer "
-                                    "trains it).")
-    backbone_init: Optional[str] = setting(
-        None, "Starting weights of an EfficientNet backbone (effnet, effnet_tiny): compressor (the backbone of "
-        "the base's own EfficientNet compressor, Stage C's effnet encoder: the same architecture already trained "
-        "on images, where the official trainer starts from ImageNet weights) or random. null = compressor. "
-        "Ignored with init_from (the file brings its backbone).", choices=("compressor", "random"))
-    strength: float = setting(1.0, "Multiplier on the residuals at inference and in previews.", minimum=0,
-                              example=1.0)
-    init_from: Optional[str] = setting(None, "Start from a published ControlNet file (official layout), e.g. "
-                                       "canny.safetensors; null = fresh init with zero projections.", path=True)
+AdapterConfig = _adapter_config()
 
 
-@dataclass(frozen=True)
-class IPAdapterConfig:
-    """An IP-Adapter: extra key/value projections that let Stage C attend to image tokens."""
-
-    image_encoder: str = setting("openclip-vit-h-14", "Image encoder whose embedding becomes the image tokens: "
-                                 "openclip-vit-h-14 (the original IP-Adapter's), clip-vit-l-14 (the one Stage "
-                                 "C's native image input was trained with), clip-vit-bigg-14, tiny (a small "
-                                 "random encoder for tiny runs) or toy (tiny's architecture trained on toy-shapes, "
-                                 "shipped with preset: toy).",
-                                 choices=("openclip-vit-h-14", "clip-vit-l-14", "clip-vit-bigg-14", "tiny", "toy"))
-    image_encoder_weights: Optional[str] = setting(None, "Weights of the image encoder: an open_clip checkpoint "
-                                                   "file (.safetensors) or a folder/repo id with a CLIP vision "
-                                                   "model; null = model.image_encoder / model.repo_id.", path=True)
-    num_tokens: int = setting(4, "Image tokens produced per image by the projection.", minimum=1, example=4)
-    scale: float = setting(1.0, "Weight of the image attention added to the text attention.", minimum=0,
-                           example=1.0)
-    drop_image: float = setting(0.05, "Training probability of dropping only the image (for guidance).",
-                                minimum=0, maximum=1, example=0.05)
-    drop_text: float = setting(0.05, "Training probability of dropping only the caption.", minimum=0, maximum=1,
-                               example=0.05)
-    drop_both: float = setting(0.05, "Training probability of dropping image and caption together.", minimum=0,
-                               maximum=1, example=0.05)
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """Which adapter method to train; only the sub-section named by ``method`` is used."""
-
-    method: str = setting("lora", "Adapter method to train.", choices=("lora", "controlnet", "ip_adapter"))
-    lora: LoraConfig = setting(doc="LoRA settings (used when method is lora).", factory=LoraConfig)
-    controlnet: ControlNetConfig = setting(doc="ControlNet settings (used when method is controlnet).",
-                                           factory=ControlNetConfig)
-    ip_adapter: IPAdapterConfig = setting(doc="IP-Adapter settings (used when method is ip_adapter).",
-                                          factory=IPAdapterConfig)
+def _formats_doc() -> str:
+    return ("Formats to export; null = the method's first one. " + " ".join(
+        f"A {m.label} ({m.name}) exports as {catalog.format_help(m)}." for m in catalog.methods()))
 
 
 @dataclass(frozen=True)
@@ -332,12 +226,8 @@ class TrackingConfig:
 class ExportConfig:
     """Files written at the end of a run."""
 
-    formats: tuple[str, ...] = setting(("comfyui",), "Formats to export: comfyui (kohya-style keys ComfyUI "
-                                       "loads; for a ControlNet the same file as official), peft (a PEFT folder; lora "
-                                       "only), official (the official ControlNet layout, which ComfyUI loads) or "
-                                       "ip_adapter (image_proj.* + ip_adapter.* keys; ip_adapter only).",
-                                       choices=("comfyui", "peft", "official", "ip_adapter"),
-                                       example=["comfyui"])
+    formats: Optional[tuple[str, ...]] = setting(None, _formats_doc(), choices=catalog.all_formats(),
+                                                 example=["comfyui"])
     dir: Optional[str] = setting(None, "Export folder; null = the run folder.", path=True)
 
 
@@ -412,6 +302,7 @@ class FieldDoc:
     default: Any
     doc: str
     choices: Optional[tuple[str, ...]]
+    weights: bool = False  # names weights to load (checked for pickles and missing local files)
 
 
 def _type_name(tp: Any, is_path: bool) -> str:
@@ -441,7 +332,7 @@ def describe_fields(section: Any, prefix: str = "") -> list[FieldDoc]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         docs.append(FieldDoc(path, _type_name(tp, f.metadata.get("path", False)), _plain(default),
-                             f.metadata["doc"], f.metadata.get("choices")))
+                             f.metadata["doc"], f.metadata.get("choices"), f.metadata.get("weights", False)))
     return docs
 
 
@@ -509,12 +400,9 @@ def dump_recipe_yaml(recipe: Recipe, with_comments: bool = True) -> str:
 # Hugging Face repo ids are "namespace/name" with letters, digits, "-", "_" and "." (no leading punctuation).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Fields naming weights to load; the loader checks the ones that look like local paths.
-WEIGHT_FIELDS = ("model.stage_c", "model.text_encoder", "model.image_encoder", "model.effnet", "model.previewer",
-                 "adapter.controlnet.init_from")
+WEIGHT_FIELDS = tuple(doc.path for doc in describe_fields(Recipe) if doc.weights)
 # torch pickle formats: loading one can run arbitrary code, hence model.allow_pickle.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# An explicit LoRA target is a dotted module-name suffix such as "attn.to_q" or "down_blocks.0.2.attention".
-_MODULE_SUFFIX = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
 
 
 def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> None:
@@ -549,39 +437,9 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
                 add(dotted, value, "is a pickle file, which can run code when it is loaded",
                     "convert it to .safetensors, or set model.allow_pickle: true if you trust its source")
 
-    method = adapter.method if ok("adapter.method") else None
-    if method == "lora" and ok("adapter.lora.targets"):
-        targets = adapter.lora.targets
-        if not targets:
-            add("adapter.lora.targets", [], "must list at least one target", "e.g. [attention]")
-        for index, target in enumerate(targets):
-            if target not in LORA_TARGET_GROUPS and not _MODULE_SUFFIX.match(target):
-                add(f"adapter.lora.targets[{index}]", target,
-                    "must be one of " + ", ".join(LORA_TARGET_GROUPS) + " or a module name suffix",
-                    "e.g. attention or attn.to_q")
-    if method == "controlnet":
-        cnet = adapter.controlnet
-        if ok("adapter.controlnet.control", "adapter.controlnet.control_column") and cnet.control == "image" \
-                and not cnet.control_column.strip():
-            add("adapter.controlnet.control_column", cnet.control_column,
-                "control: image reads pre-made control images, so it needs their column or sidecar suffix",
-                "e.g. _control (photo.png -> photo_control.png)")
-        if ok("adapter.controlnet.proj_blocks") and cnet.proj_blocks is not None and not cnet.proj_blocks:
-            add("adapter.controlnet.proj_blocks", [], "must list at least one ResBlock index, or be null",
-                "write null for the preset's default")
-    if method == "ip_adapter":
-        ip = adapter.ip_adapter
-        if ok("adapter.ip_adapter.image_encoder", "model.preset") and ip.image_encoder in ("tiny", "toy") \
-                and model.preset in ("lite", "big"):
-            add("adapter.ip_adapter.image_encoder", ip.image_encoder, f"the {ip.image_encoder} encoder is a "
-                f"32-dim toy-sized encoder and cannot condition the real {model.preset} model", "e.g. clip-vit-l-14")
-        drops = ("drop_image", "drop_text", "drop_both")
-        if ok(*(f"adapter.ip_adapter.{d}" for d in drops)):
-            total = sum(getattr(ip, d) for d in drops)
-            if total > 1:
-                add("adapter.ip_adapter.drop_both", [getattr(ip, d) for d in drops],
-                    f"drop_image + drop_text + drop_both are exclusive probabilities and sum to {total:g} > 1",
-                    "e.g. 0.05 each")
+    method = catalog.get(adapter.method) if ok("adapter.method") else None
+    if method is not None and method.check is not None:
+        method.check(getattr(adapter, method.name), recipe, ok, add)
 
     if ok("data.source", "data.path") and data.source != "hf_hub" and data.path is None:
         add("data.path", None, f"source {data.source} reads from data.path, which is not set",
@@ -601,18 +459,14 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
         if ok("preview.seeds") and not preview.seeds:
             add("preview.seeds", [], "previews are on (preview.every > 0) but there is no seed", "e.g. [0]")
 
-    if ok("export.formats"):
-        if not recipe.export.formats:
-            add("export.formats", [], "must list at least one format", "e.g. [comfyui]")
-        if method not in (None, "controlnet") and "official" in recipe.export.formats:
-            add("export.formats", list(recipe.export.formats), f"official is the ControlNet file layout; a "
-                f"{method} adapter cannot be exported that way", "e.g. [comfyui]")
-        if method not in (None, "ip_adapter") and "ip_adapter" in recipe.export.formats:
-            add("export.formats", list(recipe.export.formats), f"ip_adapter is the IP-Adapter file layout; a "
-                f"{method} adapter cannot be exported that way", "e.g. [comfyui]")
-        if method == "ip_adapter" and set(recipe.export.formats) - {"ip_adapter"}:
-            add("export.formats", list(recipe.export.formats), "an IP-Adapter exports as ip_adapter "
-                "(image_proj.* + ip_adapter.* keys)", "[ip_adapter]")
-        if method not in (None, "lora") and "peft" in recipe.export.formats:
-            add("export.formats", list(recipe.export.formats), f"peft is a LoRA folder layout; a {method} "
-                "adapter cannot be exported that way", "e.g. [official]" if method == "controlnet" else "")
+    formats = recipe.export.formats
+    if ok("export.formats") and formats is not None:
+        if not formats:
+            add("export.formats", [], "must list at least one format, or be null for the method's default",
+                f"e.g. [{method.default_format.name}]" if method else "")
+        wrong = [fmt for fmt in formats if method is not None and fmt not in method.format_names]
+        if wrong:
+            owners = {fmt: [m.label for m in catalog.methods() if fmt in m.format_names] for fmt in wrong}
+            said = ", ".join(f"{fmt} (a {' / '.join(owners[fmt])} format)" if owners[fmt] else fmt for fmt in wrong)
+            add("export.formats", list(formats), f"a {method.label} cannot be exported as {said}; it exports as "
+                f"{catalog.format_help(method)}", f"e.g. [{method.default_format.name}]")

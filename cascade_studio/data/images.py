@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -20,7 +21,12 @@ from PIL import Image, ImageOps
 # Stage C's semantic compressor has stride 32, so a side under 32 px has no latent pixel left.
 MIN_SIDE = 32
 # 64 MP: far above any training resolution, well under what fits in RAM once decoded (about 200 MB as RGB).
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+# The same number as the recipe's default data.max_pixels, so a scan without a recipe (the studio's Data page)
+# applies, and quotes, the limit a run would.
+DEFAULT_MAX_PIXELS = 64_000_000
+# PIL's decompression-bomb messages: "Image size (N pixels) exceeds limit of M pixels" (M is PIL's own global,
+# twice our limit for the error), so only N is taken from them.
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 # PIL's decompression-bomb limit is one process-wide global; we set it from `max_pixels` only while a header
 # is parsed, and this lock keeps two threads from seeing each other's limit.
@@ -100,6 +106,11 @@ def _describe_open_failure(exc: BaseException) -> str:
     return f"cannot decode image ({type(exc).__name__}: {message}); re-save it as PNG or JPEG, or delete it"
 
 
+def _too_large(size: str, limit: int) -> str:
+    return (f"too large: {size} is over data.max_pixels={limit} (the guard against decompression bombs); "
+            "downscale it, or raise data.max_pixels if the image is genuine")
+
+
 def open_image(
     data: bytes,
     path: str,
@@ -126,17 +137,15 @@ def open_image(
             finally:
                 Image.MAX_IMAGE_PIXELS = previous_limit
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(
-            path, f"too large to decode safely ({exc}); raise data.max_pixels if the image is genuine"
-        ) from exc
+        found = _BOMB_PIXELS.search(str(exc))
+        size = f"{int(found.group(1))} pixels" if found else "its pixel count"
+        raise BadImageError(path, _too_large(size, limit)) from exc
     except Exception as exc:  # PIL plugins raise many types (OSError, SyntaxError, struct.error...) on bad data
         raise BadImageError(path, _describe_open_failure(exc)) from exc
 
     width, height = image.size
     if width * height > limit:  # header-level check before any pixel is decoded
-        raise BadImageError(
-            path, f"{width}x{height} is over data.max_pixels={limit}; downscale it or raise max_pixels"
-        )
+        raise BadImageError(path, _too_large(f"{width}x{height} = {width * height} pixels", limit))
     try:
         image.load()
         image = ImageOps.exif_transpose(image)

@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import tarfile
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +142,7 @@ class ScanResult:
     skipped: list[SkippedFile]
     missing_captions: int = 0
     missing_controls: list[str] = field(default_factory=list)
+    uncaptioned: list[str] = field(default_factory=list)  # paths of the records whose caption is ""
 
     def summary(self) -> str:
         parts = [f"{len(self.records)} images", f"{len(self.skipped)} skipped"]
@@ -151,6 +151,33 @@ class ScanResult:
         if self.missing_controls:
             parts.append(f"{len(self.missing_controls)} without control image")
         return ", ".join(parts)
+
+    def missing_caption_warning(self, shown: int = 3) -> str | None:
+        """What a run says once when some images have no caption (they train on the empty caption)."""
+        if not self.missing_captions:
+            return None
+        names = ", ".join(self.uncaptioned[:shown]) + (", ..." if len(self.uncaptioned) > shown else "")
+        return (f"{self.missing_captions} of {len(self.records)} images have no caption and train on an empty "
+                f"caption (as unconditional samples): {names}. Add a .txt sidecar (or a caption in the metadata "
+                "file) for each if that is not what you want.")
+
+    def report(self, where: str, skipped_shown: int = 50) -> str:
+        """A scan as text (``cascade-studio validate <recipe> --data``): counts, captions, every skip reason."""
+        captioned = len(self.records) - self.missing_captions
+        lines = [f"data: {where}", f"  {len(self.records)} usable images ({captioned} with a caption, "
+                                   f"{self.missing_captions} without), {len(self.skipped)} skipped"]
+        if self.missing_controls:
+            lines.append(f"  {len(self.missing_controls)} without a control image")
+        warning = self.missing_caption_warning()
+        if warning:
+            lines.append(f"  warning: {warning}")
+        if self.skipped:
+            lines.append("  skipped:")
+            lines += [f"    {s.path}: {s.reason}" for s in self.skipped[:skipped_shown]]
+            if len(self.skipped) > skipped_shown:
+                lines.append(f"    ... and {len(self.skipped) - skipped_shown} more; by reason:")
+                lines += _reason_lines(self.skipped, indent="    ")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -208,7 +235,9 @@ def scan_source(data_cfg: Any, control_column: str | None = None) -> ScanResult:
         if record is None:
             continue
         result.records.append(record)
-        result.missing_captions += record.caption == ""
+        if record.caption == "":
+            result.missing_captions += 1
+            result.uncaptioned.append(record.path)
         if control_column and not record.has_control:
             result.missing_controls.append(record.key)
         if max_images and len(result.records) >= max_images:
@@ -269,14 +298,32 @@ def _empty_message(where: str, skipped: Sequence[SkippedFile]) -> str:
             f"No images found in {where}. Expected {', '.join(IMAGE_EXTENSIONS)} files (folder), a saved dataset "
             "with an image column, or .tar shards; check data.path and data.source."
         )
-    reasons = Counter(s.reason for s in skipped)
-    lines = [f"  {count} x {reason}" for reason, count in reasons.most_common(5)]
-    examples = [f"  e.g. {s.path}" for s in skipped[:3]]
+    groups = _reason_groups(skipped)
     return (
-        f"No usable images in {where}: all {len(skipped)} file(s) were skipped:\n"
-        + "\n".join(lines + examples)
-        + "\nFix or remove these files (or point data.path elsewhere), then scan again."
+        f"No usable images in {where}: all {len(skipped)} file(s) were skipped, for {len(groups)} reason(s):\n"
+        + "\n".join(_reason_lines(skipped))
+        + "\nFix or remove these files (or point data.path elsewhere), then scan again "
+        "(cascade-studio validate <recipe> --data lists every file)."
     )
+
+
+def _reason_groups(skipped: Sequence[SkippedFile]) -> dict[str, list[SkippedFile]]:
+    """Skipped files by kind of reason: reasons that differ only in their numbers (sizes, pixel counts, byte
+    counts) are one kind, so no kind is ever left out of a summary."""
+    groups: dict[str, list[SkippedFile]] = {}
+    for item in skipped:
+        groups.setdefault(re.sub(r"\d+", "#", item.reason), []).append(item)
+    return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
+
+def _reason_lines(skipped: Sequence[SkippedFile], indent: str = "  ") -> list[str]:
+    lines = []
+    for group in _reason_groups(skipped).values():
+        first = group[0]
+        others = sum(item.reason != first.reason for item in group)
+        example = f"e.g. {first.path}" + (f"; {others} more with other numbers" if others else "")
+        lines.append(f"{indent}{len(group)} x {first.reason} ({example})")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------

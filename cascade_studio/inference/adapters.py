@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from cascade_studio.adapters import catalog
 from cascade_studio.adapters.base import AdaptedStageC, AdapterMismatchError
-from cascade_studio.adapters.registry import AdapterContext, detect_method, load_adapter, read_adapter_header
-from cascade_studio.devices import to_host
+from cascade_studio.adapters.registry import AdapterContext, detect_method, load_adapter
 from cascade_studio.run_folder import ADAPTER_FILE, RunFolder, checkpoint_step
 
 __all__ = ["SPEC_SYNTAX", "AdapterSpec", "ResolvedAdapter", "LoadedAdapter", "AdapterInputs", "parse_adapter_spec",
@@ -40,9 +40,6 @@ Adapter spec: [KIND:][ORIGIN:]TARGET[@STEP][@WEIGHT]
 Examples: lora:style.safetensors@0.8  cn:canny.safetensors@0.7  ip:ip.safetensors@0.6  run:3f2a...c9
           run:workspace/runs/tiny-lora  ckpt:workspace/runs/tiny-lora@20  lora:ckpt:workspace/runs/x@40@0.5"""
 
-KIND_ALIASES = {"lora": "lora", "controlnet": "controlnet", "cn": "controlnet", "ip": "ip_adapter",
-                "ip_adapter": "ip_adapter", "ip-adapter": "ip_adapter"}
-SHORT_KIND = {"lora": "lora", "controlnet": "cn", "ip_adapter": "ip"}
 ORIGINS = ("file", "run", "ckpt")
 CONTROL_MODES = ("canny", "image")
 _MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -70,17 +67,18 @@ class AdapterSpec:
     control: str | None = None
     control_mode: str | None = None
     image_prompts: tuple[str, ...] = ()
-    multi_image: str = "average"
+    multi_image: str | None = None  # None = average
     text: str = ""
 
     def __post_init__(self) -> None:
         if self.origin not in ORIGINS:
             raise ValueError(f"adapter origin {self.origin!r}: use one of {ORIGINS}")
-        if self.method not in (None, "lora", "controlnet", "ip_adapter"):
-            raise ValueError(f"adapter kind {self.method!r}: use lora, controlnet or ip")
+        if self.method is not None and self.method not in catalog.names():
+            raise ValueError(f"adapter kind {self.method!r}: use one of " + ", ".join(
+                " / ".join((m.name, *m.aliases)) for m in catalog.methods()))
         if self.control_mode not in (None, *CONTROL_MODES):
             raise ValueError(f"control mode {self.control_mode!r}: use one of {CONTROL_MODES}")
-        if self.multi_image not in ("average", "concat"):
+        if self.multi_image not in (None, "average", "concat"):
             raise ValueError(f"multi_image {self.multi_image!r}: use average or concat")
 
     @classmethod
@@ -111,8 +109,9 @@ def parse_adapter_spec(text: str, **settings: Any) -> AdapterSpec:
     if not rest:
         raise ValueError("empty adapter spec; " + SPEC_SYNTAX.splitlines()[0])
     head, sep, tail = rest.partition(":")
-    if sep and head.lower() in KIND_ALIASES:
-        method, rest = KIND_ALIASES[head.lower()], tail
+    named = catalog.by_alias(head) if sep else None
+    if named is not None:
+        method, rest = named.name, tail
         head, sep, tail = rest.partition(":")
     if sep and head.lower() in ("run", "ckpt"):
         origin, rest = head.lower(), tail
@@ -158,23 +157,17 @@ class ResolvedAdapter:
     @property
     def label(self) -> str:
         """Short human name with settings, e.g. ``lora tiny-lora step 20 x0.8``."""
-        kind = SHORT_KIND[self.method]
+        method = catalog.get(self.method)
         name = self.run_dir.name if self.run_dir is not None else self.path.stem
-        parts = [kind, name]
+        parts = [method.short, name]
         if self.spec.origin == "ckpt" and self.step is not None:
             parts.append(f"step {self.step}")
         elif self.spec.origin == "run" and self.mlflow_run_id and not Path(self.spec.source).is_dir():
             parts.append(f"({self.mlflow_run_id[:8]})")
-        setting = {"lora": "x", "controlnet": "strength ", "ip_adapter": "scale "}[self.method]
-        parts.append(f"{setting}{self.weight:g}")
-        if self.method == "lora" and self.spec.merge:
-            parts.append("merged")
-        if self.method == "controlnet" and self.spec.control:
-            parts.append(f"{self.spec.control_mode or 'auto'}:{Path(self.spec.control).name}")
-        if self.method == "ip_adapter" and self.spec.image_prompts:
-            parts.append("+".join(Path(p).name for p in self.spec.image_prompts))
-            if len(self.spec.image_prompts) > 1:
-                parts.append(f"({self.spec.multi_image})")
+        parts.append(f"{method.weight_prefix}{self.weight:g}")
+        describe = method.hook("describe_spec")
+        if describe is not None:
+            parts += describe(self.spec)
         return " ".join(parts)
 
     def describe(self) -> dict[str, Any]:
@@ -184,7 +177,7 @@ class ResolvedAdapter:
                 "run_dir": str(self.run_dir) if self.run_dir else None, "mlflow_run_id": self.mlflow_run_id,
                 "step": self.step, "weight": self.weight, "merge": self.spec.merge, "control": self.spec.control,
                 "control_mode": self.spec.control_mode, "image_prompts": list(self.spec.image_prompts),
-                "multi_image": self.spec.multi_image, "label": self.label}
+                "multi_image": self.spec.multi_image or "average", "label": self.label}
 
 
 def _run_id_of(run_dir: Path | None) -> str | None:
@@ -304,7 +297,8 @@ def resolve_adapter(spec: AdapterSpec, workspace: str | Path = "workspace",
     method = detect_method(path)
     if spec.method is not None and spec.method != method:
         raise AdapterMismatchError(f"{path}: asked for a {spec.method} but the file holds a {method}; give it as "
-                                   f"a {SHORT_KIND[method]}: spec (or without a kind prefix: files say what they are)")
+                                   f"a {catalog.get(method).short}: spec (or without a kind prefix: files say what "
+                                   "they are)")
     run_id = _run_id_of(run_dir)
     if run_id is None and spec.origin != "file" and _MLFLOW_RUN_ID.match(spec.source):
         run_id = spec.source
@@ -330,14 +324,15 @@ class LoadedAdapter:
 
 
 def adapter_context(stage_c: torch.nn.Module, model_spec: Any = None) -> AdapterContext:
-    """What the adapter loaders check files against, read from the loaded Stage C (a custom width counts)."""
-    from cascade_studio.adapters.controlnet.adapter import stage_c_width
+    """What the adapter loaders check files against, read from the loaded Stage C: its width (a custom width
+    counts) and the fingerprint of its weights (an adapter trained on other weights is refused)."""
+    from cascade_studio.adapters.base import stage_c_width
+    from cascade_studio.models.identity import weights_identity
 
     inner = stage_c.stage_c if isinstance(stage_c, AdaptedStageC) else stage_c
     width = stage_c_width(inner)
     preset = getattr(model_spec, "preset", None) or "tiny"
-    source = model_spec.source("stage_c") if hasattr(model_spec, "source") else None
-    return AdapterContext(preset=preset, base_fingerprint=str(source or f"{preset}-built-in"),
+    return AdapterContext(preset=preset, base_fingerprint=weights_identity(inner),
                           stage_c_config={"c_hidden": [width]})
 
 
@@ -347,56 +342,31 @@ def _safe_name(index: int, resolved: ResolvedAdapter) -> str:
     return f"{resolved.method}_{index}_{stem}"
 
 
-def _lora_file(resolved: ResolvedAdapter, scratch: Path) -> Path:
-    """Training checkpoints hold LoRAs in PEFT layout without an adapter_config.json, which the LoRA loader
-    needs; convert them to the ComfyUI layout (a pure tensor conversion, as `cascade-studio export` does)."""
-    from cascade_studio.adapters.lora.formats import sniff_format
-
-    if resolved.path.is_dir():
-        return resolved.path
-    keys, _ = read_adapter_header(resolved.path)
-    if sniff_format(keys) != "peft":
-        return resolved.path
-    from cascade_studio.export import export_from_run
-
-    return export_from_run(resolved.path, "comfyui", scratch / f"{resolved.path.parent.name}.safetensors")
-
-
 def load_adapters(model: AdaptedStageC, adapters: Sequence[AdapterSpec | ResolvedAdapter],
                   context: AdapterContext, *, workspace: str | Path = "workspace",
-                  tracking_uri: str | None = None) -> list[LoadedAdapter]:
-    """Load every adapter onto ``model`` (all or none: on an error the ones already added are removed)."""
+                  tracking_uri: str | None = None, force: bool = False) -> list[LoadedAdapter]:
+    """Load every adapter onto ``model`` (all or none: on an error the ones already added are removed).
+    ``force`` loads adapters trained on another base (see ``registry.check_base``)."""
     resolved = [a if isinstance(a, ResolvedAdapter) else resolve_adapter(a, workspace, tracking_uri)
                 for a in adapters]
     loaded: list[LoadedAdapter] = []
-    controlnets = 0
+    state: dict[str, Any] = {}  # shared by one method's adapters across the list (e.g. ControlNet input names)
     device = next(model.stage_c.parameters()).device
     try:
         with tempfile.TemporaryDirectory(prefix="cascade-adapters-") as scratch:
             for index, item in enumerate(resolved):
                 name = _safe_name(index, item)
-                options: dict[str, Any] = {}
-                input_name = None
-                if item.method == "lora":
-                    options["multiplier"] = item.weight
-                    path = _lora_file(item, Path(scratch))
-                elif item.method == "controlnet":
-                    # Each ControlNet reads its own hint input, so two ControlNets can take two images.
-                    input_name = "control" if controlnets == 0 else f"control_{controlnets}"
-                    controlnets += 1
-                    options.update(strength=item.weight, input_name=input_name)
-                    path = item.path
-                else:
-                    options.update(scale=item.weight, multi_image=item.spec.multi_image)
-                    path = item.path
+                path, options, input_name = catalog.get(item.method).hook("generation_load")(
+                    item, Path(scratch), state)
                 try:
                     with warnings.catch_warnings():
                         # PEFT warns on every LoRA after the first that the Stage C already has a
                         # peft_config; several named adapters on one model is exactly what we want.
                         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                        adapter = load_adapter(path, model, context, name=name, **options)
+                        adapter = load_adapter(path, model, context, name=name, force=force, **options)
                 except AdapterMismatchError as exc:
                     message = str(exc) if str(item.path) in str(exc) else f"{item.path}: {exc}"
+                    message = message.rstrip(". ")
                     raise AdapterMismatchError(
                         f"{message}. Use an adapter trained on this base ({context.preset}, Stage C width "
                         f"{context.width}), or load the base it was made for (--preset / --stage-c).") from None
@@ -405,9 +375,11 @@ def load_adapters(model: AdaptedStageC, adapters: Sequence[AdapterSpec | Resolve
                 if isinstance(adapter, torch.nn.Module):
                     adapter.to(device)  # loaders build on the CPU; the base may be on a GPU
                 loaded.append(LoadedAdapter(name, item, adapter, input_name))
-        merging = [entry for entry in loaded if entry.resolved.method == "lora" and entry.resolved.spec.merge]
-        if merging:
-            merging[0].adapter.merge()  # merges every enabled LoRA at once (see LoraAdapter.merge)
+        for method in catalog.methods():
+            finish = method.hook("generation_finish")
+            mine = [entry for entry in loaded if entry.resolved.method == method.name]
+            if finish is not None and mine:
+                finish(mine)
     except BaseException:
         remove_adapters(model, [entry.name for entry in loaded])
         raise
@@ -449,32 +421,15 @@ def _read_rgb(path: str | Path, what: str) -> torch.Tensor:
     return array.view(image.height, image.width, 3).permute(2, 0, 1).float().div(255.0)
 
 
-def _tiny_or_loaded_encoder(name: str, source: str | None, device: torch.device) -> Any:
-    if source:
-        from cascade_studio.models.loading import load_ip_image_encoder
-
-        return load_ip_image_encoder(name, source, dtype=torch.float32, device=device)
-    if name not in ("tiny", "toy"):
-        raise ValueError(f"this IP-Adapter was trained with the image encoder {name!r}; give its weights with "
-                         "--ip-image-encoder FILE|FOLDER|REPO (only the tiny and toy encoders are built in)")
-    # The same build the training cache used (tiny: deterministic random; toy: the shipped weights), so the
-    # embeddings match what the adapter learned.
-    from cascade_studio.adapters.ip_adapter import image_encoder_feature
-
-    return image_encoder_feature({"image_encoder": name}).encoder.to(device)
-
-
 class AdapterInputs:
-    """The extra model inputs of loaded adapters: ControlNet hints and IP-Adapter image embeddings.
+    """The extra model inputs of loaded adapters (ControlNet hints, IP-Adapter image embeddings, ...), built by
+    each method's ``generation_prepare`` / ``generation_inputs`` hooks and cached here for a whole generation or
+    comparison.
 
-    Control hints: the control image is resized to the generation size rounded up to whole latent cells
-    (multiples of 32 px, the grid training hints tile; another aspect ratio is refused rather than distorted).
-    Mode ``canny`` takes cv2 Canny edges of it, exactly as the training cache's ``CannyHint`` does (default for
-    canny ControlNets); ``image`` feeds it as is (greyscale for 1-channel ControlNets), for pre-made maps.
-    Image prompts: each image is encoded alone by the IP-Adapter's image encoder (named in its file) to [D];
-    an adapter's M prompts form ``ip_image_embeds`` [B, M, D], the same rows for every sample, and the
-    adapter's ``multi_image`` mode averages them (one blended prompt) or concatenates their tokens. The
-    unconditional half gets zeros, the IP-Adapter's "no image".
+    ``size`` is the generation size rounded up to whole latent cells (multiples of 32 px, the grid training
+    hints tile) and ``aspect`` the requested width/height; ``cache`` holds what the methods computed (hints,
+    embeddings); ``shared`` holds what several adapters reuse while preparing (an image encoder) until
+    :meth:`release_shared`.
     """
 
     def __init__(self, height: int, width: int, device: torch.device | str = "cpu",
@@ -486,101 +441,39 @@ class AdapterInputs:
         self.device = torch.device(device)
         self.ip_image_encoder = ip_image_encoder
         self.encoder_loader = encoder_loader
-        self._embeds: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
-        self._hints: dict[tuple[str, str, int], torch.Tensor] = {}
+        self.cache: dict[tuple, Any] = {}
+        self._shared: dict[tuple, Any] = {}
+
+    read_image = staticmethod(_read_rgb)
+
+    def shared(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()`` once per key while preparing (e.g. one image encoder for every adapter that uses it)."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
+
+    def release_shared(self) -> None:
+        self._shared.clear()
 
     def prepare(self, adapters: Sequence[ResolvedAdapter]) -> None:
-        """Check every adapter has its images and encode the image prompts now: call it before Stage C loads,
-        so a missing image fails early and the image encoder is never in memory next to Stage C."""
-        for item in adapters:
-            if item.method == "controlnet":
-                if not item.spec.control:
-                    raise ValueError(f"{item.path} is a ControlNet but no control image was given; add "
-                                     "--control IMAGE")
-                if not Path(item.spec.control).is_file():
-                    raise FileNotFoundError(f"control image {item.spec.control} does not exist; check the path")
-        self.encode_image_prompts(adapters)
-
-    def encode_image_prompts(self, adapters: Sequence[ResolvedAdapter]) -> None:
-        """Encode every IP-Adapter's image prompts (once per encoder and set of images)."""
-        wanted: dict[str, set[tuple[str, ...]]] = {}
-        for item in adapters:
-            if item.method != "ip_adapter":
-                continue
-            if not item.spec.image_prompts:
-                raise ValueError(f"{item.path} is an IP-Adapter but no image prompt was given; add "
-                                 "--image-prompt PATH (repeatable)")
-            _, metadata = read_adapter_header(item.path)
-            encoder = metadata.get("cascade_studio.image_encoder", "tiny")
-            if (encoder, item.spec.image_prompts) not in self._embeds:
-                wanted.setdefault(encoder, set()).add(item.spec.image_prompts)
-        for encoder_name, groups in wanted.items():
-            encoder = (self.encoder_loader(encoder_name) if self.encoder_loader is not None
-                       else _tiny_or_loaded_encoder(encoder_name, self.ip_image_encoder, self.device))
-            with torch.no_grad():
-                for paths in groups:
-                    rows = [encoder.encode(_read_rgb(p, "image prompt")[None].to(self.device)).reshape(-1)
-                            for p in paths]
-                    self._embeds[(encoder_name, paths)] = to_host(torch.stack(rows).float())
-            del encoder
-
-    def hint(self, path: str | Path, adapter: Any, mode: str | None = None) -> torch.Tensor:
-        """The [1, C, H, W] hint of one control image for one ControlNet adapter."""
-        from cascade_studio.adapters.controlnet.hints import CannyHint, ImageHint
-
-        spec = adapter.spec
-        if spec.control in ("inpainting", "sr"):
-            raise ValueError(f"ControlNet {adapter.name!r} is a {spec.control} ControlNet; generate and compare "
-                             "make canny and image hints only")
-        mode = mode or ("canny" if spec.control == "canny" else "image")
-        key = (str(path), mode, spec.c_in)
-        if key in self._hints:
-            return self._hints[key]
-        if mode == "canny" and spec.c_in != 1:
-            raise ValueError(f"--control-mode canny makes 1-channel edge maps but ControlNet {adapter.name!r} "
-                             f"takes {spec.c_in} channels; use --control-mode image")
-        if mode == "image" and spec.c_in not in (1, 3):
-            raise ValueError(f"ControlNet {adapter.name!r} takes {spec.c_in}-channel hints; a control image "
-                             "gives 1 or 3")
-        image = _read_rgb(path, "control image")
-        height, width = image.shape[-2:]
-        if abs((width / height) / self.aspect - 1.0) > 0.02:
-            raise ValueError(f"control image {path} is {width}x{height} but the generation is "
-                             f"{self.aspect:.3f}:1; crop it to the generation's aspect ratio so edges land where "
-                             "they should")
-        # The aspect was checked above against the requested size, before rounding to 32 px.
-        resized = ImageHint(channels=3, size=self.size, aspect_tolerance=float("inf")).convert(image, str(path))
-        if mode == "canny":
-            hint = CannyHint().edges(resized[None])
-        else:
-            hint = ImageHint(channels=spec.c_in).convert(resized, str(path))[None]
-        self._hints[key] = hint
-        return hint
+        """Check every adapter has its inputs and compute what can be computed now: call it before Stage C
+        loads, so a missing image fails early and an image encoder is never in memory next to Stage C."""
+        try:
+            for item in adapters:
+                prepare = catalog.get(item.method).hook("generation_prepare")
+                if prepare is not None:
+                    prepare(item, self)
+        finally:
+            self.release_shared()
 
     def build(self, loaded: Sequence[LoadedAdapter], batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(extra_cond, extra_uncond)`` for ``sample_stage_c``: hints shared by both halves, image
-        embeddings in the conditional half and zeros in the unconditional one."""
+        """``(extra_cond, extra_uncond)`` for ``sample_stage_c``."""
         cond: dict[str, Any] = {}
         uncond: dict[str, Any] = {}
         for entry in loaded:
-            spec = entry.resolved.spec
-            if entry.resolved.method == "controlnet":
-                if not spec.control:
-                    raise ValueError(f"{entry.resolved.path} is a ControlNet but no control image was given; "
-                                     "add --control IMAGE")
-                hint = self.hint(spec.control, entry.adapter, spec.control_mode)
-                cond[entry.input_name] = hint.expand(batch, *hint.shape[1:])
-            elif entry.resolved.method == "ip_adapter":
-                _, metadata = read_adapter_header(entry.resolved.path)
-                key = (metadata.get("cascade_studio.image_encoder", "tiny"), spec.image_prompts)
-                if key not in self._embeds:
-                    self.encode_image_prompts([entry.resolved])
-                embeds = self._embeds[key][None].expand(batch, -1, -1)
-                if "ip_image_embeds" in cond:
-                    raise ValueError("two IP-Adapters in one generation would share the ip_image_embeds input; "
-                                     "load one IP-Adapter at a time")
-                cond["ip_image_embeds"] = embeds
-                uncond["ip_image_embeds"] = torch.zeros_like(embeds)
+            inputs = catalog.get(entry.resolved.method).hook("generation_inputs")
+            if inputs is not None:
+                inputs(entry, self, batch, cond, uncond)
         return cond, uncond
 
 
@@ -588,7 +481,7 @@ class AdapterInputs:
 def generate_with_adapters(
     components: Any, settings: Any, specs: Sequence[AdapterSpec], *, workspace: str | Path = "workspace",
     tracking_uri: str | None = None, ip_image_encoder: str | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None, force: bool = False,
 ) -> tuple[list, list[ResolvedAdapter]]:
     """``pipeline.generate`` with adapters on Stage C; returns (images, resolved adapters).
 
@@ -605,17 +498,18 @@ def generate_with_adapters(
     with components.use("text_encoder", settings.torch_dtype) as text_encoder:
         text = encode_prompts(text_encoder, settings)
         del text_encoder
-    latents = _sample_adapted(components, settings, text, resolved, inputs, progress)
+    latents = _sample_adapted(components, settings, text, resolved, inputs, progress, force)
     components.release()  # Stage C and its adapters died with _sample_adapted's frame: return the memory
     return decode_latents(components, latents, settings, text, progress=progress), resolved
 
 
 def _sample_adapted(components: Any, settings: Any, text: Any, resolved: Sequence[ResolvedAdapter],
-                    inputs: AdapterInputs, progress: Callable[[str, int, int], None] | None) -> torch.Tensor:
+                    inputs: AdapterInputs, progress: Callable[[str, int, int], None] | None,
+                    force: bool = False) -> torch.Tensor:
     from cascade_studio.inference.pipeline import sample_stage_c
 
     stage_c = components.load("stage_c", settings.torch_dtype)
     model = AdaptedStageC(stage_c)
-    loaded = load_adapters(model, resolved, adapter_context(stage_c, components.spec))
+    loaded = load_adapters(model, resolved, adapter_context(stage_c, components.spec), force=force)
     extra_cond, extra_uncond = inputs.build(loaded, settings.total_images)
     return sample_stage_c(model, text, settings, extra_cond, extra_uncond, progress=progress)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +28,7 @@ import torch
 
 from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.devices import to_host
+from cascade_studio.models.presets import get_preset
 from cascade_studio.inference.adapters import (AdapterInputs, AdapterSpec, ResolvedAdapter, adapter_context,
                                                load_adapters, parse_adapter_spec, remove_adapters, resolve_adapter)
 from cascade_studio.inference.grid import make_grid
@@ -80,20 +81,19 @@ class CompareSettings:
     tracking_uri: str | None = None
     mlflow: bool = False
     device: str | None = None
+    force: bool = False  # load adapters trained on another base (their fingerprints differ)
     progress: bool = True
     save_latents: bool = False
 
     def resolved_decoder(self) -> str:
-        decoder = self.decoder or ("previewer" if self.model.preset in ("tiny", "toy") else "cascade")
+        decoder = self.decoder or ("previewer" if get_preset(self.model.preset).built_in else "cascade")
         if decoder not in DECODERS:
             raise ValueError(f"decoder {decoder!r}: use one of {DECODERS}")
         return decoder
 
     def generate_settings(self, prompts: Sequence[str], seed: int) -> GenerateSettings:
         """The GenerateSettings of one sampling call (what ``generate`` would be given for these cells)."""
-        from cascade_studio.models import get_preset
-
-        size = get_preset("tiny" if self.model.preset == "toy" else self.model.preset).generate_resolution
+        size = get_preset(self.model.preset).generate_resolution
         kwargs: dict[str, Any] = dict(
             prompt=list(prompts), negative_prompt=self.negative_prompt, seed=int(seed), steps_c=self.steps_c,
             cfg_c=self.cfg_c, shift_c=self.shift_c, steps_b=self.steps_b, cfg_b=self.cfg_b,
@@ -139,7 +139,7 @@ class _Call:
 def parse_column(column: str | AdapterSpec | Sequence[AdapterSpec], settings: CompareSettings) -> Column:
     """Resolve one column (``"base"``, a spec string with ``+`` joins, or AdapterSpecs) to files on disk."""
     defaults = dict(control=settings.control, control_mode=settings.control_mode,
-                    image_prompts=tuple(settings.image_prompts) or None, multi_image=None)
+                    image_prompts=tuple(settings.image_prompts) or None, multi_image=settings.ip_multi)
     if isinstance(column, str):
         text = column.strip()
         if text.lower() == BASE:
@@ -149,9 +149,6 @@ def parse_column(column: str | AdapterSpec | Sequence[AdapterSpec], settings: Co
         specs = [column] if isinstance(column, AdapterSpec) else list(column)
         specs = [spec.with_defaults(**defaults) for spec in specs]
         text = "+".join(spec.text or spec.source for spec in specs) or BASE
-    if settings.ip_multi != "average":
-        specs = [spec if spec.multi_image != "average" else replace(spec, multi_image=settings.ip_multi)
-                 for spec in specs]
     for spec in specs:
         if spec.merge:
             raise ValueError(f"column {text!r}: merged LoRAs cannot be compared (unmerging is exact only up to "
@@ -199,7 +196,7 @@ def run_compare(settings: CompareSettings) -> CompareResult:
     with components.use("text_encoder", first.torch_dtype) as text_encoder:
         texts = [encode_prompts(text_encoder, s) for s in call_settings]
         del text_encoder
-    latents = _sample_columns(components, columns, calls, call_settings, texts, inputs, bar)
+    latents = _sample_columns(components, columns, calls, call_settings, texts, inputs, bar, settings.force)
     images = _decode(components, decoder, latents, call_settings, texts, bar)
     bar.close()
 
@@ -232,7 +229,7 @@ def run_compare(settings: CompareSettings) -> CompareResult:
 
 def _sample_columns(components: CascadeComponents, columns: list[Column], calls: list[_Call],
                     call_settings: list[GenerateSettings], texts: list, inputs: AdapterInputs,
-                    bar: Any) -> list[list[torch.Tensor]]:
+                    bar: Any, force: bool = False) -> list[list[torch.Tensor]]:
     """Stage C latents [column][call]: the base is loaded once; each column adds its adapters, samples every
     call, and removes them again."""
     stage_c = components.load("stage_c", call_settings[0].torch_dtype)
@@ -241,12 +238,13 @@ def _sample_columns(components: CascadeComponents, columns: list[Column], calls:
     # Load (and drop) every column once first, so an adapter that does not fit this base stops the comparison
     # before any sampling time is spent.
     for column in columns:
-        remove_adapters(model, [entry.name for entry in load_adapters(model, column.adapters, context)])
+        remove_adapters(model, [entry.name for entry in load_adapters(model, column.adapters, context,
+                                                                      force=force)])
     latents: list[list[torch.Tensor]] = []
     try:
         for column in columns:
             bar.set_postfix_str(column.label[:40])
-            loaded = load_adapters(model, column.adapters, context)
+            loaded = load_adapters(model, column.adapters, context, force=force)
             try:
                 per_call = []
                 for call, settings, text in zip(calls, call_settings, texts):

@@ -177,7 +177,9 @@ class CascadeComponents:
     def _build_random(self, name: str, dtype: torch.dtype) -> Any:
         # One builder for every command, so train, generate and compare share the same base: the toy preset's
         # shipped weights (pretrained Stage C, previewer, compressor), the tiny preset's seeded random init.
-        if self.spec.preset == "toy":
+        from cascade_studio.models.presets import get_preset
+
+        if get_preset(self.spec.preset).weights == "shipped":
             from cascade_studio.models.toy import load_toy_component
 
             return load_toy_component(name).to(device=self.device, dtype=dtype)

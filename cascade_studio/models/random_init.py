@@ -76,24 +76,24 @@ def build_random(name: str, preset_name: str) -> nn.Module:
     """Component ``name`` of ``preset_name`` with the fixed seed (tiny/toy presets only)."""
     from . import build_previewer, build_stage_a, build_stage_b, build_stage_c, get_preset
 
-    if preset_name in ("big", "lite"):
+    preset = get_preset(preset_name)
+    if not preset.built_in:
         raise ValueError(f"the {preset_name} preset has no built-in weights for {name}: give a weights file or "
                          "folder, or a repo id (model.repo_id, e.g. stabilityai/stable-cascade)")
-    preset = get_preset("tiny" if preset_name == "toy" else preset_name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED + COMPONENTS.index(name))
         if name == "text_encoder":
             from .encoders import build_text_encoder
 
-            return build_text_encoder(preset.name)
+            return build_text_encoder(preset.architecture)
         if name == "image_encoder":
             from .encoders import build_image_encoder
 
-            return build_image_encoder(preset.name)
+            return build_image_encoder(preset.architecture)
         if name == "effnet":
             from .effnet import build_effnet
 
-            return calibrate_effnet(build_effnet(preset.name))
+            return calibrate_effnet(build_effnet(preset.architecture))
         if name == "stage_c":
             return make_learnable(build_stage_c(**preset.stage_c), seed=RANDOM_INIT_SEED + 11)
         if name == "stage_b":

@@ -29,7 +29,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+
+from .sqlite_store import prepare_sqlite_store, quiet_mlflow_sql_logs, sqlite_path, store_error
 
 from ..run_folder import TRACKING_BUFFER_FILE, TRACKING_PENDING_DIR
 
@@ -62,6 +64,10 @@ class TrackingUnavailableError(TrackingError):
     """The tracking store/server cannot be reached at the start of a run."""
 
 
+class TrackingStoreError(TrackingUnavailableError):
+    """The local SQLite store is damaged, locked, or its disk is full; the message names the file and what to do."""
+
+
 def _mlflow_client(uri: str) -> Any:
     try:
         from mlflow import MlflowClient
@@ -72,15 +78,56 @@ def _mlflow_client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def _store_lock(uri: str) -> Any:
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
     """A file lock beside a SQLite store (held while opening it and creating the run), else no lock."""
-    if not uri.startswith("sqlite:///"):
-        return contextlib.nullcontext()
-    from filelock import FileLock
+    database = sqlite_path(uri)
+    if database is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
 
-    database = Path(uri[len("sqlite:///"):])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(database) + ".lock", timeout=300)
+    lock = FileLock(str(database) + ".lock", timeout=300)
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout as exc:
+        raise TrackingStoreError(
+            f"Another process has held {lock.lock_file} for 5 minutes while opening the MLflow database {database}. "
+            "Wait for it (a run creating the database, or the studio), or stop it, then start again."
+        ) from exc
+    except OSError as exc:
+        raise store_error(exc, database, "create") or exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def _store_faults(uri: str, action: str = "open") -> Iterator[None]:
+    """Turn a damaged, locked or full SQLite store into one :class:`TrackingStoreError` (other errors pass)."""
+    database = sqlite_path(uri)
+    try:
+        with quiet_mlflow_sql_logs():
+            yield
+    except TrackingError:
+        raise
+    except Exception as exc:
+        translated = store_error(exc, database, action) if database is not None else None
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+def _open_client(uri: str, artifact_location: Optional[str], create: bool = True) -> Any:
+    """An MlflowClient on ``uri``; a SQLite database is first made whole (:mod:`.sqlite_store`). None when a
+    SQLite database does not exist and ``create`` is false. Call with :func:`_store_lock` held."""
+    database = sqlite_path(uri)
+    with _store_faults(uri, "open"):
+        if database is not None and not prepare_sqlite_store(database, artifact_location, create=create):
+            return None
+        return _mlflow_client(uri)
 
 
 def _is_http(uri: str) -> bool:
@@ -205,6 +252,9 @@ class Tracker:
         self._warned_changed: set[str] = set()
         self._ended = False
         self._pending_count = 0
+        # metric -> steps this run already has (set when resuming): the steps between the last checkpoint and
+        # the interruption run again, and MLflow's history should hold each step once.
+        self._logged_steps: dict[str, set[int]] = {}
 
     # --------------------------------------------------------------------------------------------- start
     @classmethod
@@ -225,7 +275,7 @@ class Tracker:
         # Runs starting together on a new SQLite store would each create its tables, and all but one fail
         # ("table ... already exists"); one at a time, the later ones find the tables made.
         with _store_lock(resolved):
-            client = _mlflow_client(resolved)
+            client = _open_client(resolved, artifact_location)
             try:
                 experiment_id = _get_or_create_experiment(client, experiment, artifact_location)
                 if resume_run_id:
@@ -237,6 +287,7 @@ class Tracker:
                     # Send what an earlier process buffered (including its end status) before marking RUNNING again.
                     tracker._flush(force=True)
                     client.update_run(tracker.run_id, status="RUNNING")
+                    tracker._logged_steps = tracker._metric_steps()
                     if tags:
                         tracker.set_tags(tags)
                 else:
@@ -247,6 +298,10 @@ class Tracker:
             except TrackingError:
                 raise
             except Exception as exc:
+                database = sqlite_path(resolved)
+                translated = store_error(exc, database) if database is not None else None
+                if translated is not None:
+                    raise translated from exc
                 hint = ""
                 if resume_run_id and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
                     hint = (f" Run {resume_run_id} is not in this store: check the workspace/tracking URI, or resume "
@@ -273,6 +328,9 @@ class Tracker:
             except (TypeError, ValueError):
                 logger.warning("Metric %r has a non-numeric value %r; not logged.", key, value)
         values = _drop_bad_keys(values, "Metric")
+        # A resumed run repeats the steps after its last checkpoint exactly (same batches, same seeds): the
+        # points the interrupted process logged for them stay, and are not logged a second time.
+        values = {key: value for key, value in values.items() if int(step) not in self._logged_steps.get(key, ())}
         if values:
             self._record({"kind": "metrics", "step": int(step), "timestamp": _now_ms(), "values": values})
 
@@ -440,6 +498,17 @@ class Tracker:
         else:
             logger.warning("Unknown tracking record kind %r in %s; skipped.", kind, self.buffer_path)
 
+    def _metric_steps(self) -> dict[str, set[int]]:
+        """The steps at which this run has each metric, in the store or still waiting in the buffer file."""
+        steps: dict[str, set[int]] = {}
+        for key in self.client.get_run(self.run_id).data.metrics:
+            steps[key] = {int(m.step) for m in self.client.get_metric_history(self.run_id, key)}
+        for record in self._read_buffer():
+            if record.get("kind") == "metrics" and record.get("run_id") == self.run_id:
+                for key in record.get("values", {}):
+                    steps.setdefault(key, set()).add(int(record["step"]))
+        return steps
+
     def _existing_params(self, run_id: str) -> dict[str, str]:
         if run_id not in self._params_by_run:
             self._params_by_run[run_id] = dict(self.client.get_run(run_id).data.params)
@@ -566,11 +635,26 @@ def _artifact_paths(client: Any, run_id: str, path: Optional[str] = None) -> lis
     return found
 
 
+def _reading_client(uri: str) -> Any:
+    """A client for reading runs (the studio, compare): a damaged, locked or full store is one clear
+    :class:`TrackingStoreError`; a half-made SQLite database with no runs is made whole first. None when a SQLite
+    database does not exist."""
+    if _sqlite_missing(uri):
+        return None
+    with _store_lock(uri):
+        return _open_client(uri, None, create=False)
+
+
 def read_run(uri: str, run_id: str) -> dict[str, Any]:
     """Everything about one run: status, params, tags, full metric histories (by step) and artifact paths."""
-    if _sqlite_missing(uri):
+    client = _reading_client(uri)
+    if client is None:
         raise TrackingError(f"No tracking database at {uri}; check the workspace path.")
-    client = _mlflow_client(uri)
+    with _store_faults(uri):
+        return _read_run(client, run_id)
+
+
+def _read_run(client: Any, run_id: str) -> dict[str, Any]:
     run = client.get_run(run_id)
     histories = {
         key: [{"step": m.step, "value": m.value, "timestamp": m.timestamp}
@@ -594,9 +678,14 @@ def read_run(uri: str, run_id: str) -> dict[str, Any]:
 
 def list_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
     """Runs of an experiment, newest first, with their latest metric values; [] if there is none."""
-    if _sqlite_missing(uri):
+    client = _reading_client(uri)
+    if client is None:
         return []
-    client = _mlflow_client(uri)
+    with _store_faults(uri):
+        return _list_runs(client, experiment)
+
+
+def _list_runs(client: Any, experiment: str) -> list[dict[str, Any]]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []

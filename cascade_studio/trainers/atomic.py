@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Mapping, Optional, Union
 
+from .. import diskspace
+
 PathLike = Union[str, os.PathLike]
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG)
@@ -42,49 +44,41 @@ class DiskFullError(OSError):
     """A write failed because the disk is full or a file-size limit was hit; the old file is untouched."""
 
 
-def _format_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"  # unreachable; keeps type checkers happy
-
-
 def free_space(path: PathLike) -> Optional[int]:
     """Free bytes on the filesystem holding ``path`` (or its nearest existing parent); None if unknown."""
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        return shutil.disk_usage(probe).free
-    except OSError:
-        return None
+    return diskspace.free_space(path)
 
 
 def disk_full_error(
-    code: int, path: PathLike, kept: str = "The previous file was left untouched."
+    code: int, path: Optional[PathLike], kept: str = "The previous file was left untouched."
 ) -> DiskFullError:
     """Build the user-facing :class:`DiskFullError` for ``path`` (``code`` is ENOSPC or EFBIG).
 
-    ``kept`` tells the user what survived the failed write.
+    ``kept`` tells the user what survived the failed write. The free space quoted is that of the filesystem
+    holding ``path`` (named by its mount point); when the failing library did not say which file it was writing
+    (``path`` None), no filesystem is guessed.
     """
-    free = free_space(Path(path).parent)
-    free_text = _format_bytes(free) if free is not None else "an unknown amount"
     if code == errno.EFBIG:
         reason = "the file-size limit of this process was reached (see `ulimit -f`)"
     else:
         reason = "the disk is full"
+    if path is None:
+        message = (
+            f"A write failed: {reason}, and the library writing did not say which file. {kept} Check the free "
+            "space where the workspace, the cache (cache.dir) and the exports (export.dir) live, free some (for "
+            "example delete old checkpoints or the encoded cache) or move them to a larger disk, then resume the run."
+        )
+        return DiskFullError(code, message)
     message = (
-        f"Could not write {path}: {reason}; {free_text} free on that filesystem. {kept} "
-        "Free some space (for example delete old checkpoints or the "
+        f"Could not write {path}: {reason}; {diskspace.describe_free_space(Path(path).parent)}. {kept} "
+        "Free some space there (for example delete old checkpoints or the "
         "encoded cache in the workspace) or move the workspace to a larger disk, then resume the run."
     )
     return DiskFullError(code, message, str(path))
 
 
 def as_disk_full(
-    exc: BaseException, path: PathLike, kept: str = "The previous file was left untouched."
+    exc: BaseException, path: Optional[PathLike], kept: str = "The previous file was left untouched."
 ) -> Optional[DiskFullError]:
     """Return a :class:`DiskFullError` if ``exc`` means "out of space", else None.
 

@@ -1,4 +1,6 @@
-"""Build the frozen base models a run needs from the recipe's ``model`` section.
+"""Build the frozen base models a run needs from the recipe's ``model`` section (a :class:`ModelConfig`).
+
+Every setting is read from that section as it is: the defaults live in :mod:`cascade_studio.config.schema` only.
 
 Published weights come through ``models.loading`` (files, diffusers folders, hub repo ids). Without weights, the
 ``tiny`` preset is built in code with a fixed seed, so every process and every run gets the same "base model"
@@ -13,12 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config.schema import ModelConfig
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BASE_SEED = 20240216  # the day Stable Cascade was published; any fixed number works
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -39,26 +39,33 @@ def make_random_base_learnable(stage_c: nn.Module, seed: int = BASE_SEED, std: f
 
 @dataclass
 class BaseModels:
-    """Lazily built frozen components; ``free()`` drops the encoders once the cache is filled."""
+    """Lazily built frozen components of the recipe's ``model`` section; ``free()`` drops the encoders once the
+    cache is filled."""
 
-    model_cfg: Any
+    model_cfg: ModelConfig
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _cache: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_cfg, ModelConfig):
+            raise TypeError(f"BaseModels takes the recipe's model section (ModelConfig), not "
+                            f"{type(self.model_cfg).__name__}: pass recipe.model, or ModelConfig(preset=..., "
+                            "dtype=...)")
+
     @property
     def preset_name(self) -> str:
-        return str(_get(self.model_cfg, "preset", "tiny"))
+        return self.model_cfg.preset
 
     @property
     def preset(self):
         from ..models import get_preset
 
         name = self.preset_name
-        return get_preset("tiny" if name == "toy" else name)
+        return get_preset(name)
 
     @property
     def dtype(self) -> torch.dtype:
-        return resolve_dtype(str(_get(self.model_cfg, "dtype", "fp32")))
+        return resolve_dtype(self.model_cfg.dtype)
 
     @property
     def components(self):
@@ -68,10 +75,6 @@ class BaseModels:
 
             self._cache["components"] = CascadeComponents(ModelSpec.from_config(self.model_cfg), device=self.device)
         return self._cache["components"]
-
-    def _weights_source(self, field_name: str) -> Any:
-        explicit = _get(self.model_cfg, field_name)
-        return explicit or _get(self.model_cfg, "repo_id")
 
     def _get_stage(self, name: str, dtype: torch.dtype) -> Any:
         if name not in self._cache:
@@ -95,21 +98,13 @@ class BaseModels:
         return self._get_stage("previewer", torch.float32)
 
     def fingerprint(self) -> str:
-        """A short id of the base Stage C weights (recorded in adapter files, checked on load)."""
-        source = self._weights_source("stage_c")
-        if source is None:
-            from ..models.random_init import RANDOM_INIT_SEED
+        """The fingerprint of the base Stage C's weights (``models.identity``), recorded in adapter files and
+        checked when they load. Computed once, from the loaded weights, before anything modifies them."""
+        if "fingerprint" not in self._cache:
+            from ..models.identity import weights_identity
 
-            return f"{self.preset_name}-random-seed{RANDOM_INIT_SEED}"
-        from pathlib import Path
-
-        from ..models.loading import weights_fingerprint
-
-        if Path(str(source)).exists():
-            return weights_fingerprint(source)
-        # A repo id: hash the resolved file once it is loaded (the loader records where it came from).
-        resolved = getattr(self._cache.get("stage_c"), "source_path", None)
-        return weights_fingerprint(resolved) if resolved and Path(str(resolved)).is_file() else str(source)
+            self._cache["fingerprint"] = weights_identity(self.stage_c())
+        return self._cache["fingerprint"]
 
     def free(self, *names: str) -> None:
         """Drop components (encoders after caching) and return their memory."""

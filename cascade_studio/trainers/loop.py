@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config.schema import Recipe
 from .checkpoints import RunState
 from .events import EventLog
 from .state_io import load_optimizer_state, save_optimizer_state
@@ -30,21 +31,38 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopSettings:
-    max_steps: int
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    checkpoint_every: int = 0
-    log_every: int = 1
-    shift: float = 1.0
-    offset_noise: float = 0.0
-    caption_dropout: float = 0.0
-    max_nonfinite_steps: int = 5
-    preview_every: int = 0
-    c_clip_img: int = 768
-    num_workers: int = 0
+    """What the loop reads from the recipe, gathered in one place by :meth:`from_recipe`.
+
+    No field has a default of its own: every value is the recipe's, whose defaults live in
+    :mod:`cascade_studio.config.schema` only (``tests/test_typed_config.py`` keeps it so).
+    """
+
+    max_steps: int             # train.max_steps
+    grad_accum: int            # train.grad_accum
+    max_grad_norm: float       # train.max_grad_norm
+    seed: int                  # train.seed
+    checkpoint_every: int      # train.checkpoint_every
+    log_every: int             # train.log_every
+    shift: float               # train.shift
+    offset_noise: float        # train.offset_noise
+    max_nonfinite_steps: int   # train.max_nonfinite_steps
+    num_workers: int           # train.num_workers
+    caption_dropout: float     # data.caption_dropout
+    preview_every: int         # preview.every
+    c_clip_img: int            # the base Stage C's image-embedding width (its preset, not the recipe)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, *, c_clip_img: int) -> LoopSettings:
+        """The loop's settings of ``recipe``; ``c_clip_img`` comes from the loaded base (``BaseModels``)."""
+        train = recipe.train
+        return cls(max_steps=train.max_steps, grad_accum=train.grad_accum, max_grad_norm=train.max_grad_norm,
+                   seed=train.seed, checkpoint_every=train.checkpoint_every, log_every=train.log_every,
+                   shift=train.shift, offset_noise=train.offset_noise,
+                   max_nonfinite_steps=train.max_nonfinite_steps, num_workers=train.num_workers,
+                   caption_dropout=recipe.data.caption_dropout, preview_every=recipe.preview.every,
+                   c_clip_img=c_clip_img)
 
 
 @dataclass

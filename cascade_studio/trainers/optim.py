@@ -1,32 +1,35 @@
-"""Optimizers and learning-rate schedules named by recipes."""
+"""Optimizers and learning-rate schedules named by recipes.
+
+Both builders take the recipe's own sections (``recipe.optimizer``, ``recipe.schedule``) and read every value
+from them: the defaults live in :mod:`cascade_studio.config.schema` only.
+"""
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
-OPTIMIZERS = ("adamw8bit", "adamw", "lion8bit", "adafactor")
-SCHEDULES = ("constant", "cosine", "linear")
+from ..config.schema import OptimizerConfig, ScheduleConfig, describe_fields
+
+# The names the schema accepts (its `choices`), so a name is listed in one place.
+OPTIMIZERS = next(d.choices for d in describe_fields(OptimizerConfig) if d.path == "name")
+SCHEDULES = next(d.choices for d in describe_fields(ScheduleConfig) if d.path == "name")
 # bitsandbytes keeps 32-bit state for tensors under `min_8bit_size` elements (4096 by default). Adapter
 # matrices of real models are far larger; lowering the bar keeps tiny CPU runs on the same 8-bit code path.
 MIN_8BIT_SIZE = 256
 
 
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
-
-
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """The recipe's ``optimizer`` section -> a torch optimizer over ``params`` (adapter parameters only)."""
+    if not isinstance(cfg, OptimizerConfig):
+        raise TypeError(f"build_optimizer takes the recipe's optimizer section (OptimizerConfig), not "
+                        f"{type(cfg).__name__}: pass recipe.optimizer, or OptimizerConfig(name=..., lr=...)")
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: the adapter attached nothing to train")
-    name = _get(cfg, "name", "adamw8bit")
-    lr = float(_get(cfg, "lr", 1e-4))
-    weight_decay = float(_get(cfg, "weight_decay", 0.0))
-    betas = tuple(float(b) for b in _get(cfg, "betas", (0.9, 0.999)))
-    eps = float(_get(cfg, "eps", 1e-8))
+    name, lr, weight_decay, eps = cfg.name, float(cfg.lr), float(cfg.weight_decay), float(cfg.eps)
+    betas = tuple(float(b) for b in cfg.betas)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name in ("adamw8bit", "lion8bit"):
@@ -64,9 +67,12 @@ def lr_multiplier(step: int, total_steps: int, name: str, warmup_steps: int) -> 
     raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int):
-    name = _get(cfg, "name", "constant")
-    warmup = int(_get(cfg, "warmup_steps", 0))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+    """The recipe's ``schedule`` section -> a LambdaLR over ``total_steps`` (``train.max_steps``)."""
+    if not isinstance(cfg, ScheduleConfig):
+        raise TypeError(f"build_scheduler takes the recipe's schedule section (ScheduleConfig), not "
+                        f"{type(cfg).__name__}: pass recipe.schedule, or ScheduleConfig(name=..., warmup_steps=...)")
+    name, warmup = cfg.name, int(cfg.warmup_steps)
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
     return torch.optim.lr_scheduler.LambdaLR(

@@ -89,10 +89,11 @@ def model_device(model: Any) -> torch.device:
 
 
 @torch.no_grad()
-def heldout_loss(model: Callable, batches: list[dict[str, Any]], *, c_clip_img: int, shift: float = 1.0,
-                 seed: int = 1234, repeats: int = 4, method_inputs: Callable | None = None,
-                 method_cfg: Any = None) -> float:
+def heldout_loss(model: Callable, batches: list[dict[str, Any]], *, c_clip_img: int, shift: float, seed: int,
+                 repeats: int = 4, method_inputs: Callable | None = None, method_cfg: Any = None) -> float:
     """Mean diffusion loss over ``batches`` with fixed t and noise (comparable across adapters and steps).
+
+    ``shift`` and ``seed`` are the run's (``train.shift``, ``train.seed``): no default of their own here.
 
     No caption dropout and no condition dropout: the held-out number measures the conditioned model. Batches
     may live on the host; each is moved to the model's device here. One host read for the whole evaluation.

@@ -18,13 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..adapters import catalog
 from ..config import load_recipe, parse_override
+from ..models.presets import PRESETS
 from ..run_folder import RunFolder
 from .paths import PathNotAllowed, safe_filename
 from .workspace import Workspace
 
 __all__ = ["TrainRequest", "CompareRequest", "Column", "export_argv", "default_run_name", "train_command",
-           "compare_argv", "CLI", "EXPORT_FORMATS", "new_comparison_dir", "parse_seeds"]
+           "compare_argv", "CLI", "new_comparison_dir", "parse_seeds"]
 
 CLI = [sys.executable, "-m", "cascade_studio.cli"]
 # The studio sets these itself; a user override of them would send the run somewhere the studio does not look.
@@ -161,7 +163,7 @@ class CompareRequest:
             found.append("seeds are whole numbers >= 0")
         if self.steps is not None and not 1 <= self.steps <= 200:
             found.append("Stage C steps must be between 1 and 200 (20 is the published setting)")
-        if self.preset not in ("tiny", "toy", "lite", "big"):
+        if self.preset not in PRESETS:
             found.append(f"unknown preset {self.preset!r}")
         if self.decoder not in ("previewer", "cascade"):
             found.append(f"unknown decoder {self.decoder!r}")
@@ -219,13 +221,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------------------- export
-EXPORT_FORMATS = {"lora": ("comfyui", "peft"), "controlnet": ("official",), "ip_adapter": ("ip_adapter",)}
-
-
 def export_argv(workspace: Workspace, source: str | Path, fmt: str, out: str | Path) -> list[str]:
     """The ``cascade-studio export`` command line for a run or checkpoint folder inside the workspace."""
     source_path = workspace.confine_workspace(source)
     out_path = workspace.confine_workspace(out)
-    if fmt not in {f for formats in EXPORT_FORMATS.values() for f in formats}:
-        raise ValueError(f"unknown export format {fmt!r}")
+    if fmt not in catalog.all_formats():
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(catalog.all_formats())}")
     return [*CLI, "export", str(source_path), "--format", fmt, "--out", str(out_path)]

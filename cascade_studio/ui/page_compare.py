@@ -12,6 +12,7 @@ from typing import Any, Optional
 import streamlit as st
 
 from ..config import Recipe, describe_fields
+from ..models.presets import PRESETS
 from .commands import Column, CompareRequest, compare_argv, new_comparison_dir, parse_seeds
 from .common import page_link, queue, show_problems, workspace
 from .jobs import ACTIVE, FAILED
@@ -25,9 +26,9 @@ _DEFAULT_PROMPT = "a small red circle"
 
 
 def _presets() -> list[str]:
-    """The model presets the recipe schema knows (tiny and toy first: they run on a CPU)."""
-    choices = next(f.choices for f in describe_fields(Recipe) if f.path == "model.preset") or ("tiny",)
-    return sorted(choices, key=lambda p: (p not in ("tiny", "toy"), p))
+    """The model presets the recipe schema knows (the built-in ones first: they run on a CPU)."""
+    choices = next(f.choices for f in describe_fields(Recipe) if f.path == "model.preset") or tuple(PRESETS)
+    return sorted(choices, key=lambda p: (not PRESETS[p].built_in, p))
 
 
 def comparisons(ws: Workspace) -> list[Path]:
@@ -68,8 +69,9 @@ def render() -> None:
                                 height=90)
     seeds_text = st.text_input("Seeds", value="0", key="cmp_seeds", help="Whole numbers; one row per prompt and seed")
     presets = _presets()
-    # the toy world (a pretrained cascade that ships with the studio) shows real pictures on a CPU
-    preset_default = (run_preset(first_run) if first_run else None) or ("toy" if "toy" in presets else presets[0])
+    # a preset with shipped weights (the toy cascade, pretrained) shows real pictures on a CPU
+    shipped = [p for p in presets if PRESETS[p].weights == "shipped"]
+    preset_default = (run_preset(first_run) if first_run else None) or (shipped or presets)[0]
     a, b, c = st.columns(3)
     preset = a.selectbox("Base model preset", presets, index=presets.index(preset_default)
                          if preset_default in presets else 0, key=f"cmp_preset-{first_run}",

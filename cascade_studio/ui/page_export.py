@@ -9,8 +9,10 @@ from pathlib import Path
 
 import streamlit as st
 
+from ..adapters import catalog
+from ..adapters.catalog import ExportFormat
 from ..run_folder import RunFolder
-from .commands import EXPORT_FORMATS, export_argv
+from .commands import export_argv
 from .common import workspace
 from .paths import PathNotAllowed
 from .runs_data import adapter_files, checkpoint_dirs, run_method, zip_folder
@@ -19,10 +21,12 @@ from .workspace import Workspace
 EXPORT_TIMEOUT_S = 600
 
 
-def export_target(run_dir: Path, fmt: str, step: int) -> Path:
-    """Where an export goes: ``<run>/export/<run>-step<N>-<format>[.safetensors]`` (PEFT is a folder). The step
-    is in the name so an export never overwrites the file the run itself wrote when it finished."""
-    return RunFolder(run_dir).export_path(fmt, step=step)
+def export_target(run_dir: Path, fmt: ExportFormat, step: int) -> Path:
+    """Where an export goes: ``<run>/export/<run>-step<N>-<format>[.safetensors]`` (a folder format has no
+    suffix). The step is in the name so an export never overwrites the file the run itself wrote when it
+    finished."""
+    run = RunFolder(run_dir)
+    return fmt.target(run.export_dir, run.export_stem(step=step))
 
 
 def run_export(ws: Workspace, source: Path, fmt: str, out: Path) -> tuple[bool, str]:
@@ -45,18 +49,20 @@ def render() -> None:
         return
     names = {str(d): d.name for d in runs}
     run_dir = Path(st.selectbox("Run", list(names), format_func=names.get, key="exp_run"))
-    method = run_method(run_dir) or "lora"
+    method_name = run_method(run_dir)
+    if method_name not in catalog.names():
+        st.error(f"This run's recipe names the adapter method {method_name!r}, which this studio does not know "
+                 f"({', '.join(catalog.names())}); export it with the version of cascade-studio that trained it.")
+        return
+    method = catalog.get(method_name)
     steps = checkpoint_dirs(run_dir)
     labels = [f"step {s}" for s in reversed(steps)]  # newest first: the default is the latest checkpoint
     step = int(st.selectbox("Adapter from checkpoint", labels, key=f"exp_src-{run_dir.name}").split()[1])
     source = steps[step]
-    formats = EXPORT_FORMATS.get(method, ("comfyui",))
-    fmt = st.selectbox("Format", formats, key=f"exp_fmt-{method}",
-                       help={"lora": "comfyui: kohya-style keys ComfyUI loads; peft: a PEFT adapter folder",
-                             "controlnet": "official: the official ControlNet layout (ComfyUI loads it)",
-                             "ip_adapter": "ip_adapter: image_proj.* + ip_adapter.* keys"}.get(method))
-    out = export_target(run_dir, fmt, step)
-    st.caption(f"{method} adapter → `{out}`")
+    fmt = st.selectbox("Format", method.format_names, key=f"exp_fmt-{method.name}",
+                       help="; ".join(f"{f.name}: {f.doc}" for f in method.formats))
+    out = export_target(run_dir, method.export_format(fmt), step)
+    st.caption(f"{method.label} → `{out}`")
     if st.button("Export", type="primary", key="exp_go"):
         with st.spinner("Exporting..."):
             try:

@@ -28,8 +28,6 @@ SECTION_TITLES = {
     "optimizer": "Optimizer", "schedule": "LR schedule", "train": "Training loop", "preview": "Previews",
     "tracking": "Tracking", "export": "Export",
 }
-# The adapter sub-sections; only the one named by adapter.method is drawn (the others keep their values).
-METHOD_SECTIONS = ("adapter.lora.", "adapter.controlnet.", "adapter.ip_adapter.")
 
 
 @dataclass(frozen=True)

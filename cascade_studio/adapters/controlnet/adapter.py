@@ -21,7 +21,7 @@ from torch import nn
 
 from ...models.official import StateDictMismatchError, load_official_state_dict, official_state_dict
 from ...models.presets import PRESETS, build_controlnet
-from ..base import AdapterMismatchError, merge_cnet
+from ..base import AdapterMismatchError, merge_cnet, stage_c_width
 
 # Channels of the hint each control produces (STABLE_CASCADE.md section 6): canny edges are one channel,
 # inpainting is RGB + mask, super-resolution feeds 16-channel effnet latents. "image" defaults to RGB.
@@ -67,11 +67,6 @@ class ControlNetSpec:
             "cascade_studio.bottleneck": self.bottleneck,
             "cascade_studio.hint_size": "" if self.hint_size is None else str(self.hint_size),
         }
-
-
-def stage_c_width(stage_c: nn.Module) -> int:
-    """Hidden width of a Stage C, read from its embedding conv (the official layout's first width)."""
-    return int(stage_c.embedding[1].out_channels)
 
 
 def preset_for_width(width: int) -> str:

@@ -354,28 +354,22 @@ def _image_to_tensor(image: Any, where: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_hint_encoder(control: str, cfg: Any = None, context: Any = None, effnet: Any = None):
+def build_hint_encoder(control: str, *, mask: str = "mixed", channels: int = 3, effnet: Any = None):
     """The cache encoder for a recipe's ``adapter.controlnet.control``.
 
-    Optional recipe fields read from ``cfg`` when present: ``mask`` (inpainting: random, box, border, mixed)
-    and ``channels`` (image: 1 or 3). ``effnet`` (an ``EffnetEncoder``) is required for ``sr``.
+    ``mask``: the inpainting masks (random, box, border, mixed); ``channels``: of pre-made control images (1 or
+    3). ``effnet`` (an ``EffnetEncoder``) is required for ``sr``.
     """
-    def get(key: str, default: Any) -> Any:
-        if cfg is None:
-            return default
-        value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-        return default if value is None else value
-
     control = "sr" if control == "super_resolution" else control
     if control == "canny":
         return CannyHint()
     if control == "inpainting":
-        return InpaintingHint(mask=str(get("mask", "mixed")))
+        return InpaintingHint(mask=mask)
     if control == "sr":
         if effnet is None:
             raise HintError("the sr (super-resolution) control needs the effnet encoder to make its hints; "
                             "pass effnet= (the run's EffnetEncoder)")
         return SuperResolutionHint(effnet)
     if control == "image":
-        return ImageHint(channels=int(get("channels", 3)))
+        return ImageHint(channels=channels)
     raise HintError(f"unknown control {control!r} in adapter.controlnet.control; use one of {', '.join(CONTROLS)}")

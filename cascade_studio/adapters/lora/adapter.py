@@ -43,15 +43,9 @@ class LoraSpec:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LoraSpec":
-        get = (lambda k, d: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d: getattr(cfg, k, d))
-        return cls(
-            rank=int(get("rank", 16)),
-            alpha=float(get("alpha", 16.0)),
-            dropout=float(get("dropout", 0.0)),
-            targets=tuple(get("targets", ("attention",))),
-            type=str(get("type", "lora")),
-            init_weights=bool(get("init_weights", True)),
-        )
+        """The spec of a recipe's ``adapter.lora`` section (a ``LoraConfig``)."""
+        return cls(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=tuple(cfg.targets), type=cfg.type,
+                   init_weights=cfg.init_weights)
 
 
 def base_module_paths(stage_c: nn.Module) -> list[str]:
