@@ -10,6 +10,7 @@ from pathlib import Path
 from .adapters import catalog
 from .adapters.base import AdapterMismatchError
 from .adapters.files import load_adapter_tensors
+from .run_folder import ADAPTER_FILE, RunFolder
 
 
 def find_adapter_tensors(source: str | Path) -> Path:
@@ -17,16 +18,14 @@ def find_adapter_tensors(source: str | Path) -> Path:
     source = Path(source)
     if source.is_file():
         return source
-    if (source / "adapter.safetensors").exists():
-        return source / "adapter.safetensors"
-    ckpt_dir = source / "checkpoints"
-    if ckpt_dir.is_dir():
-        from .trainers.checkpoints import CheckpointManager
-
-        latest = CheckpointManager(ckpt_dir).latest()
-        if latest is not None:
-            return latest / "adapter.safetensors"
-    exports = sorted((source / "export").glob("*.safetensors")) if (source / "export").is_dir() else []
+    if (source / ADAPTER_FILE).exists():
+        return source / ADAPTER_FILE
+    run = RunFolder(source)
+    # verified, and without cleaning up: the run may be saving a checkpoint right now
+    latest = run.latest_checkpoint(verify=True)
+    if latest is not None:
+        return latest / ADAPTER_FILE
+    exports = [p for p in run.exported_adapters() if p.is_file()]
     if exports:
         return exports[0]
     raise FileNotFoundError(f"{source}: no checkpoint or exported adapter found; pass a run folder "
@@ -47,7 +46,19 @@ def export_from_run(source: str | Path, fmt: str | None = None, out: str | Path 
         export_format = method.export_format(fmt or method.default_format.name)
     except ValueError as exc:
         raise ValueError(f"{exc} (--format)") from None
-    run_dir = Path(source) if Path(source).is_dir() else tensors_path.parent
-    stem = metadata.get("cascade_studio.recipe_name") or run_dir.name
-    out = Path(out) if out else export_format.target(run_dir / "export", stem)
+    out = Path(out) if out else _default_out(Path(source), tensors_path, metadata, export_format)
     return method.load().export_tensors(tensors, metadata, export_format.name, out)
+
+
+def _default_out(source: Path, tensors_path: Path, metadata: dict, export_format) -> Path:
+    """A run folder's export goes to its ``export/``; a checkpoint's to its run's ``export/`` with the step in the
+    name (never into the checkpoint itself); a loose file's to ``export/`` beside it."""
+    step = None
+    if source.is_dir() and source != tensors_path.parent:  # a run folder (its latest checkpoint or export)
+        run = RunFolder(source)
+    elif (checkpoint := RunFolder.of_checkpoint(tensors_path.parent)) is not None:  # a checkpoint or its file
+        run, step = checkpoint
+    else:
+        run = RunFolder(tensors_path.parent)
+    stem = run.export_stem(step=step, run_name=metadata.get("cascade_studio.recipe_name"))
+    return export_format.target(run.export_dir, stem)

@@ -1,7 +1,7 @@
 """A training run, phase by phase. This is the one place that lists them in order:
 
-config -> accelerator -> tracking -> data + encode-once cache -> frozen base -> adapter -> optimizer -> loop ->
-export -> end of run.
+config -> accelerator -> run folder lock -> tracking -> data + encode-once cache -> frozen base -> adapter ->
+optimizer -> loop -> export -> end of run.
 
 Everything else is delegated: ``config`` validates, ``data`` scans and caches, ``trainers`` loops and
 checkpoints, ``adapters`` attaches and exports, ``tracking`` talks to MLflow.
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .adapters import catalog
+from .run_folder import RunFolder, RunFolderBusy
 
 
 @dataclass
@@ -49,14 +50,11 @@ def split_holdout(records: list, fraction: float) -> tuple[list, list]:
 def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resume: bool = False,
           progress: bool = True) -> RunResult:
     """Run a recipe end to end and return where its outputs are."""
-    import torch
-
-    from .config import load_recipe, recipe_to_dict
+    from .config import load_recipe
 
     # 1. config: everything is validated before anything is created or started
     recipe = load_recipe(recipe_source, overrides=list(overrides))
-    workspace = Path(recipe.workspace).resolve()
-    run_dir = workspace / "runs" / recipe.name
+    folder = RunFolder.in_workspace(Path(recipe.workspace).resolve(), recipe.name)
 
     # 2. accelerator
     from accelerate import Accelerator
@@ -73,26 +71,44 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
         from .trainers.quantize import check_quantization_supported
 
         check_quantization_supported(recipe.train.quantize_base, accelerator.device, resolve_dtype(recipe.model.dtype))
+
+    # 2b. one owner per run folder: a second run (or --resume) of a running one is refused before it writes anything
+    lock = _lock_run_folder(folder, accelerator)
+    try:
+        return _train_in_locked_folder(recipe, folder, accelerator, resume, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool, progress: bool) -> RunResult:
+    """The phases after the run folder is locked (``train``)."""
+    import torch
+
+    from .config import recipe_to_dict
+
+    workspace, run_dir = Path(recipe.workspace).resolve(), folder.path
     is_main = accelerator.is_main_process
 
     from .adapters.registry import AdapterContext, get_method
-    from .trainers.checkpoints import CheckpointManager, RunState
+    from .trainers.checkpoints import RunState
     from .trainers.events import EventLog
 
-    checkpoints = CheckpointManager(run_dir / "checkpoints", keep=recipe.train.keep_checkpoints)
-    latest = checkpoints.latest() if resume else None
+    checkpoints = folder.checkpoint_manager(keep=recipe.train.keep_checkpoints)
+    latest = checkpoints.latest(clean=is_main) if resume else None  # only the folder's owner cleans up
     if resume and latest is None and is_main:
-        print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", flush=True)
+        print(f"--resume: no complete checkpoint in {folder.checkpoints_dir}; starting from step 0", flush=True)
     # Every rank checks (not only the main one), or the other ranks would go on and wait for it forever.
     if not resume and checkpoints.list():
         raise SystemExit(f"{run_dir} already has checkpoints from an earlier run named {recipe.name!r}: pass --resume "
                          "to continue it, or set name=<new name> to start a new run")
     # Everything a resume can refuse is checked before anything is written (recipe.yaml, events, MLflow).
-    resume_changes = _check_resume(run_dir, recipe) if latest is not None else {}
+    resume_changes = _check_resume(folder, recipe) if latest is not None else {}
     run_state = checkpoints.load_run_state(latest) if latest is not None else RunState()
     if resume and run_state.mlflow_run_id is None:
         # Killed before its first checkpoint: continue the same MLflow run rather than leave it RUNNING forever.
-        run_state.mlflow_run_id = _previous_run_id(run_dir)
+        ids = folder.mlflow_run_ids()
+        run_state.mlflow_run_id = ids[-1] if ids else None
     events = EventLog(run_dir, enabled=is_main)
 
     # 3. tracking (fails fast, before any training, when the server is unreachable)
@@ -117,10 +133,10 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             run_dir.mkdir(parents=True, exist_ok=True)
             from .config import dump_recipe_yaml
 
-            (run_dir / "recipe.yaml").write_text(dump_recipe_yaml(recipe))
+            folder.recipe_file.write_text(dump_recipe_yaml(recipe))
             if not latest:
                 tracker.log_params(recipe_to_dict(recipe))
-            tracker.log_artifact(run_dir / "recipe.yaml")
+            tracker.log_artifact(folder.recipe_file)
 
         # 4. data + encode-once cache; encoders are freed before training starts
         from .trainers.components import BaseModels
@@ -257,7 +273,7 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             result.heldout_after = evaluate()
             if result.heldout_after is not None:
                 tracker.log_metrics({"holdout_loss": result.heldout_after}, step=loop.step)
-            result.exports = _export(recipe, method, adapter, context, run_dir, tracker)
+            result.exports = _export(recipe, method, adapter, context, folder, tracker)
             events.emit("exported", paths=[str(p) for p in result.exports])
         status = "FINISHED"
         return result
@@ -324,13 +340,36 @@ def distributed_settings(recipe) -> list:
             DistributedDataParallelKwargs(find_unused_parameters=False)]
 
 
-def _check_resume(run_dir: Path, recipe) -> dict:
-    """The settings this resume changes against the recipe the run was started with (``run_dir/recipe.yaml``);
+def _lock_run_folder(folder: RunFolder, accelerator):
+    """Only the main process owns the run folder (``RunFolder.lock``); with several processes it tells the others
+    whether it got the folder, so every rank stops together with the same message instead of waiting at a barrier
+    for a main process that has gone. Returns the lock (main process) or None."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = folder.lock()
+        except RunFolderBusy as exc:
+            refusal = str(exc)
+        else:
+            if lock.stale is not None:
+                print(f"[cascade-studio] {folder.path} was locked by a run that is gone ({lock.stale.describe()}); "
+                      "taking it over", flush=True)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal], from_process=0)[0]
+    if refusal is not None:
+        raise RunFolderBusy(refusal)
+    return lock
+
+
+def _check_resume(folder: RunFolder, recipe) -> dict:
+    """The settings this resume changes against the recipe the run was started with (its ``recipe.yaml``);
     refuses the ones a resume cannot change (``config.resume``) with a RecipeError."""
     from .config import RecipeError, load_recipe
     from .config.resume import resume_changes
 
-    started_with = run_dir / "recipe.yaml"
+    started_with = folder.recipe_file
     if not started_with.is_file():
         return {}
     try:
@@ -338,14 +377,6 @@ def _check_resume(run_dir: Path, recipe) -> dict:
     except RecipeError:
         return {}  # written by another version of the studio: nothing to compare against
     return resume_changes(previous, recipe)
-
-
-def _previous_run_id(run_dir: Path) -> str | None:
-    """The MLflow run id an earlier process of this run started with (from its events), if any."""
-    from .trainers.events import read_events
-
-    ids = [e.get("run_id") for e in read_events(run_dir) if e.get("event") == "started" and e.get("run_id")]
-    return ids[-1] if ids else None
 
 
 def _logged_holdout_before(run_dir: Path) -> float | None:
@@ -384,7 +415,7 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
     train_records, holdout_records = split_holdout(records, recipe.data.holdout_fraction)
     cache_dir = Path(recipe.cache.dir) if recipe.cache.dir else Path(recipe.workspace).resolve() / "cache"
     if not recipe.cache.enabled:
-        cache_dir = run_dir / "features"  # private to this run; still encoded once per run
+        cache_dir = RunFolder(run_dir).features_dir  # private to this run; still encoded once per run
     preprocessing = {"resolution": recipe.data.resolution, "crop": recipe.data.crop}
     extra_encoders = _method_fn(method, "feature_encoders")
 
@@ -424,14 +455,15 @@ def _holdout_batches(holdout_set, extras, batch_size: int) -> list[dict]:
     return [collate(items[i:i + batch_size], extras) for i in range(0, len(items), batch_size)]
 
 
-def _export(recipe, method, adapter, context, run_dir: Path, tracker) -> list[Path]:
-    out_dir = Path(recipe.export.dir) if recipe.export.dir else run_dir / "export"
+def _export(recipe, method, adapter, context, folder: RunFolder, tracker) -> list[Path]:
     exports = []
     meta = {"cascade_studio.recipe_name": recipe.name, "cascade_studio.version": _version()}
     record = catalog.recipe_method(recipe)
+    out_dir = Path(recipe.export.dir) if recipe.export.dir else folder.export_dir
     for name in catalog.export_formats(recipe):
         fmt = record.export_format(name)  # validation refused the formats the method lacks
-        path = method.export_adapter(adapter, fmt.target(out_dir, recipe.name), fmt.name, meta)
+        path = method.export_adapter(adapter, fmt.target(out_dir, folder.export_stem(run_name=recipe.name)),
+                                     fmt.name, meta)
         exports.append(Path(path))
         tracker.log_artifact(path, artifact_path="adapter")
     return exports
@@ -499,7 +531,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .trainers.quantize import QuantizationUnsupportedError
 
     return (AdapterMismatchError, CacheError, DataSourceError, TrackingError, DiskFullError, CheckpointError,
-            NonFiniteLossError, WeightsError, QuantizationUnsupportedError)
+            NonFiniteLossError, WeightsError, QuantizationUnsupportedError, RunFolderBusy)
 
 
 def _user_message(exc: BaseException) -> str | None:

@@ -21,6 +21,7 @@ TINY_LORA = str(REPO_ROOT / "recipes" / "tiny" / "lora.yaml")
 def ws(tmp_path: Path) -> Workspace:
     workspace = Workspace(tmp_path / "ws")
     (workspace.runs_dir / "r1" / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (workspace.runs_dir / "r1" / "checkpoints" / "step-00000004" / "COMPLETE").write_text("{}")  # a complete one
     (workspace.runs_dir / "r1" / "export").mkdir()
     (workspace.runs_dir / "r1" / "export" / "r1-comfyui.safetensors").write_bytes(b"x")
     return workspace

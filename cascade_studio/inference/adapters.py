@@ -9,7 +9,6 @@ switches columns. ``AdapterInputs`` turns control images and image prompts into 
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import tempfile
@@ -23,6 +22,7 @@ import torch
 from cascade_studio.adapters import catalog
 from cascade_studio.adapters.base import AdaptedStageC, AdapterMismatchError
 from cascade_studio.adapters.registry import AdapterContext, detect_method, load_adapter
+from cascade_studio.run_folder import ADAPTER_FILE, RunFolder, checkpoint_step
 
 __all__ = ["SPEC_SYNTAX", "AdapterSpec", "ResolvedAdapter", "LoadedAdapter", "AdapterInputs", "parse_adapter_spec",
            "resolve_adapter", "resolve_adapter_path", "adapter_context", "load_adapters", "apply_adapters",
@@ -43,7 +43,6 @@ Examples: lora:style.safetensors@0.8  cn:canny.safetensors@0.7  ip:ip.safetensor
 ORIGINS = ("file", "run", "ckpt")
 CONTROL_MODES = ("canny", "image")
 _MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_STEP_DIR = re.compile(r"^step-(\d{8,})$")
 # The effnet compressor's stride: control hints are sized to whole latent cells, as in training.
 _HINT_MULTIPLE = 32
 
@@ -181,48 +180,19 @@ class ResolvedAdapter:
                 "multi_image": self.spec.multi_image or "average", "label": self.label}
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (COMPLETE marker + adapter file) of a run, oldest first. Hashes are not re-checked
-    here (that is the trainer's job on resume); an unfinished save has no marker and is skipped."""
-    folder = run_dir / "checkpoints"
-    found = []
-    for path in folder.iterdir() if folder.is_dir() else ():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / "COMPLETE").is_file() and (path / "adapter.safetensors").is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def _events(run_dir: Path) -> list[dict[str, Any]]:
-    try:
-        lines = (run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    events = []
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-    return events
-
-
 def _run_id_of(run_dir: Path | None) -> str | None:
     """The MLflow run id a run folder recorded (its last ``started`` event; resumes keep the id)."""
-    if run_dir is None:
-        return None
-    ids = [e.get("run_id") for e in _events(run_dir) if e.get("event") == "started" and e.get("run_id")]
+    ids = RunFolder(run_dir).mlflow_run_ids() if run_dir is not None else []
     return ids[-1] if ids else None
 
 
 def _run_export(run_dir: Path) -> Path | None:
     """The run's exported adapter: the paths of its last ``exported`` event, else files in ``export/``."""
-    exported = [e.get("paths") or [] for e in _events(run_dir) if e.get("event") == "exported"]
+    run = RunFolder(run_dir)
+    exported = [e.get("paths") or [] for e in run.events() if e.get("event") == "exported"]
     candidates = [Path(p) for p in (exported[-1] if exported else [])]
-    folder = run_dir / "export"
-    if folder.is_dir():
-        candidates += sorted(folder.glob("*.safetensors")) + sorted(
-            p for p in folder.iterdir() if (p / "adapter_config.json").is_file())
+    files = run.exported_adapters()
+    candidates += [p for p in files if p.is_file()] + [p for p in files if p.is_dir()]
     for path in candidates:
         if path.exists():
             return path
@@ -245,8 +215,8 @@ def _run_dir_from_mlflow(run_id: str, workspace: Path, tracking_uri: str | None)
         roots = [workspace] + ([Path(params["workspace"])] if params.get("workspace") else [])
         for root in roots:
             for name in names:
-                if (root / "runs" / name).is_dir():
-                    return root / "runs" / name, None
+                if RunFolder.in_workspace(root, name).exists():
+                    return RunFolder.in_workspace(root, name).path, None
         # The folder is gone (or on another machine): the exported adapter is also an MLflow artifact.
         artifacts = [a for a in info.get("artifacts", []) if a.startswith("adapter/") and a.endswith(".safetensors")]
         if artifacts:
@@ -256,11 +226,13 @@ def _run_dir_from_mlflow(run_id: str, workspace: Path, tracking_uri: str | None)
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts[0],
                                                         dst_path=str(target), tracking_uri=uri)
             return None, Path(local)
-    for events_file in sorted(workspace.glob("runs/*/events.jsonl")):
-        if _run_id_of(events_file.parent) == run_id:
-            return events_file.parent, None
+    for run in sorted(RunFolder.all_in(workspace), key=lambda r: r.name):
+        ids = run.mlflow_run_ids()
+        if ids and ids[-1] == run_id:
+            return run.path, None
     raise FileNotFoundError(
-        f"MLflow run {run_id}: not in the tracking store {uri} and no run folder under {workspace / 'runs'} "
+        f"MLflow run {run_id}: not in the tracking store {uri} and no run folder under "
+        f"{RunFolder.runs_dir(workspace)} "
         "recorded it. Pass the --workspace (or --tracking-uri) the run was trained with, or give its run folder "
         "(run:workspace/runs/<name>).")
 
@@ -287,24 +259,25 @@ def resolve_adapter(spec: AdapterSpec, workspace: str | Path = "workspace",
                                     f"run:{spec.source}, for a checkpoint ckpt:{spec.source}@STEP")
         if path.is_dir() and not (path / "adapter_config.json").is_file():
             # A run or checkpoint folder given without a prefix: take it the way run: would.
-            spec = replace(spec, origin="ckpt" if (path / "adapter.safetensors").is_file() else "run")
+            spec = replace(spec, origin="ckpt" if (path / ADAPTER_FILE).is_file() else "run")
             return resolve_adapter(spec, workspace, tracking_uri)
     elif spec.origin == "run":
         run_dir, path = _run_dir(spec.source, workspace, tracking_uri, "run:")
         if path is None:
             path = _run_export(run_dir)
             if path is None:
-                checkpoints = _checkpoints(run_dir)
+                checkpoints = RunFolder(run_dir).checkpoints()
                 if not checkpoints:
                     raise FileNotFoundError(f"run:{spec.source}: {run_dir} has no exported adapter and no complete "
                                             "checkpoint yet; train it first, or pick another run")
-                step, ckpt = checkpoints[-1]
-                path = ckpt / "adapter.safetensors"
+                step = max(checkpoints)
+                path = checkpoints[step] / ADAPTER_FILE
     else:
         source = Path(spec.source).expanduser()
-        if (source / "adapter.safetensors").is_file() and _STEP_DIR.match(source.name):
-            run_dir, ckpt_path = source.parent.parent, source
-            step = int(_STEP_DIR.match(source.name).group(1))
+        folder_step = checkpoint_step(source) if (source / ADAPTER_FILE).is_file() else None
+        if folder_step is not None:  # a checkpoint folder (in its run folder, or copied elsewhere)
+            in_run = RunFolder.of_checkpoint(source)
+            run_dir, ckpt_path, step = (in_run[0].path if in_run else None), source, folder_step
             if spec.step is not None and spec.step != step:
                 raise ValueError(f"ckpt:{spec.source}@{spec.step}: the folder is the checkpoint of step {step}")
         else:
@@ -312,7 +285,7 @@ def resolve_adapter(spec: AdapterSpec, workspace: str | Path = "workspace",
             if run_dir is None:
                 raise FileNotFoundError(f"ckpt:{spec.source}: the run folder is gone (only its exported adapter is "
                                         f"in MLflow); use run:{spec.source} instead")
-            checkpoints = dict(_checkpoints(run_dir))
+            checkpoints = RunFolder(run_dir).checkpoints()
             if not checkpoints:
                 raise FileNotFoundError(f"ckpt:{spec.source}: {run_dir} has no complete checkpoint")
             step = max(checkpoints) if spec.step is None else spec.step
@@ -320,7 +293,7 @@ def resolve_adapter(spec: AdapterSpec, workspace: str | Path = "workspace",
                 raise FileNotFoundError(f"ckpt:{spec.source}@{spec.step}: no complete checkpoint at step {step}; "
                                         f"this run has steps {sorted(checkpoints)}")
             ckpt_path = checkpoints[step]
-        path = ckpt_path / "adapter.safetensors"
+        path = ckpt_path / ADAPTER_FILE
     method = detect_method(path)
     if spec.method is not None and spec.method != method:
         raise AdapterMismatchError(f"{path}: asked for a {spec.method} but the file holds a {method}; give it as "

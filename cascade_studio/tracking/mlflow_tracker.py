@@ -33,12 +33,14 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 from .sqlite_store import prepare_sqlite_store, quiet_mlflow_sql_logs, sqlite_path, store_error
 
+from ..run_folder import TRACKING_BUFFER_FILE, TRACKING_PENDING_DIR
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-BUFFER_FILE = "tracking_buffer.jsonl"
-PENDING_DIR = "tracking_pending"  # images/texts logged while offline wait here as files
+# Both live in the run folder (its layout: run_folder.py); images/texts logged while offline wait as files.
+BUFFER_FILE, PENDING_DIR = TRACKING_BUFFER_FILE, TRACKING_PENDING_DIR
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
 _METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Union
 
+from cascade_studio.run_folder import COMPLETE_MARKER, checkpoint_name, checkpoint_step, complete_checkpoints
 from cascade_studio.trainers.atomic import (
     DiskFullError,
     as_disk_full,
@@ -45,13 +46,11 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-COMPLETE_MARKER = "COMPLETE"
 RUN_STATE_FILE = "run_state.json"
 LATEST_POINTER = "latest"
 RUN_STATE_VERSION = 1
 MANIFEST_FORMAT = 1
 
-_STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _LEFTOVER_DIR = re.compile(r"^(tmp|trash)-step-\d{8,}$")
 _HASH_CHUNK = 1024 * 1024
 # torch.save (used by accelerate) reports a full disk as an errno-less RuntimeError ("file write failed",
@@ -187,8 +186,8 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------------------------- naming
     @staticmethod
     def step_name(step: int) -> str:
-        """Directory name of the finished checkpoint for ``step``."""
-        return f"step-{step:08d}"
+        """Directory name of the finished checkpoint for ``step`` (``run_folder.checkpoint_name``)."""
+        return checkpoint_name(step)
 
     def staging_dir(self, step: int) -> Path:
         """Where the checkpoint for ``step`` is written before it is committed."""
@@ -197,10 +196,10 @@ class CheckpointManager:
     @staticmethod
     def step_of(path: PathLike) -> int:
         """The step encoded in a checkpoint directory name (ValueError if it is not one)."""
-        match = _STEP_DIR.match(Path(path).name)
-        if not match:
+        step = checkpoint_step(path)
+        if step is None:
             raise ValueError(f"{path} is not a checkpoint directory (expected a name like step-00000100).")
-        return int(match.group(1))
+        return step
 
     # ------------------------------------------------------------------------------------------------ write
     def save(self, step: int, save_fn: Callable[[Path], None], run_state: RunState) -> Path:
@@ -301,12 +300,12 @@ class CheckpointManager:
     def _step_dirs(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        found = [p for p in self.directory.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
         return sorted(found, key=self.step_of)
 
     def list(self) -> list[Path]:
-        """Checkpoint directories that carry a COMPLETE marker, oldest step first (hashes not re-checked)."""
-        return [p for p in self._step_dirs() if (p / COMPLETE_MARKER).is_file()]
+        """Complete checkpoints (``run_folder.complete_checkpoints``), oldest step first (hashes not re-checked)."""
+        return list(complete_checkpoints(self.directory).values())
 
     def problem(self, path: PathLike) -> Optional[str]:
         """Why ``path`` is not a usable checkpoint (missing marker, wrong step, missing/changed file), or None."""

@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-EVENTS_FILE = "events.jsonl"
+from ..run_folder import RunFolder
 
 
 class EventLog:
     """Appends events; only the main process writes (others get ``enabled=False``)."""
 
     def __init__(self, run_dir: str | Path | None, enabled: bool = True):
-        self.path = Path(run_dir) / EVENTS_FILE if run_dir is not None else None
+        self.path = RunFolder(Path(run_dir)).events_file if run_dir is not None else None
         self.enabled = enabled and self.path is not None
         self._warned = False
         if self.enabled:
@@ -49,13 +49,4 @@ class EventLog:
 
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
     """All complete events of a run (a torn last line from a killed writer is ignored)."""
-    path = Path(run_dir) / EVENTS_FILE
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
+    return RunFolder(Path(run_dir)).events()

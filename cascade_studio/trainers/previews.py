@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ..devices import to_host
+from ..run_folder import PREVIEWS_DIR, RunFolder
 
 
 def preview_text(text_encoder, prompts: list[str]):
@@ -71,10 +72,10 @@ def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Pa
                 labels.append(f"{prompt} (seed {seed})")
         columns = (["control"] if control_image is not None else []) + ["base", f"{adapter.method} @ step {step}"]
         grid = make_grid(rows, labels, columns)
-        out = run_dir / "previews" / f"step-{step:06d}.png"
+        out = RunFolder(run_dir).preview_path(step)
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)
-        tracker.log_image(grid, f"previews/step-{step:06d}.png")
+        tracker.log_image(grid, f"{PREVIEWS_DIR}/{out.name}")
         events.emit("preview", step=step, path=str(out))
 
     return render

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 from ..adapters import catalog
 from ..config import load_recipe, parse_override
 from ..models.presets import PRESETS
+from ..run_folder import RunFolder
 from .paths import PathNotAllowed, safe_filename
 from .workspace import Workspace
 
@@ -57,7 +58,7 @@ class TrainRequest:
                 f"name={json.dumps(self.run_name)}"]
 
     def run_dir(self, workspace: Workspace) -> Path:
-        return workspace.runs_dir / self.run_name
+        return RunFolder.in_workspace(workspace.root, self.run_name).path
 
     def validate(self, workspace: Workspace) -> None:
         """Raise ``RecipeError`` (every recipe problem) or ``ValueError`` (what to change) unless launchable."""
@@ -71,9 +72,12 @@ class TrainRequest:
             key, _ = parse_override(text)  # ValueError says how an override is written
             if key in _RESERVED_OVERRIDES:
                 raise ValueError(f"{key} is set by the studio (workspace and run name); remove that override")
-        run_dir = self.run_dir(workspace)
-        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-            raise ValueError(f"a run named {self.run_name!r} already has checkpoints in {run_dir}; choose another "
+        run = RunFolder(self.run_dir(workspace))
+        owner = run.owner()  # read-only: a run started from the command line may be training in it right now
+        if owner is not None:
+            raise ValueError(run.busy_message(owner))
+        if run.checkpoints():
+            raise ValueError(f"a run named {self.run_name!r} already has checkpoints in {run.path}; choose another "
                              "run name")
         load_recipe(self.recipe, overrides=self.all_overrides(workspace))
 

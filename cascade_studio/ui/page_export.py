@@ -11,6 +11,7 @@ import streamlit as st
 
 from ..adapters import catalog
 from ..adapters.catalog import ExportFormat
+from ..run_folder import RunFolder
 from .commands import export_argv
 from .common import workspace
 from .paths import PathNotAllowed
@@ -24,7 +25,8 @@ def export_target(run_dir: Path, fmt: ExportFormat, step: int) -> Path:
     """Where an export goes: ``<run>/export/<run>-step<N>-<format>[.safetensors]`` (a folder format has no
     suffix). The step is in the name so an export never overwrites the file the run itself wrote when it
     finished."""
-    return fmt.target(run_dir / "export", f"{run_dir.name}-step{step}")
+    run = RunFolder(run_dir)
+    return fmt.target(run.export_dir, run.export_stem(step=step))
 
 
 def run_export(ws: Workspace, source: Path, fmt: str, out: Path) -> tuple[bool, str]:

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from ..run_folder import PREVIEWS_DIR, RunFolder
 from ..tracking import TrackingError, list_runs, read_run
 from .common import workspace
 from .runs_data import (adapter_files, filter_runs, local_artifact_dir, metric_frame, params_diff, preview_steps,
@@ -97,7 +98,8 @@ def _params(details: dict[str, dict[str, Any]]) -> None:
 def _run_files(ws: Workspace, run: dict[str, Any], run_dir: Path | None) -> None:
     artifacts = local_artifact_dir(run.get("artifact_uri"))
     st.caption(f"MLflow run `{run['run_id']}` · status {run['status']} · folder `{run_dir or 'not found'}`")
-    steps = preview_steps(run_dir / "previews" if run_dir else None, artifacts / "previews" if artifacts else None)
+    steps = preview_steps(RunFolder(run_dir).previews_dir if run_dir else None,
+                          artifacts / PREVIEWS_DIR if artifacts else None)  # previews are logged under that name
     if steps:
         step = st.select_slider("Preview at step", options=list(steps), value=list(steps)[-1],
                                 key=f"runs_step-{run['run_id']}")

@@ -5,7 +5,6 @@ no Streamlit, no torch.
 from __future__ import annotations
 
 import io
-import re
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -15,15 +14,12 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 import yaml
 
-from ..trainers.events import read_events
+from ..run_folder import RunFolder, preview_files
 from .workspace import Workspace
 
 __all__ = ["runs_table", "filter_runs", "metric_frame", "params_diff", "run_dirs_by_id", "run_dir_for",
            "preview_steps", "local_artifact_dir", "adapter_files", "zip_folder", "checkpoint_steps", "checkpoint_dirs",
            "run_method", "run_preset", "run_prompts"]
-
-_STEP_FILE = re.compile(r"step-(\d+)")
-
 
 def runs_table(runs: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per MLflow run (``tracking.list_runs`` output), newest first."""
@@ -83,9 +79,8 @@ def run_dirs_by_id(workspace: Workspace) -> dict[str, Path]:
     """MLflow run id -> run folder, from each folder's ``started`` events (a resumed folder keeps its id)."""
     found: dict[str, Path] = {}
     for run_dir in workspace.run_dirs():
-        for event in read_events(run_dir):
-            if event.get("event") == "started" and event.get("run_id"):
-                found[str(event["run_id"])] = run_dir
+        for run_id in RunFolder(run_dir).mlflow_run_ids():
+            found[run_id] = run_dir
     return found
 
 
@@ -113,40 +108,23 @@ def local_artifact_dir(artifact_uri: Optional[str]) -> Optional[Path]:
 
 
 def preview_steps(*folders: Optional[Path]) -> dict[int, list[Path]]:
-    """Preview images by training step from the first folder that has any (``previews/step-000030*.png``)."""
+    """Preview images by training step from the first folder that has any (a run's ``previews/`` or its MLflow
+    artifact copy)."""
     for folder in folders:
-        if folder is None or not folder.is_dir():
-            continue
-        by_step: dict[int, list[Path]] = {}
-        for path in sorted(folder.glob("step-*.png")):
-            match = _STEP_FILE.match(path.name)
-            if match:
-                by_step.setdefault(int(match.group(1)), []).append(path)
+        by_step = preview_files(folder)
         if by_step:
-            return dict(sorted(by_step.items()))
+            return by_step
     return {}
 
 
 def adapter_files(run_dir: Path) -> list[Path]:
     """Exported adapters of a run: ``export/*.safetensors`` files and PEFT folders."""
-    export = run_dir / "export"
-    if not export.is_dir():
-        return []
-    return sorted(p for p in export.iterdir() if (p.is_file() and p.suffix == ".safetensors")
-                  or (p.is_dir() and (p / "adapter_config.json").exists()))
+    return RunFolder(run_dir).exported_adapters()
 
 
 def checkpoint_dirs(run_dir: Path) -> dict[int, Path]:
-    """Complete checkpoints of a run by step (``checkpoints/step-XXXXXXXX`` with its COMPLETE marker)."""
-    ckpts = run_dir / "checkpoints"
-    if not ckpts.is_dir():
-        return {}
-    found = {}
-    for path in ckpts.glob("step-*"):
-        match = _STEP_FILE.match(path.name)
-        if match and (path / "COMPLETE").exists():
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
+    """Complete checkpoints of a run by step, oldest first (the rule is ``run_folder.complete_checkpoints``)."""
+    return RunFolder(run_dir).checkpoints()
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -156,7 +134,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 def _run_recipe(run_dir: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        data = yaml.safe_load(RunFolder(run_dir).recipe_file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -5,7 +5,7 @@ Layout under the workspace (the same one ``run.py`` writes, plus the studio's ow
 
     recipes/<name>.yaml      recipes saved from the studio
     jobs/<id>.json|.log      the job queue (see jobs.py)
-    runs/<name>/             training runs (events.jsonl, checkpoints/, export/, previews/)
+    runs/<name>/             training runs (their layout: ``cascade_studio/run_folder.py``)
     compare/<date-time>/     outputs of ``cascade-studio compare`` (grid.png, cells/, manifest.json)
     mlflow.db, mlartifacts/  MLflow's SQLite store and artifacts
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..run_folder import RunFolder
 from .paths import confine
 
 __all__ = ["REPO_ROOT", "WORKSPACE_ENV", "Workspace", "RecipeEntry", "ensure_repo_cwd"]
@@ -67,7 +68,7 @@ class Workspace:
 
     @property
     def runs_dir(self) -> Path:
-        return self.root / "runs"
+        return RunFolder.runs_dir(self.root)
 
     @property
     def comparisons_dir(self) -> Path:
@@ -123,7 +124,4 @@ class Workspace:
 
     def run_dirs(self) -> list[Path]:
         """Run folders (newest first by modification time)."""
-        if not self.runs_dir.is_dir():
-            return []
-        return sorted((p for p in self.runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime,
-                      reverse=True)
+        return [run.path for run in RunFolder.all_in(self.root)]
