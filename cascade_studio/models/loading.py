@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from .encoders import (
     build_open_clip_visual,
 )
 from .official import (
+    _QKV,
     StateDictMismatchError,
     convert_diffusers_stage_b_keys,
     convert_diffusers_stage_c_keys,
@@ -144,27 +146,84 @@ class Checkpoint:
     label: str
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     _read: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict, repr=False)
+    # key -> read rows [start, stop) of the tensor into memory of their own with plain file reads (safetensors
+    # files only); used to split fused attention without touching the file's memory map (see ``get_split``)
+    _rows: dict[str, Callable[[int, int], torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def get(self, key: str, dtype: torch.dtype | None, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read one tensor, casting floating tensors to ``dtype`` (integer counters keep theirs)."""
-        tensor = self._read[key]()
-        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device=device, dtype=target)
+        return _cast(self._read[key](), dtype, device)
+
+    def get_split(self, key: str, sizes: Sequence[int], dtype: torch.dtype | None,
+                  device: str | torch.device = "cpu") -> list[torch.Tensor]:
+        """Read one tensor as consecutive row blocks of ``sizes`` (fused q/k/v -> q, k, v), each in its own memory.
+
+        safetensors hands out tensors that live in a private memory map of the file. A part cloned from such a
+        tensor leaves the pages it was read from resident in that map for as long as any other tensor of the file
+        is alive (on the CPU in the file's dtype, the model's other weights are), so every fused attention weight
+        would stay in memory twice (about 1.6 GiB for the 3.6B Stage C in bf16). Parts are therefore read with
+        plain file reads, which fill the page cache (reclaimable) but never the process's map.
+        """
+        if key in self._rows:
+            bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            return [_cast(self._rows[key](start, stop), dtype, device)
+                    for start, stop in zip(bounds[:-1], bounds[1:])]
+        tensor = self.get(key, dtype, device)
+        # Own memory per part: shared storages would make safetensors refuse to save the model later.
+        return [part.clone() for part in tensor.split(list(sizes), dim=0)]
 
     def keep(self, keys: Sequence[str]) -> None:
         """Forget every key not in ``keys``."""
         wanted = set(keys)
         self.shapes = {k: v for k, v in self.shapes.items() if k in wanted}
         self._read = {k: v for k, v in self._read.items() if k in wanted}
+        self._rows = {k: v for k, v in self._rows.items() if k in wanted}
 
     def rename(self, mapping: Mapping[str, str]) -> None:
         """Rename keys (old -> new)."""
         self.shapes = {mapping.get(k, k): v for k, v in self.shapes.items()}
         self._read = {mapping.get(k, k): v for k, v in self._read.items()}
+        self._rows = {mapping.get(k, k): v for k, v in self._rows.items()}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
+    target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=device, dtype=target)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _row_reader(path: Path, data_start: int, entry: Mapping[str, Any]) -> Callable[[int, int], torch.Tensor] | None:
+    """Rows [start, stop) of a row-major safetensors tensor, read with ``readinto`` into a fresh tensor."""
+    dtype, shape = _SAFETENSORS_DTYPES.get(entry["dtype"]), tuple(entry["shape"])
+    if dtype is None or not shape or sys.byteorder != "little":
+        return None
+    row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+    begin = data_start + int(entry["data_offsets"][0])
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(begin + start * row_bytes)
+            done = 0
+            while done < len(view):
+                count = handle.readinto(view[done:])
+                if not count:
+                    raise WeightsError(path, "the file ended early (truncated?); re-download it")
+                done += count
+        return out
+
+    return read
 
 
 def _add_safetensors(checkpoint: Checkpoint, path: Path, stack: contextlib.ExitStack) -> None:
     header = read_safetensors_header(path)
+    with open(path, "rb") as handle:
+        data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
     try:
         handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
     except Exception as exc:  # safetensors raises its own error type for corrupt files
@@ -176,6 +235,9 @@ def _add_safetensors(checkpoint: Checkpoint, path: Path, stack: contextlib.ExitS
             raise WeightsError(path, f"tensor {name!r} appears in more than one shard; the shard set is inconsistent")
         checkpoint.shapes[name] = tuple(entry["shape"])
         checkpoint._read[name] = lambda handle=handle, name=name: handle.get_tensor(name)
+        rows = _row_reader(path, data_start, entry)
+        if rows is not None:
+            checkpoint._rows[name] = rows
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -706,9 +768,10 @@ def _diffusers_rename(checkpoint: Checkpoint, family: str) -> None:
     for key in checkpoint.shapes:
         match = re.match(r"^(.*\.attention)\.(to_q|to_k|to_v)\.(weight|bias)$", key)
         groups[f"{match[1]}|{match[3]}" if match else key].append(key)
-    raw = Checkpoint(checkpoint.label, dict(checkpoint.shapes), dict(checkpoint._read))
+    raw = Checkpoint(checkpoint.label, dict(checkpoint.shapes), dict(checkpoint._read), dict(checkpoint._rows))
     shapes: dict[str, tuple[int, ...]] = {}
     readers: dict[str, Callable[[], torch.Tensor]] = {}
+    rows: dict[str, Callable[[int, int], torch.Tensor]] = {}
     for members in groups.values():
         try:
             (official, meta), = convert({k: torch.empty(raw.shapes[k], device="meta") for k in members}).items()
@@ -718,7 +781,28 @@ def _diffusers_rename(checkpoint: Checkpoint, family: str) -> None:
         # Parts are read in the checkpoint's dtype; Checkpoint.get casts the fused result afterwards.
         readers[official] = lambda members=members, official=official: convert(
             {k: raw.get(k, None) for k in members})[official]
-    checkpoint.shapes, checkpoint._read = shapes, readers
+        if len(members) > 1 and all(k in raw._rows for k in members):
+            # The fused tensor stacks the parts in q, k, v order (official.py); a split along those bounds reads
+            # each part straight from its own file tensor.
+            ordered = sorted(members, key=lambda k: _QKV.index(k.rsplit(".", 2)[-2]))
+            rows[official] = _stacked_rows([(raw._rows[k], raw.shapes[k][0]) for k in ordered])
+    checkpoint.shapes, checkpoint._read, checkpoint._rows = shapes, readers, rows
+
+
+def _stacked_rows(parts: Sequence[tuple[Callable[[int, int], torch.Tensor], int]]
+                  ) -> Callable[[int, int], torch.Tensor]:
+    """Row reader of the concatenation of ``parts`` (reader, rows) along dim 0, reading only the rows asked for."""
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        pieces, offset = [], 0
+        for reader, count in parts:
+            low, high = max(start, offset), min(stop, offset + count)
+            if low < high:
+                pieces.append(reader(low - offset, high - offset))
+            offset += count
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    return read
 
 
 def _assign_official(module: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, device: Device) -> None:
@@ -735,14 +819,12 @@ def _assign_official(module: nn.Module, checkpoint: Checkpoint, dtype: torch.dty
         if official not in checkpoint.shapes:  # an absent BatchNorm counter (checked by _mismatch): start at 0
             state[ours[0]] = torch.zeros((), dtype=torch.long, device=device)
             continue
-        tensor = checkpoint.get(official, dtype, device)
         if len(ours) == 1:
-            state[ours[0]] = tensor
+            state[ours[0]] = checkpoint.get(official, dtype, device)
             continue
-        # Own memory per part: shared storages would make safetensors refuse to save the model later.
-        parts = tensor.split([own[k].shape[0] for k in ours], dim=0)
-        state.update({k: part.clone() for k, part in zip(ours, parts)})
-        del tensor, parts
+        parts = checkpoint.get_split(official, [own[k].shape[0] for k in ours], dtype, device)
+        state.update(zip(ours, parts))
+        del parts
     module.load_state_dict(state, strict=True, assign=True)
 
 
