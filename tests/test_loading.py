@@ -542,7 +542,8 @@ def test_official_repo_id_from_the_cache(tmp_path, files, stage_c, offline):
     assert torch.equal(run_c(fp32), run_c(stage_c))
     with pytest.raises(WeightsError) as error:
         load_stage_c("stabilityai/stable-cascade", variant="lite", cache_dir=tmp_path)
-    assert "stage_c_lite_bf16.safetensors" in str(error.value) and "huggingface-cli download" in str(error.value)
+    # huggingface_hub installs the `hf` command (huggingface-cli is deprecated)
+    assert "`hf download stabilityai/stable-cascade stage_c_lite_bf16.safetensors`" in str(error.value)
 
 
 def test_prior_repo_id_from_the_cache(tmp_path, stage_c, offline):
@@ -553,6 +554,27 @@ def test_prior_repo_id_from_the_cache(tmp_path, stage_c, offline):
     fake_hub(cache, "stabilityai/stable-cascade-prior", {"prior_lite": source / "prior_lite"})
     loaded = load_stage_c("stabilityai/stable-cascade-prior", dtype=torch.float32, variant="lite", cache_dir=cache)
     assert torch.equal(run_c(loaded), run_c(stage_c))
+
+
+def test_repo_without_the_model_names_the_repo_and_the_model_not_the_snapshot(tmp_path, files, offline):
+    """The official repo in the cache holds no OpenCLIP ViT-H: the message names the repo and what the IP-Adapter
+    encoder needs, not huggingface_hub's snapshot folder."""
+    fake_hub(tmp_path, "stabilityai/stable-cascade", {"stage_c_bf16.safetensors": files["bf16"]})
+    with pytest.raises(WeightsError) as error:
+        load_ip_image_encoder("openclip-vit-h-14", "stabilityai/stable-cascade", cache_dir=tmp_path)
+    message = str(error.value)
+    assert message.startswith("stabilityai/stable-cascade (stage_c_bf16.safetensors):"), message
+    assert "OpenCLIP ViT-H-14" in message and "laion/CLIP-ViT-H-14" in message
+    assert "snapshots" not in message, message
+
+
+def test_local_only_never_downloads_and_says_what_to_fetch(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(loading.WeightsNotCached) as error:
+        loading.resolve_weights("stage_c", "stabilityai/stable-cascade", "lite", cache_dir=tmp_path, local_only=True)
+    assert "hf download stabilityai/stable-cascade stage_c_lite_bf16.safetensors" in str(error.value)
 
 
 def test_uncached_repo_offline_says_how_to_download(tmp_path, offline):

@@ -437,16 +437,30 @@ def _looks_like_repo_id(source: str) -> bool:
     )
 
 
-def _hub_error(repo: str, what: str, exc: Exception) -> WeightsError:
+class WeightsNotCached(WeightsError):
+    """A hub repo's weights are not in the local cache (raised by ``resolve_weights(local_only=True)``)."""
+
+
+def download_command(repo: str, what: str = "") -> str:
+    """The command that puts ``what`` (files or folders of ``repo``) in the hub cache (huggingface_hub's ``hf``)."""
+    includes = " ".join(f'--include "{item}*"' if item.endswith("/") else item for item in what.split())
+    return f"hf download {repo}" + (f" {includes}" if includes else "")
+
+
+def _hub_error(repo: str, what: str, exc: Exception, local_only: bool = False) -> WeightsError:
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        fix = f"download it first (`huggingface-cli download {repo} {what}`) or unset HF_HUB_OFFLINE"
+    if constants.HF_HUB_OFFLINE or local_only:
+        fix = f"download it first (`{download_command(repo, what)}`)" + (
+            " or unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "")
     else:
         fix = (f"check the repo id, accept the licence on https://huggingface.co/{repo} and log in with "
-               "`huggingface-cli login`, or download the file and pass its path")
-    return WeightsError(f"{repo} ({what})", f"no local path has this name and it is not available from the "
-                        f"Hugging Face hub or its cache ({type(exc).__name__}); {fix}")
+               "`hf auth login`, or download the file and pass its path")
+    where = "in the local Hugging Face cache" if constants.HF_HUB_OFFLINE or local_only else \
+        "available from the Hugging Face hub or its cache"
+    error_type = WeightsNotCached if constants.HF_HUB_OFFLINE or local_only else WeightsError
+    return error_type(f"{repo} ({what})", f"no local path has this name and it is not {where} "
+                      f"({type(exc).__name__}); {fix}")
 
 
 def _hub_patterns(repo: str, subfolders: list[str], precision: str) -> list[str]:
@@ -468,8 +482,12 @@ def resolve_weights(
     variant: str | None = None,
     dtype: torch.dtype = torch.bfloat16,
     cache_dir: str | os.PathLike | None = None,
+    local_only: bool = False,
 ) -> ResolvedWeights:
     """Turn a file path, folder or hub repo id into the files holding ``kind``'s weights (no tensor is read).
+
+    ``local_only``: look in the hub cache only (never download); a repo whose files are not cached raises
+    :class:`WeightsNotCached`. That is how a recipe's sources are checked before a run starts.
 
     ``variant`` picks among published files: ``big``/``lite`` and ``bf16``/``fp32`` (e.g. ``"lite_bf16"``;
     precision defaults to bf16 when ``dtype`` is bf16) or, for ControlNets, ``canny``/``inpainting``/
@@ -493,24 +511,29 @@ def resolve_weights(
         error: Exception | None = None
         for candidate in candidates:
             try:
-                return ResolvedWeights([Path(hf_hub_download(text, candidate, cache_dir=cache))], "official")
+                return ResolvedWeights([Path(hf_hub_download(text, candidate, cache_dir=cache,
+                                                             local_files_only=local_only))], "official")
             except Exception as exc:  # not cached / not published: try the next candidate
                 error = error or exc
-        raise _hub_error(text, candidates[0], error or RuntimeError("no candidate"))
+        raise _hub_error(text, candidates[0], error or RuntimeError("no candidate"), local_only)
     subfolders = list(dict.fromkeys(_SUBFOLDERS[kind][s] for s in sizes)) if kind in _SUBFOLDERS else []
     last_error: WeightsError | None = None
     for precision in precisions:
         try:
             folder = Path(snapshot_download(text, allow_patterns=_hub_patterns(text, subfolders, precision),
-                                            cache_dir=cache))
+                                            cache_dir=cache, local_files_only=local_only))
         except Exception as exc:
-            raise _hub_error(text, " ".join(f"{s}/" for s in subfolders) or kind, exc) from exc
+            raise _hub_error(text, " ".join(f"{s}/" for s in subfolders) or kind, exc, local_only) from exc
         try:
             return _resolve_folder(kind, folder, sizes, [precision], name)
         except WeightsError as exc:
             last_error = exc
     assert last_error is not None
-    raise last_error
+    # Name the repo and the model it lacks, not the snapshot folder the hub library fetched it into.
+    places = " or ".join(f"{s}/" for s in subfolders) or "its top folder"
+    raise WeightsError(text, f"this Hugging Face repo (as cached or downloaded) holds no weights for "
+                       f"{FAMILY_NAMES.get(kind, kind)} in {places}; give the repo, folder or file that holds "
+                       "them")
 
 
 # --------------------------------------------------------------------------------------- what is in a checkpoint
@@ -1064,6 +1087,21 @@ def load_image_encoder(source: Source, dtype: torch.dtype = torch.bfloat16, devi
     return _load_clip_tower("image_encoder", source, dtype, device, allow_pickle, config, cache_dir)
 
 
+_IP_ENCODER_WEIGHTS = {
+    "openclip-vit-h-14": "an OpenCLIP ViT-H-14 checkpoint (keys visual.*), e.g. the hub repo "
+                         "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    "clip-vit-bigg-14": "an OpenCLIP ViT-bigG-14 checkpoint (keys visual.*), e.g. the hub repo "
+                        "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+    "clip-vit-l-14": "a transformers CLIP ViT-L/14 image tower, e.g. the image_encoder/ folder of "
+                     "stabilityai/stable-cascade",
+}
+
+
+def ip_encoder_weights_hint(name: str) -> str:
+    """What weights the IP-Adapter image encoder ``name`` loads from (for messages)."""
+    return _IP_ENCODER_WEIGHTS.get(name, f"the weights of {name}")
+
+
 def load_ip_image_encoder(name: str, source: Source, dtype: torch.dtype = torch.bfloat16, device: Device = "cpu",
                           allow_pickle: bool = False,
                           cache_dir: Source | None = None) -> ImageEncoder | OpenClipImageEncoder:
@@ -1072,19 +1110,36 @@ def load_ip_image_encoder(name: str, source: Source, dtype: torch.dtype = torch.
     if name not in IP_IMAGE_ENCODERS:
         raise ValueError(f"unknown IP-Adapter image encoder {name!r}; choose one of {', '.join(IP_IMAGE_ENCODERS)}")
     spec = IP_IMAGE_ENCODERS[name]
-    if spec["kind"] == "transformers":
-        return load_image_encoder(source, dtype, device, allow_pickle, cache_dir=cache_dir)
-    resolved = resolve_weights("open_clip", source, None, dtype, cache_dir)
-    with open_checkpoint(resolved.files, allow_pickle) as checkpoint:
-        _check_family("open_clip", checkpoint)
-        checkpoint.keep([k for k in checkpoint.shapes if k.startswith("visual.")])
-        checkpoint.rename({k: k[len("visual."):] for k in checkpoint.shapes})
-        visual = build_open_clip_visual(spec["model_name"], device="meta", **spec.get("overrides", {}))
-        _mismatch(checkpoint, {k: tuple(v.shape) for k, v in visual.state_dict().items()}, f"OpenCLIP {name}")
-        state = {k: checkpoint.get(k, dtype, device) for k in checkpoint.shapes}
-        visual.load_state_dict(state, strict=True, assign=True)
+    try:
+        if spec["kind"] == "transformers":
+            return load_image_encoder(source, dtype, device, allow_pickle, cache_dir=cache_dir)
+        resolved = resolve_weights("open_clip", source, None, dtype, cache_dir)
+        checkpoint_files = resolved.files
+        with open_checkpoint(checkpoint_files, allow_pickle) as checkpoint:
+            _check_family("open_clip", checkpoint)
+            checkpoint.keep([k for k in checkpoint.shapes if k.startswith("visual.")])
+            checkpoint.rename({k: k[len("visual."):] for k in checkpoint.shapes})
+            visual = build_open_clip_visual(spec["model_name"], device="meta", **spec.get("overrides", {}))
+            _mismatch(checkpoint, {k: tuple(v.shape) for k, v in visual.state_dict().items()}, f"OpenCLIP {name}")
+            state = {k: checkpoint.get(k, dtype, device) for k in checkpoint.shapes}
+            visual.load_state_dict(state, strict=True, assign=True)
+    except WeightsError as exc:
+        raise _wrong_encoder_source(exc, str(source), name) from None
     visual = _finish(visual.to(device), resolved)
     return OpenClipImageEncoder(visual, name=name)
+
+
+def _wrong_encoder_source(exc: WeightsError, source: str, name: str) -> WeightsError:
+    """The error of a source that does not hold the IP-Adapter image encoder ``name``, in the user's terms: a file
+    of a hub repo is named by the repo and its path there (not huggingface_hub's snapshot folder), and the
+    message says which model the encoder needs."""
+    label, problem = exc.source, str(exc)[len(exc.source) + 2:]
+    snapshot = re.search(r"[/\\]snapshots[/\\][0-9a-f]{40}(?:[/\\](.*))?$", label)
+    if snapshot is not None and _looks_like_repo_id(source):
+        label = f"{source} ({snapshot[1]})" if snapshot[1] else source
+    return WeightsError(label, f"{problem.rstrip('.')}. The IP-Adapter image encoder {name} needs "
+                        f"{ip_encoder_weights_hint(name)}; give it as adapter.ip_adapter.image_encoder_weights "
+                        "(training) or --ip-image-encoder (generate)")
 
 
 for _loader in (load_stage_c, load_stage_b, load_stage_a, load_previewer, load_controlnet, load_effnet):
