@@ -202,3 +202,52 @@ def test_sample_stage_c_extra_inputs_noise_and_mode(components: CascadeComponent
     assert torch.equal(repeat, out)
     with pytest.raises(ValueError, match="initial_noise"):
         sample_stage_c(wrapper, text, settings, noise=torch.zeros(1, 16, 3, 3))
+
+
+# ---------------------------------------------------------------- every stage's source is checked before sampling
+
+
+def test_missing_stage_b_fails_before_stage_c_samples(tmp_path) -> None:
+    """A Stage B that is not there is reported before any stage loads, not after Stage C has sampled."""
+    from cascade_studio.inference.adapters import generate_with_adapters
+    from cascade_studio.models.loading import WeightsError
+
+    loaded: list[str] = []
+    missing = tmp_path / "stage_b_bf16.safetensors"
+    components = CascadeComponents(ModelSpec(preset="tiny", stage_b=str(missing)), device="cpu",
+                                   on_load=lambda name, module: loaded.append(name))
+    with pytest.raises(WeightsError, match="stage_b_bf16.safetensors"):
+        generate(components, _settings())
+    assert loaded == []
+    with pytest.raises(WeightsError, match="stage_b_bf16.safetensors"):
+        generate_with_adapters(components, _settings(), [])
+    assert loaded == []
+    # the previewer path needs no Stage B
+    generate(components, _settings(preview=True))
+    assert loaded == ["text_encoder", "stage_c", "previewer"]
+
+
+def test_stage_b_of_the_wrong_kind_fails_before_sampling(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from cascade_studio.models.loading import WeightsError
+    from cascade_studio.models.official import official_state_dict
+
+    stage_c = CascadeComponents("tiny", device="cpu").load("stage_c")
+    wrong = tmp_path / "stage_b.safetensors"
+    save_file({k: v.contiguous() for k, v in official_state_dict(stage_c).items()}, str(wrong))
+    loaded: list[str] = []
+    components = CascadeComponents(ModelSpec(preset="tiny", stage_b=str(wrong)), device="cpu",
+                                   on_load=lambda name, module: loaded.append(name))
+    with pytest.raises(WeightsError, match="Stage C"):
+        generate(components, _settings())
+    assert loaded == []
+
+
+def test_cpu_note_does_not_suggest_the_preview_already_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    CascadeComponents("lite", device="cpu").warn_if_slow(_settings(preview=True), preview_hint="--preview")
+    note = capsys.readouterr().err
+    assert "CPU" in note and "preview" not in note
+    CascadeComponents("lite", device="cpu").warn_if_slow(_settings(), preview_hint="--preview")
+    note = capsys.readouterr().err
+    assert "--preview" in note and "preview=True" not in note

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -128,14 +128,16 @@ class CascadeComponents:
         """Stages loaded by this object and not yet released (empty between uses)."""
         return tuple(sorted(self._resident))
 
-    def warn_if_slow(self) -> None:
-        """Print a one-time note when a real-size preset is about to run on the CPU."""
+    def warn_if_slow(self, settings: GenerateSettings | None = None, preview_hint: str = "preview=True") -> None:
+        """Print a one-time note when a real-size preset is about to run on the CPU. The note suggests the
+        preview (``preview_hint``: how the caller spells it) only when ``settings`` does not use it already."""
         if self._warned or self.device.type != "cpu" or self.spec.preset not in ("big", "lite"):
             return
         self._warned = True
+        previewing = settings is not None and settings.preview
+        advice = "Use a CUDA GPU" + ("" if previewing else f", or {preview_hint} to skip Stage B and A")
         print(f"note: running the {self.spec.preset} Stable Cascade models on the CPU; expect minutes per "
-              "image and tens of GB of RAM. Use a CUDA GPU, or preview=True to skip Stage B and A.",
-              file=sys.stderr)
+              f"image and tens of GB of RAM. {advice}.", file=sys.stderr)
 
     @contextmanager
     def use(self, name: str, dtype: torch.dtype = torch.float32) -> Iterator[Any]:
@@ -187,16 +189,42 @@ class CascadeComponents:
 
         return build_random(name, self.spec.preset).to(device=self.device, dtype=dtype)
 
+    def _variant(self, name: str) -> str | None:
+        if name not in ("stage_c", "stage_b"):
+            return None
+        # In a repo holding both sizes, the preset picks the file (stage_c_lite_bf16 ...).
+        size = self.spec.preset if self.spec.preset in ("big", "lite") else None
+        return "_".join(part for part in (size, self.spec.variant) if part) or None
+
     def _load_weights(self, name: str, source: str, dtype: torch.dtype) -> Any:
         from cascade_studio.models import loading
 
         loader = getattr(loading, f"load_{name}")
         kwargs: dict[str, Any] = dict(dtype=dtype, device=self.device, allow_pickle=self.spec.allow_pickle)
         if name in ("stage_c", "stage_b"):
-            # In a repo holding both sizes, the preset picks the file (stage_c_lite_bf16 ...).
-            size = self.spec.preset if self.spec.preset in ("big", "lite") else None
-            kwargs["variant"] = "_".join(part for part in (size, self.spec.variant) if part) or None
+            kwargs["variant"] = self._variant(name)
         return loader(source, **kwargs)
+
+    def check_sources(self, names: Sequence[str], dtype: torch.dtype = torch.float32,
+                      local_only: bool = False) -> None:
+        """Find the weights of every stage in ``names`` now (the file exists, a hub repo's files are cached or
+        downloaded, the headers are that kind of model) without reading a tensor, so a missing Stage B fails
+        before Stage C has sampled for minutes. Injected stages and stages built in code need nothing.
+        ``local_only`` never downloads (a repo not in the cache raises ``loading.WeightsNotCached``)."""
+        from cascade_studio.models import loading
+        from cascade_studio.models.presets import get_preset
+
+        for name in names:
+            source = self.spec.source(name)
+            if name in self._injected:
+                continue
+            if not source:
+                if not get_preset(self.spec.preset).built_in:
+                    raise ValueError(f"the {self.spec.preset} preset has no built-in weights for {name}: give a "
+                                     "weights file or folder, or a repo id (model.repo_id / --repo-id, e.g. "
+                                     "stabilityai/stable-cascade)")
+                continue
+            loading.check_source(name, source, self._variant(name), dtype, local_only=local_only)
 
 
 @dataclass
@@ -463,6 +491,11 @@ def _to_images(pixels: torch.Tensor, size: tuple[int, int] | None = None) -> lis
     return images
 
 
+def stages_needed(settings: GenerateSettings) -> tuple[str, ...]:
+    """The stages a generation with ``settings`` loads, in order."""
+    return ("text_encoder", "stage_c", *(("previewer",) if settings.preview else ("stage_b", "stage_a")))
+
+
 def decode_latents(
     components: CascadeComponents,
     latents: torch.Tensor,
@@ -529,7 +562,8 @@ def generate(
     Each stage is loaded, used and freed in turn (text encoder, Stage C, then previewer or Stage B and
     Stage A), so no two stages share the GPU. `progress(stage, step, total)` reports sampling steps.
     """
-    components.warn_if_slow()
+    components.warn_if_slow(settings)
+    components.check_sources(stages_needed(settings), settings.torch_dtype)  # every stage, before any sampling
     # `del` inside each block: the stage must be unreferenced when `use` collects it on exit.
     with components.use("text_encoder", settings.torch_dtype) as text_encoder:
         text = encode_prompts(text_encoder, settings)

@@ -536,6 +536,27 @@ def resolve_weights(
                        "them")
 
 
+def check_source(kind: str, source: str | os.PathLike, variant: str | None = None,
+                 dtype: torch.dtype = torch.bfloat16, cache_dir: str | os.PathLike | None = None,
+                 local_only: bool = False) -> ResolvedWeights:
+    """Resolve ``kind``'s weights and check from the safetensors headers alone that they are that kind of model.
+
+    Reads no tensor, so it is cheap enough to run for every stage before a run or a generation starts.
+    """
+    resolved = resolve_weights(kind, source, variant, dtype, cache_dir, local_only=local_only)
+    keys: list[str] = []
+    for file in resolved.files:
+        if file.suffix.lower() in PICKLE_SUFFIXES:
+            return resolved  # no header to read without unpickling; checked when loaded
+        keys += [k for k in read_safetensors_header(file) if k != "__metadata__"]
+    checkpoint = Checkpoint(label=str(resolved.path), shapes={k: () for k in keys})
+    _strip_wrapper_prefix(checkpoint)
+    if resolved.layout == "diffusers":
+        return resolved  # checked by name and shape when loaded
+    _check_family(kind, checkpoint)
+    return resolved
+
+
 # --------------------------------------------------------------------------------------- what is in a checkpoint
 
 
