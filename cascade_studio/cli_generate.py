@@ -135,6 +135,7 @@ def cmd_generate(args) -> int:
     settings = GenerateSettings(prompt=prompt, seed=args.seed, batch=args.batch, preview=args.preview,
                                 **_sampling_kwargs(args))
     components = CascadeComponents(_model_spec(args), device=args.device)
+    components.warn_if_slow(settings, preview_hint="--preview")  # the command line's spelling
     if specs:
         images, resolved = generate_with_adapters(components, settings, specs, workspace=args.workspace,
                                                   tracking_uri=args.tracking_uri,
@@ -142,7 +143,6 @@ def cmd_generate(args) -> int:
         for item in resolved:
             print(f"adapter: {item.label} <- {item.path}")
     else:
-        components.warn_if_slow()
         images = generate(components, settings)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -489,10 +489,11 @@ def generate_with_adapters(
     encoded before Stage C loads; Stage C is loaded, wrapped in an AdaptedStageC, sampled and freed before the
     decoder loads, so stages still never share the memory. Without adapters this is ``generate`` exactly.
     """
-    from cascade_studio.inference.pipeline import decode_latents, encode_prompts
+    from cascade_studio.inference.pipeline import decode_latents, encode_prompts, stages_needed
 
-    components.warn_if_slow()
+    components.warn_if_slow(settings)
     resolved = [resolve_adapter(spec, workspace, tracking_uri) for spec in specs]
+    components.check_sources(stages_needed(settings), settings.torch_dtype)  # every stage, before any sampling
     inputs = AdapterInputs(settings.height, settings.width, components.device, ip_image_encoder)
     inputs.prepare(resolved)
     with components.use("text_encoder", settings.torch_dtype) as text_encoder:

@@ -33,7 +33,7 @@ from cascade_studio.inference.adapters import (AdapterInputs, AdapterSpec, Resol
                                                load_adapters, parse_adapter_spec, remove_adapters, resolve_adapter)
 from cascade_studio.inference.grid import make_grid
 from cascade_studio.inference.pipeline import (CascadeComponents, GenerateSettings, ModelSpec, decode_latents,
-                                               encode_prompts, sample_stage_c)
+                                               encode_prompts, sample_stage_c, stages_needed)
 
 __all__ = ["CompareSettings", "CompareResult", "Column", "parse_column", "run_compare", "DECODERS"]
 
@@ -188,7 +188,8 @@ def run_compare(settings: CompareSettings) -> CompareResult:
     call_settings = [settings.generate_settings(call.prompts, call.seed) for call in calls]
     first = call_settings[0]
     components = CascadeComponents(settings.model, device=settings.device)
-    components.warn_if_slow()
+    components.warn_if_slow(first)
+    components.check_sources(stages_needed(first), first.torch_dtype)  # every stage, before any sampling
     inputs = AdapterInputs(first.height, first.width, components.device, settings.ip_image_encoder)
     inputs.prepare(all_adapters)  # missing images fail now; image prompts are encoded before Stage C loads
 
