@@ -434,12 +434,16 @@ class AdapterInputs:
 
     def __init__(self, height: int, width: int, device: torch.device | str = "cpu",
                  ip_image_encoder: str | None = None,
-                 encoder_loader: Callable[[str], Any] | None = None) -> None:
+                 encoder_loader: Callable[[str], Any] | None = None,
+                 model_image_encoder: str | None = None) -> None:
         self.size = (math.ceil(height / _HINT_MULTIPLE) * _HINT_MULTIPLE,
                      math.ceil(width / _HINT_MULTIPLE) * _HINT_MULTIPLE)
         self.aspect = width / height
         self.device = torch.device(device)
         self.ip_image_encoder = ip_image_encoder
+        # where the base's weights say the image encoder is (model.image_encoder, else model.repo_id): used, as
+        # training uses it, when no encoder is given explicitly
+        self.model_image_encoder = model_image_encoder
         self.encoder_loader = encoder_loader
         self.cache: dict[tuple, Any] = {}
         self._shared: dict[tuple, Any] = {}
@@ -494,7 +498,8 @@ def generate_with_adapters(
     components.warn_if_slow(settings)
     resolved = [resolve_adapter(spec, workspace, tracking_uri) for spec in specs]
     components.check_sources(stages_needed(settings), settings.torch_dtype)  # every stage, before any sampling
-    inputs = AdapterInputs(settings.height, settings.width, components.device, ip_image_encoder)
+    inputs = AdapterInputs(settings.height, settings.width, components.device, ip_image_encoder,
+                           model_image_encoder=components.spec.source("image_encoder"))
     inputs.prepare(resolved)
     with components.use("text_encoder", settings.torch_dtype) as text_encoder:
         text = encode_prompts(text_encoder, settings)

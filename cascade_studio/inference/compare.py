@@ -190,7 +190,8 @@ def run_compare(settings: CompareSettings) -> CompareResult:
     components = CascadeComponents(settings.model, device=settings.device)
     components.warn_if_slow(first)
     components.check_sources(stages_needed(first), first.torch_dtype)  # every stage, before any sampling
-    inputs = AdapterInputs(first.height, first.width, components.device, settings.ip_image_encoder)
+    inputs = AdapterInputs(first.height, first.width, components.device, settings.ip_image_encoder,
+                           model_image_encoder=components.spec.source("image_encoder"))
     inputs.prepare(all_adapters)  # missing images fail now; image prompts are encoded before Stage C loads
 
     bar = tqdm(total=len(columns) * len(calls) * 2, desc="compare", unit="call", disable=not settings.progress)
