@@ -365,3 +365,31 @@ def test_cache_feature_encodes_images_lazily_and_reproducibly():
     context = AdapterContext(extra={"ip_image_encoder_loader": lambda name: feature.encoder})
     loaded = ipa.image_encoder_feature(IPAdapterConfig(image_encoder="clip-vit-l-14"), context)
     assert torch.equal(loaded.encode(images)["ip_image_embeds"], out)
+
+
+def test_generation_falls_back_to_the_base_models_image_encoder_as_training_does(tmp_path):
+    """No --ip-image-encoder: generation loads the adapter's encoder from the base's weights
+    (model.image_encoder, else model.repo_id), as a training run does, instead of refusing."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModelWithProjection
+
+    from cascade_studio.inference.adapters import AdapterInputs
+    from cascade_studio.inference.pipeline import CascadeComponents, ModelSpec
+    from cascade_studio.models.encoders import image_encoder_config
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(image_encoder_config("tiny")).save_pretrained(tmp_path / "base" / "image_encoder")
+    adapter_file = tmp_path / "ip.safetensors"
+    save_file({"image_proj.proj.weight": torch.zeros(1)}, str(adapter_file),
+              metadata={"cascade_studio.image_encoder": "clip-vit-l-14"})
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "ref.png")
+    resolved = SimpleNamespace(path=str(adapter_file), spec=SimpleNamespace(image_prompts=(str(tmp_path / "ref.png"),)))
+
+    components = CascadeComponents(ModelSpec(preset="tiny", repo_id=str(tmp_path / "base")), device="cpu")
+    inputs = AdapterInputs(64, 64, "cpu", None, model_image_encoder=components.spec.source("image_encoder"))
+    ipa.method.generation_prepare(resolved, inputs)
+    (embeds,) = inputs.cache.values()
+    assert embeds.shape == (1, image_encoder_config("tiny").projection_dim)

@@ -309,12 +309,17 @@ def generation_prepare(resolved: Any, inputs: Any) -> None:
 
 
 def _generation_encoder(name: str, inputs: Any) -> Any:
+    """The image encoder of a generation: a loader, --ip-image-encoder, the built-in tiny/toy encoders, else the
+    base's weights (model.image_encoder / model.repo_id), in the order training chooses them."""
     if inputs.encoder_loader is not None:
         return inputs.encoder_loader(name)
-    if inputs.ip_image_encoder:
-        from ...models.loading import load_ip_image_encoder
+    from ...models.loading import load_ip_image_encoder
 
+    if inputs.ip_image_encoder:
         return load_ip_image_encoder(name, inputs.ip_image_encoder, dtype=torch.float32, device=inputs.device)
+    fallback = getattr(inputs, "model_image_encoder", None)
+    if name not in ("tiny", "toy") and fallback:
+        return load_ip_image_encoder(name, fallback, dtype=torch.float32, device=inputs.device)
     if name not in ("tiny", "toy"):
         raise ValueError(f"this IP-Adapter was trained with the image encoder {name!r}; give its weights with "
                          "--ip-image-encoder FILE|FOLDER|REPO (only the tiny and toy encoders are built in)")
