@@ -96,6 +96,16 @@ def cmd_validate(args) -> int:
     except RecipeError as exc:
         print(f"{args.recipe}: {len(exc.problems)} problem(s)\n{exc}", file=sys.stderr)
         return 2
+    from .trainers.preflight import check_recipe_weights, needs_weight_check
+
+    if needs_weight_check(recipe):  # imports torch: only for recipes that name weights
+        weights = check_recipe_weights(recipe)
+        for note in weights.notes:
+            print(f"note: {note}")
+        if weights.problems:
+            print(f"{args.recipe}: {len(weights.problems)} problem(s)\n{RecipeError(weights.problems)}",
+                  file=sys.stderr)
+            return 2
     print(f"{args.recipe}: OK ({recipe.adapter.method} on preset {recipe.model.preset}, "
           f"{recipe.train.max_steps} steps)")
     if not args.data:
