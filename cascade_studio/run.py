@@ -54,6 +54,9 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
 
     # 1. config: everything is validated before anything is created or started
     recipe = load_recipe(recipe_source, overrides=list(overrides))
+    from .trainers.preflight import refuse_unusable_weights
+
+    refuse_unusable_weights(recipe)  # weights there (files, hub cache) and of the right kind, from headers only
     folder = RunFolder.in_workspace(Path(recipe.workspace).resolve(), recipe.name)
 
     # 2. accelerator
