@@ -100,19 +100,8 @@ def create_adapter(cfg: Any, model: AdaptedStageC, context: Any, name: str = "co
         path = Path(init_from)
         tensors, metadata = load_adapter_tensors(path)
         layout = read_layout({k: v.shape for k, v in tensors.items()}, str(path))
-        blocks = as_blocks(cfg.proj_blocks) or as_blocks(metadata.get("cascade_studio.proj_blocks")) \
-            or spec.proj_blocks
-        problems = []
-        if layout.c_in != spec.c_in:
-            problems.append(f"it takes {layout.c_in}-channel hints ({control_from(metadata, layout)}), the recipe's "
-                            f"control {spec.control} gives {spec.c_in}; set adapter.controlnet.control to match")
-        if layout.c_proj != spec.c_proj:
-            problems.append(f"it was made for a Stage C of width {layout.c_proj} "
-                            f"({preset_for_width(layout.c_proj)}), the base has width {spec.c_proj} "
-                            f"({preset_for_width(spec.c_proj)})")
-        if layout.projection_count != len(blocks):
-            problems.append(f"it has {layout.projection_count} projections, proj_blocks lists {len(blocks)}; set "
-                            f"adapter.controlnet.proj_blocks to {layout.projection_count} indices")
+        blocks = _init_from_blocks(cfg, metadata, spec)
+        problems = _init_from_problems(layout, metadata, spec, blocks)
         if problems:
             raise AdapterMismatchError(f"adapter.controlnet.init_from {path}: " + "; ".join(problems))
         hint_size = spec.hint_size if layout.bottleneck == "simple" else None
@@ -142,6 +131,58 @@ def create_adapter(cfg: Any, model: AdaptedStageC, context: Any, name: str = "co
                                    "backbone_init)")
     model.add_adapter(adapter)
     return adapter
+
+
+def _init_from_blocks(cfg: Any, metadata: Mapping[str, str], spec: ControlNetSpec) -> tuple[int, ...]:
+    return as_blocks(cfg.proj_blocks) or as_blocks(metadata.get("cascade_studio.proj_blocks")) or spec.proj_blocks
+
+
+def _init_from_problems(layout: FileLayout, metadata: Mapping[str, str], spec: ControlNetSpec,
+                        blocks: tuple[int, ...], check_channels: bool = True) -> list[str]:
+    """Why the ``init_from`` file (its ``layout``) cannot start the ControlNet the recipe asks for (``spec``)."""
+    problems = []
+    if check_channels and layout.c_in != spec.c_in:
+        problems.append(f"it takes {layout.c_in}-channel hints ({control_from(metadata, layout)}), the recipe's "
+                        f"control {spec.control} gives {spec.c_in}; set adapter.controlnet.control to match")
+    if layout.c_proj != spec.c_proj:
+        problems.append(f"it was made for a Stage C of width {layout.c_proj} "
+                        f"({preset_for_width(layout.c_proj)}), the base has width {spec.c_proj} "
+                        f"({preset_for_width(spec.c_proj)})")
+    if layout.projection_count != len(blocks):
+        problems.append(f"it has {layout.projection_count} projections, proj_blocks lists {len(blocks)}; set "
+                        f"adapter.controlnet.proj_blocks to {layout.projection_count} indices")
+    return problems
+
+
+def preflight(cfg: ControlNetConfig, recipe: Any, check_weights: Any, add: Any) -> None:
+    """Before a run starts, from the header of ``init_from`` alone: the file fits the base's width, the
+    recipe's control and its injection points (the checks ``create_adapter`` makes once the base is loaded)."""
+    if not cfg.init_from:
+        return
+    from types import SimpleNamespace
+
+    from ...models.presets import PRESETS
+
+    dotted = "adapter.controlnet.init_from"
+    try:
+        header = read_safetensors_header(cfg.init_from)
+        metadata = header.pop("__metadata__", None) or {}
+        layout = read_layout({k: v["shape"] for k, v in header.items()}, str(cfg.init_from))
+    except AdapterMismatchError as exc:
+        add(dotted, cfg.init_from, str(exc))
+        return
+    preset = PRESETS.get(recipe.model.preset)
+    if preset is None:
+        return
+    width = int(preset.stage_c.get("c_hidden", [2048])[0])  # StageC's defaults are the big model
+    try:
+        spec = spec_from_config(cfg, width, SimpleNamespace(preset=preset.name))
+    except AdapterMismatchError:
+        return  # the recipe's own problem, reported where the adapter is built
+    problems = _init_from_problems(layout, metadata, spec, _init_from_blocks(cfg, metadata, spec),
+                                   check_channels=spec.control != "image")  # image: channels known from the data
+    for problem in problems:
+        add(dotted, cfg.init_from, f"{problem} (model.preset {preset.name})")
 
 
 def _compressor(context: Any, required: bool) -> torch.nn.Module | None:
