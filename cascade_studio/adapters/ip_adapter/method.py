@@ -266,6 +266,29 @@ def _run_encoder_loader(cfg: IPAdapterConfig, models: Any) -> Callable[[str], An
     return load
 
 
+def preflight(cfg: IPAdapterConfig, recipe: Any, check_weights: Any, add: Any) -> None:
+    """Before a run starts: the image encoder's weights are where ``_run_encoder_loader`` will look (the same
+    order: adapter.ip_adapter.image_encoder_weights, model.image_encoder, model.repo_id) and of the right kind."""
+    from ...models.encoders import IP_IMAGE_ENCODERS
+    from ...models.loading import ip_encoder_weights_hint
+
+    name = cfg.image_encoder
+    if name == "tiny" or (name == "toy" and not cfg.image_encoder_weights) or name not in IP_IMAGE_ENCODERS:
+        return
+    model_cfg = recipe.model
+    places = (("adapter.ip_adapter.image_encoder_weights", cfg.image_encoder_weights),
+              ("model.image_encoder", model_cfg.image_encoder), ("model.repo_id", model_cfg.repo_id))
+    dotted, source = next(((d, v) for d, v in places if v), (None, None))
+    if source is None:
+        add("adapter.ip_adapter.image_encoder_weights", None, f"the image encoder {name} needs weights: "
+            f"{ip_encoder_weights_hint(name)}", "set adapter.ip_adapter.image_encoder_weights to its file, folder "
+            "or repo id")
+        return
+    kind = "image_encoder" if IP_IMAGE_ENCODERS[name]["kind"] == "transformers" else "open_clip"
+    check_weights(dotted, kind, source, hint=f"the image encoder {name} needs {ip_encoder_weights_hint(name)}; set "
+                  "adapter.ip_adapter.image_encoder_weights to it")
+
+
 def feature_encoders(cfg: Any, context: Any, models: Any) -> list:
     """The run's hook for the encode cache (same signature for every method)."""
     return [image_encoder_feature(cfg, context)]
