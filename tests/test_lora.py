@@ -277,3 +277,61 @@ def test_training_checkpoint_file_loads_directly(tmp_path):
     loaded = load_adapter_file(path, fresh, CONTEXT, name="ckpt")
     assert (loaded.spec.rank, loaded.spec.alpha) == (3, 5.0)
     torch.testing.assert_close(run(fresh, inputs), trained, atol=1e-5, rtol=0)
+
+
+def comfyui_dora_weight(weight, down, up, alpha, dora_scale, strength=1.0):
+    """ComfyUI's DoRA rule (comfy/weight_adapter/base.py ``weight_decompose``, reimplemented as the oracle), for
+    a dora_scale of one value per output row: the updated weight times dora_scale over the ORIGINAL weight's row
+    norms (plus the dtype's eps), then blended with ``strength``."""
+    rank = down.shape[0]
+    weight_calc = weight + (alpha / rank) * (up @ down)
+    assert dora_scale.shape[0] == weight_calc.shape[0]  # ComfyUI's wd_on_output_axis branch
+    weight_norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True) + torch.finfo(weight.dtype).eps
+    weight_calc = weight_calc * (dora_scale / weight_norm)
+    return weight + strength * (weight_calc - weight) if strength != 1.0 else weight_calc
+
+
+def test_dora_comfyui_export_gives_peft_outputs_under_comfyuis_rule(tmp_path):
+    """ComfyUI normalises a DoRA by the original weight's norm, PEFT by the updated one's: the exported
+    dora_scale makes ComfyUI's own rule (the oracle) reproduce the trained PEFT DoRA."""
+    inputs = tiny_inputs()
+    model = AdaptedStageC(tiny_stage_c())
+    adapter = LoraAdapter(LoraSpec(rank=4, alpha=2.0, type="dora"), name="a", info={})
+    model.add_adapter(adapter)
+    randomize(adapter, std=0.2)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a trained magnitude no longer equals the base's row norms
+        for _, layer in adapter._layers():
+            magnitude = layer.lora_magnitude_vector["a"].weight
+            magnitude.mul_(1 + 0.3 * torch.rand(magnitude.shape, generator=g))
+    trained = run(model, inputs)
+    path = export_adapter(adapter, tmp_path / "dora.safetensors", "comfyui")
+    tensors, meta = load_adapter_tensors(path)
+
+    patched = tiny_stage_c()
+    base = run(AdaptedStageC(tiny_stage_c()), inputs)
+    with torch.no_grad():
+        for module_path in base_module_paths(patched):
+            stem = "lora_unet_" + module_path.replace(".", "_")
+            if f"{stem}.dora_scale" not in tensors:
+                continue
+            linear = patched.get_submodule(module_path)
+            linear.weight.copy_(comfyui_dora_weight(
+                linear.weight, tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"],
+                float(tensors[f"{stem}.alpha"]), tensors[f"{stem}.dora_scale"]))
+    comfy = run(AdaptedStageC(patched), inputs)
+    assert (trained - base).abs().max() > 1e-2  # the DoRA really changes the output
+    torch.testing.assert_close(comfy, trained, atol=1e-4, rtol=1e-4)
+    assert meta["cascade_studio.dora_scale"] == "comfyui-original-norm"
+
+
+def test_dora_exported_without_the_base_says_comfyui_differs(tmp_path, capsys):
+    from cascade_studio.adapters.lora.method import export_tensors
+
+    model = AdaptedStageC(tiny_stage_c())
+    adapter = LoraAdapter(LoraSpec(rank=4, alpha=2.0, type="dora"), name="a", info={})
+    model.add_adapter(adapter)
+    randomize(adapter)
+    path = export_tensors(adapter.adapter_state_dict(), adapter.metadata(), "comfyui", tmp_path / "d.safetensors")
+    assert load_adapter_tensors(path)[1]["cascade_studio.dora_scale"] == "peft-magnitude"
+    assert "ComfyUI" in capsys.readouterr().err

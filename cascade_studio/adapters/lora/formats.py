@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -35,12 +35,48 @@ def comfy_key(module_path: str) -> str:
     return EXPORT_PREFIX + module_path.replace(".", "_")
 
 
+# -- DoRA ------------------------------------------------------------------------------------------------------
+# PEFT's DoRA (what trains here): W' = m * (W + dW) / ||W + dW||, norms per output row, dW = alpha/rank * up @ down.
+# ComfyUI (comfy/weight_adapter/base.py weight_decompose, for a dora_scale of one value per output row):
+# W' = (W + dW) * dora_scale / (||W|| + eps), normalised by the ORIGINAL weight's row norms. So a file written with
+# dora_scale = m * ||W|| / ||W + dW|| makes ComfyUI compute exactly PEFT's W' (up to its eps, 1e-7 relative for
+# fp32 weights). That needs the base weights at export; such files say so in their metadata.
+DORA_SCALE_KEY = "cascade_studio.dora_scale"
+DORA_SCALE_COMFYUI = "comfyui-original-norm"  # dora_scale = m * ||W|| / ||W + dW|| (ComfyUI reproduces PEFT)
+DORA_SCALE_PEFT = "peft-magnitude"  # dora_scale = m (written without the base weights: ComfyUI output differs)
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen base weight of a (possibly PEFT-wrapped, possibly quantized) Linear, as floats."""
+    from ..ip_adapter.adapter import float_weight  # the one dequantizing reader of a quantized base's weights
+
+    layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return float_weight(layer)
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.float().reshape(weight.shape[0], -1).norm(dim=1)
+
+
+def dora_scale_for_comfyui(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The ``dora_scale`` [out, 1] that makes ComfyUI's rule give PEFT's DoRA weight for base ``weight``."""
+    return (magnitude.float() * _row_norms(weight) / _row_norms(weight.float() + delta.float())).reshape(-1, 1)
+
+
+def magnitude_from_comfyui(dora_scale: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The inverse: PEFT's magnitude vector for a ``dora_scale`` written by :func:`dora_scale_for_comfyui`."""
+    return dora_scale.float().reshape(-1) * _row_norms(weight.float() + delta.float()) / _row_norms(weight)
+
+
 # -- export ---------------------------------------------------------------------------------------------------
 def peft_to_comfyui(peft_sd: dict[str, torch.Tensor], spec: LoraSpec,
-                    alphas: dict[str, float], ranks: dict[str, int]) -> dict[str, torch.Tensor]:
+                    alphas: dict[str, float], ranks: dict[str, int],
+                    base_weights: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """Convert a PEFT adapter state dict of one adapter into ComfyUI/kohya tensors.
 
     ``alphas`` and ``ranks`` give the per-module alpha and rank (PEFT's scaling is alpha / rank; ComfyUI's too).
+    ``base_weights`` (module path -> the frozen base weight) lets a DoRA's ``dora_scale`` be written so that
+    ComfyUI reproduces it exactly (see ``DORA_SCALE_COMFYUI``); without them it is PEFT's magnitude.
     """
     out: dict[str, torch.Tensor] = {}
     by_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -57,7 +93,11 @@ def peft_to_comfyui(peft_sd: dict[str, torch.Tensor], spec: LoraSpec,
             out[f"{prefix}.alpha"] = torch.tensor(alpha)
             if spec.type == "dora":
                 magnitude = next(v for k, v in tensors.items() if k.startswith("lora_magnitude_vector"))
-                out[f"{prefix}.dora_scale"] = magnitude.reshape(-1, 1).contiguous()
+                if base_weights is not None:
+                    delta = (alpha / rank) * (tensors["lora_B.weight"].float() @ tensors["lora_A.weight"].float())
+                    out[f"{prefix}.dora_scale"] = dora_scale_for_comfyui(magnitude, base_weights[module], delta)
+                else:
+                    out[f"{prefix}.dora_scale"] = magnitude.reshape(-1, 1).contiguous()
         elif spec.type == "loha":
             for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
                 out[f"{prefix}.{name}"] = tensors[name].contiguous()
@@ -84,8 +124,12 @@ def _split_peft_key(key: str) -> tuple[str, str, str]:
 
 
 # -- import ---------------------------------------------------------------------------------------------------
-def comfyui_to_peft(sd: dict[str, torch.Tensor], stage_c: nn.Module) -> tuple[LoraSpec, list[str], dict]:
+def comfyui_to_peft(sd: dict[str, torch.Tensor], stage_c: nn.Module,
+                    dora_scale: str = DORA_SCALE_PEFT) -> tuple[LoraSpec, list[str], dict]:
     """Parse a ComfyUI/kohya/OneTrainer LoRA file into (spec, target module paths, PEFT state dict).
+
+    ``dora_scale``: how the file's DoRA ``dora_scale`` is meant (its ``cascade_studio.dora_scale`` metadata;
+    other tools' files: PEFT's magnitude).
 
     Keys for modules that this Stage C does not have (e.g. text-encoder LoRA ``lora_te_*``) are refused with
     a list, since silently dropping them would give a different picture than the tool that made the file.
@@ -130,7 +174,13 @@ def comfyui_to_peft(sd: dict[str, torch.Tensor], stage_c: nn.Module) -> tuple[Lo
             peft_sd[f"{module}.lora_A.weight"] = down
             peft_sd[f"{module}.lora_B.weight"] = up
             if kind == "dora":
-                peft_sd[f"{module}.lora_magnitude_vector"] = tensors["dora_scale"].reshape(-1)
+                scale = tensors["dora_scale"]
+                if dora_scale == DORA_SCALE_COMFYUI:
+                    alpha = float(tensors["alpha"].item()) if "alpha" in tensors else float(rank)
+                    delta = (alpha / rank) * (up.float() @ down.float())
+                    weight = base_weight(stage_c.get_submodule(module))
+                    scale = magnitude_from_comfyui(scale, weight, delta).to(scale.dtype)
+                peft_sd[f"{module}.lora_magnitude_vector"] = scale.reshape(-1)
         elif kind == "loha":
             rank = tensors["hada_w1_b"].shape[0]
             for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):

@@ -3,6 +3,7 @@ package docstring)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ from ..base import AdaptedStageC, AdapterMismatchError
 from ..files import load_adapter_tensors, save_adapter_tensors
 from .adapter import LORA_TYPES, TARGET_GROUPS, LoraAdapter, LoraSpec, resolve_target_modules
 from .config import METHOD
-from .formats import comfyui_to_peft, official_to_peft, peft_to_comfyui, sniff_format
+from .formats import (DORA_SCALE_COMFYUI, DORA_SCALE_KEY, DORA_SCALE_PEFT, base_weight, comfyui_to_peft,
+                      official_to_peft, peft_to_comfyui, sniff_format)
 
 FORMATS = METHOD.format_names
 
@@ -53,7 +55,11 @@ def export_adapter(adapter: LoraAdapter, out: str | Path, fmt: str = "comfyui",
     out = Path(out)
     if fmt == "comfyui":
         alphas, ranks = _per_module(adapter)
-        tensors = peft_to_comfyui(peft_sd, adapter.spec, alphas, ranks)
+        base_weights = None
+        if adapter.spec.type == "dora":  # written so ComfyUI's DoRA rule gives PEFT's weights (formats.py)
+            base_weights = {path.replace(".base_layer", ""): base_weight(layer) for path, layer in adapter._layers()}
+            meta[DORA_SCALE_KEY] = DORA_SCALE_COMFYUI
+        tensors = peft_to_comfyui(peft_sd, adapter.spec, alphas, ranks, base_weights)
         meta["cascade_studio.format"] = "comfyui"
         return save_adapter_tensors(tensors, out if out.suffix == ".safetensors" else out.with_suffix(".safetensors"),
                                     meta)
@@ -122,6 +128,13 @@ def export_tensors(tensors: dict, metadata: dict[str, str], fmt: str, out: Path)
     alphas = {m: spec.alpha for m in modules}
     metadata = dict(metadata, **{"cascade_studio.format": fmt})
     if fmt == "comfyui":
+        if spec.type == "dora":
+            # No base weights here, and ComfyUI normalises a DoRA by the base weight's norms: say so, in the file too.
+            metadata[DORA_SCALE_KEY] = DORA_SCALE_PEFT
+            print(f"warning: {out}: this DoRA is exported without the base model, so its dora_scale is PEFT's "
+                  "magnitude and ComfyUI (which normalises by the original weight's norm) will give different "
+                  "outputs; the comfyui file a training run exports at its end has the base and is exact",
+                  file=sys.stderr)
         return save_adapter_tensors(peft_to_comfyui(tensors, spec, alphas, ranks), Path(out), metadata)
     if fmt == "peft":
         return _write_peft_folder(Path(out), tensors, metadata, _peft_config_json(spec, modules))
@@ -145,7 +158,8 @@ def load_adapter_file(path: Path, model: AdaptedStageC, context=None, name: str 
         tensors, metadata = load_adapter_tensors(path)
         fmt = sniff_format(tensors)
         if fmt == "comfyui":
-            spec, targets, peft_sd = comfyui_to_peft(tensors, model.stage_c)
+            spec, targets, peft_sd = comfyui_to_peft(tensors, model.stage_c,
+                                                     metadata.get(DORA_SCALE_KEY, DORA_SCALE_PEFT))
         elif fmt == "official":
             spec, targets, peft_sd = official_to_peft(tensors, model.stage_c)
         elif fmt == "peft" and metadata.get("cascade_studio.method") == "lora":
