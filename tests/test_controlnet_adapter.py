@@ -358,3 +358,37 @@ def test_backbone_init_uses_the_runs_compressor_and_frees_it(model):
     adapter = cn.create_adapter(ControlNetConfig(control="image"), model, context)
     assert bool((adapter.controlnet.backbone[0][0].weight == 0.25).all())
     assert models.freed == ["effnet"]
+
+
+# -- what ComfyUI does with our files (comfy/controlnet.py load_t2i_adapter: it always builds the official 3.6B
+#    ControlNet, width 2048, injection points [0, 4, 8, 12, 51, 55, 59, 63], and loads the file strictly) --------
+def _layout_shapes(c_proj: int, projections: int = 8, embd: int = 1280, c_in: int = 1) -> dict:
+    shapes = {"backbone.0.0.weight": (24, c_in, 3, 3)}
+    for i in range(projections):
+        shapes[f"projections.{i}.0.weight"] = (embd, embd, 1, 1)
+        shapes[f"projections.{i}.2.weight"] = (c_proj, embd, 1, 1)
+    return shapes
+
+
+def test_comfyui_compatibility_follows_comfyuis_fixed_layout():
+    from cascade_studio.adapters.controlnet.formats import comfyui_compatibility, read_layout
+
+    big = read_layout(_layout_shapes(2048))
+    assert comfyui_compatibility(big, [0, 4, 8, 12, 51, 55, 59, 63])[0] == "loads"
+    assert comfyui_compatibility(big, None)[0] == "loads"  # published files: the default blocks
+    status, why = comfyui_compatibility(big, [0, 1, 2, 3, 60, 61, 62, 63])
+    assert status == "wrong_blocks" and "[0, 4, 8, 12, 51, 55, 59, 63]" in why
+    status, why = comfyui_compatibility(read_layout(_layout_shapes(1536)), [0, 2, 4, 6, 25, 27, 29, 31])
+    assert status == "fails" and "1536" in why and "2048" in why
+    assert comfyui_compatibility(read_layout(_layout_shapes(2048, projections=4)), [0, 4, 8, 12])[0] == "fails"
+
+
+def test_a_lite_controlnet_export_says_comfyui_cannot_load_it(tmp_path, capsys):
+    """A lite-width ControlNet (c_proj 1536): the export warns and its metadata says why."""
+    tensors = {k: torch.zeros(shape, dtype=torch.bfloat16) for k, shape in _layout_shapes(1536, embd=32).items()}
+    metadata = {"cascade_studio.method": "controlnet", "cascade_studio.base_model": "lite",
+                "cascade_studio.proj_blocks": json.dumps([0, 2, 4, 6, 25, 27, 29, 31])}
+    path = cn.export_tensors(tensors, metadata, "official", tmp_path / "lite.safetensors")
+    status = load_adapter_tensors(path)[1]["cascade_studio.comfyui"]
+    assert status.startswith("fails:") and "width 1536" in status
+    assert "not loadable in ComfyUI" in capsys.readouterr().err

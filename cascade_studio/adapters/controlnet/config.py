@@ -21,7 +21,9 @@ class ControlNetConfig:
                                     "(2048 on big).", minimum=1, example=2048)
     proj_blocks: Optional[tuple[int, ...]] = setting(None, "ResBlock indices (call order) that receive a "
                                                      "residual; null = the preset's default (big: 0,4,8,12,51,55,"
-                                                     "59,63).", minimum=0, example=[0, 4, 8, 12])
+                                                     "59,63). ComfyUI always injects at big's default, so a file "
+                                                     "with others is wrong there.", minimum=0,
+                                                     example=[0, 4, 8, 12])
     bottleneck: str = setting("effnet", "Control encoder: effnet (the official EfficientNetV2-S backbone, needed "
                               "for the official file layout), simple (a small conv net for quick runs) or large "
                               "(the super-resolution bottleneck); effnet_tiny is the tiny preset's small backbone (the default on "
@@ -102,7 +104,8 @@ METHOD = register(Method(
     "super-resolution, your own control images) into Stage C's ResBlocks",
     config=ControlNetConfig,
     formats=(ExportFormat("official", "the official ControlNet layout (backbone.*, projections.*), which ComfyUI "
-                          "loads for the big model"),),
+                          "loads for the big model with the default proj_blocks (a lite one fails there, other "
+                          "proj_blocks inject at the wrong blocks; the export warns)"),),
     implementation="cascade_studio.adapters.controlnet.method", aliases=("cn",), short="cn",
     weight_name="strength", weight_prefix="strength ", check=check, control_column=control_column,
     command_line=CommandLine(add_generate=_add_generate, specs=_specs, add_inputs=_add_inputs, settings=_settings)))

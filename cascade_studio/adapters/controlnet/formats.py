@@ -81,3 +81,31 @@ def control_from(metadata: Mapping[str, str], layout: FileLayout) -> str:
     if control:
         return control
     return CONTROL_BY_CHANNELS.get(layout.c_in, "image")
+
+
+# What ComfyUI builds for any Stable Cascade ControlNet file (comfy/controlnet.py ``load_t2i_adapter``): the
+# official module with its defaults, i.e. the 3.6B model's width 2048 and injection points, and the effnet
+# bottleneck (``backbone.0.0.weight``) or the large one (``backbone.10.blocks.0.weight``); it loads the file
+# strictly, and a file with neither backbone is not taken for a ControlNet at all.
+COMFYUI_C_PROJ = 2048
+COMFYUI_PROJ_BLOCKS = (0, 4, 8, 12, 51, 55, 59, 63)
+COMFYUI_KEY = "cascade_studio.comfyui"
+
+
+def comfyui_compatibility(layout: FileLayout, proj_blocks: Sequence[int] | None) -> tuple[str, str]:
+    """(status, why) of a ControlNet file in ComfyUI: ``loads``, ``fails`` (ComfyUI refuses the file) or
+    ``wrong_blocks`` (loads without an error but feeds other ResBlocks than it was trained for)."""
+    if layout.c_proj != COMFYUI_C_PROJ:
+        return "fails", (f"ComfyUI always builds the 3.6B (big) Stage C's ControlNet, width {COMFYUI_C_PROJ}, and "
+                         f"this one has width {layout.c_proj}: loading it there fails with a size mismatch")
+    if layout.projection_count != len(COMFYUI_PROJ_BLOCKS):
+        return "fails", (f"ComfyUI builds {len(COMFYUI_PROJ_BLOCKS)} projections and loads strictly, this file has "
+                         f"{layout.projection_count}")
+    if layout.bottleneck not in ("effnet", "large"):
+        return "fails", (f"ComfyUI loads only the official effnet and large bottlenecks, this file has the "
+                         f"{layout.bottleneck} one")
+    if proj_blocks is not None and tuple(int(b) for b in proj_blocks) != COMFYUI_PROJ_BLOCKS:
+        return "wrong_blocks", (f"ComfyUI loads it without an error but injects at its fixed ResBlocks "
+                                f"{list(COMFYUI_PROJ_BLOCKS)}, not at the trained {list(proj_blocks)}, so its "
+                                "output there is not what was trained")
+    return "loads", "ComfyUI loads it as the 3.6B model's ControlNet (same layout and injection points)"

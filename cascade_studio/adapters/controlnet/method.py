@@ -2,6 +2,7 @@
 package docstring)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,7 +13,7 @@ from ..files import load_adapter_tensors, read_safetensors_header, save_adapter_
 from .adapter import (BOTTLENECKS, CONTROL_CHANNELS, ControlNetAdapter, ControlNetSpec, as_blocks, check_fits,
                       preset_for_width)
 from .config import METHOD, ControlNetConfig
-from .formats import FileLayout, control_from, read_layout, sniff_layout
+from .formats import COMFYUI_KEY, FileLayout, comfyui_compatibility, control_from, read_layout, sniff_layout
 from .hints import (CannyHint, HintError, ImageHint, InpaintingHint, SuperResolutionHint, build_hint_encoder,
                     make_mask)
 
@@ -262,7 +263,22 @@ def export_adapter(adapter: ControlNetAdapter, out: str | Path, fmt: str = "offi
     meta["cascade_studio.format"] = fmt
     out = Path(out)
     out = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")
-    return save_adapter_tensors(adapter.adapter_state_dict(), out, meta)
+    tensors = adapter.adapter_state_dict()
+    return save_adapter_tensors(tensors, out, _with_comfyui_status(tensors, meta, out))
+
+
+def _with_comfyui_status(tensors: Mapping[str, Any], meta: dict[str, str], out: Path) -> dict[str, str]:
+    """Record in the file whether ComfyUI can use it (``formats.comfyui_compatibility``), and warn when it cannot
+    or would inject at other ResBlocks."""
+    layout = read_layout({k: v.shape for k, v in tensors.items()}, str(out))
+    status, why = comfyui_compatibility(layout, as_blocks(meta.get("cascade_studio.proj_blocks")))
+    from ...models.presets import PRESETS
+
+    base = PRESETS.get(meta.get("cascade_studio.base_model", ""))
+    if status != "loads" and not (base is not None and base.built_in):  # a tiny/toy ControlNet is a test piece
+        print(f"warning: {out}: {'not loadable in ComfyUI' if status == 'fails' else 'wrong in ComfyUI'}: {why}",
+              file=sys.stderr)
+    return dict(meta, **{COMFYUI_KEY: f"{status}: {why}"})
 
 
 def sniff(keys: list[str], metadata: dict[str, str]) -> bool:
@@ -340,7 +356,8 @@ def export_tensors(tensors: dict, metadata: dict[str, str], fmt: str, out: Path)
     """A training checkpoint's tensors as ``fmt`` without a base model (checkpoints already hold this layout)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown ControlNet export format {fmt!r}; choose one of {FORMATS}")
-    return save_adapter_tensors(tensors, Path(out), dict(metadata, **{"cascade_studio.format": fmt}))
+    meta = dict(metadata, **{"cascade_studio.format": fmt})
+    return save_adapter_tensors(tensors, Path(out), _with_comfyui_status(tensors, meta, Path(out)))
 
 
 # -- generation ------------------------------------------------------------------------------------------
