@@ -389,3 +389,11 @@ def test_a_section_or_key_written_twice_is_reported_with_every_other_problem():
     # without the repetition the same text is a valid recipe
     load_recipe_text(text.replace("  preset: toy\n", "").replace("train:\n  max_steps: 10\n", "").replace(
         "max_steps: 0", "max_steps: 10"))
+
+
+def test_missing_sample_data_path_hint_does_not_suggest_the_same_path(tmp_path, monkeypatch):
+    """Run from another folder, the recipes' datasets/tiny-shapes is not found: the hint must not suggest it."""
+    monkeypatch.chdir(tmp_path)
+    problem = _by_path(_problems({"data": {"path": "datasets/tiny-shapes"}}))["data.path"]
+    assert "not found" in problem.message
+    assert "e.g. datasets/tiny-shapes" not in problem.hint and "repository root" in problem.hint

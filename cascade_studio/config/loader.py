@@ -517,6 +517,17 @@ def _glob_matches(pattern: str) -> bool:
     return False
 
 
+_EXAMPLE_DATA = "datasets/tiny-shapes"  # the sample set in the repository, named in the recipes
+
+
+def _data_path_hint(value: str) -> str:
+    """What to write instead of a data.path that is not there; never the very path that just failed."""
+    if os.path.normpath(os.path.expanduser(value)).replace("\\", "/").endswith(_EXAMPLE_DATA):
+        return (f"{_EXAMPLE_DATA} is the repository's sample set: run from the repository root, give its absolute "
+                "path, or point data.path at your own image folder")
+    return f"point data.path at your own folder, e.g. {_EXAMPLE_DATA}"
+
+
 def check_paths(recipe: Recipe, bad: set[str], problems: list[Problem]) -> None:
     """Report paths that must exist but do not. Nothing is created; relative paths start at the cwd."""
     cwd = Path.cwd()
@@ -534,7 +545,7 @@ def check_paths(recipe: Recipe, bad: set[str], problems: list[Problem]) -> None:
             if not _exists(data.path):
                 what = "image folder" if data.source == "folder" else "saved dataset folder (save_to_disk)"
                 problems.append(Problem("data.path", data.path, f"{what} not found (relative paths start at {cwd})",
-                                        "point data.path at your own folder, e.g. datasets/tiny-shapes"))
+                                        _data_path_hint(data.path)))
             elif not os.path.isdir(expanded):
                 problems.append(Problem("data.path", data.path, f"is a file, but source {data.source} reads a "
                                         "folder", "give the folder that holds it, or use source: webdataset for tars"))
