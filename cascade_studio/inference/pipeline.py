@@ -205,6 +205,16 @@ class CascadeComponents:
             kwargs["variant"] = self._variant(name)
         return loader(source, **kwargs)
 
+    def locate(self, name: str, dtype: torch.dtype = torch.float32) -> Any:
+        """Where stage ``name``'s weights are (``loading.ResolvedWeights``; no tensor is read), or None for a stage
+        injected or built in code."""
+        from cascade_studio.models import loading
+
+        source = self.spec.source(name)
+        if name in self._injected or not source:
+            return None
+        return loading.resolve_weights(name, source, self._variant(name), dtype)
+
     def check_sources(self, names: Sequence[str], dtype: torch.dtype = torch.float32,
                       local_only: bool = False) -> None:
         """Find the weights of every stage in ``names`` now (the file exists, a hub repo's files are cached or
