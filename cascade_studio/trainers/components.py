@@ -97,6 +97,23 @@ class BaseModels:
     def previewer(self):
         return self._get_stage("previewer", torch.float32)
 
+    # What, besides the weights, decides an encoder's outputs (part of its cache identity when keyed by its files).
+    _ENCODER_CODE = {"text_encoder": "openclip-bpe77-prefinalln", "effnet": "imagenet-norm"}
+
+    def weights_identity(self, name: str) -> str | None:
+        """The cache identity of encoder ``name`` from its weight files alone (fingerprint, dtype, the code that
+        preprocesses for it), without loading it; None when it has no files (built in code: hash the weights)."""
+        if not (getattr(self.model_cfg, name, None) or self.model_cfg.repo_id):
+            return None
+        from ..models.loading import weights_fingerprint
+
+        dtype = torch.float32 if name == "effnet" or self.device.type == "cpu" else self.dtype
+        resolved = self.components.locate(name, dtype)
+        if resolved is None:
+            return None
+        fingerprint = weights_fingerprint(resolved.path)[:16]
+        return f"{name}-file:{fingerprint}-{str(dtype).removeprefix('torch.')}-{self._ENCODER_CODE.get(name, '')}"
+
     def fingerprint(self) -> str:
         """The fingerprint of the base Stage C's weights (``models.identity``), recorded in adapter files and
         checked when they load. Computed once, from the loaded weights, before anything modifies them."""

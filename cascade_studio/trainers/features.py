@@ -1,11 +1,34 @@
-"""Feature encoders for the encode-once cache: the base encoders seen through the cache's small protocol."""
+"""Feature encoders for the encode-once cache: the base encoders seen through the cache's small protocol.
+
+A feature's ``identity`` (the cache key) must be known before deciding whether anything needs encoding. For an
+encoder loaded from weight files it is the files' fingerprint (``models.loading.weights_fingerprint``: header,
+size and sampled bytes), so a cached re-run neither loads nor hashes the 2.6 GB text encoder; the encoder itself
+is loaded on the first ``encode``. Encoders built in code (tiny, toy) are hashed from their weights.
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..devices import to_host
+
+
+class _LazyEncoder:
+    """An encoder given as itself or as a zero-argument loader, loaded on first use."""
+
+    def __init__(self, encoder: Any) -> None:
+        self._encoder = encoder if not _is_loader(encoder) else None
+        self._load: Callable[[], Any] | None = encoder if _is_loader(encoder) else None
+
+    def get(self) -> Any:
+        if self._encoder is None:
+            self._encoder = self._load()
+        return self._encoder
+
+
+def _is_loader(value: Any) -> bool:
+    return callable(value) and not isinstance(value, torch.nn.Module)
 
 
 class LatentFeature:
@@ -14,10 +37,18 @@ class LatentFeature:
     name = "latents"
     inputs = "image"
 
-    def __init__(self, effnet, batch_device: torch.device | None = None):
-        self.effnet = effnet
-        self.identity = f"effnet:{effnet.identity}"
-        self.device = batch_device or next(effnet.parameters()).device
+    def __init__(self, effnet, batch_device: torch.device | None = None, identity: str | None = None):
+        self._effnet = _LazyEncoder(effnet)
+        self.identity = f"effnet:{identity or self._effnet.get().identity}"
+        self._device = batch_device
+
+    @property
+    def effnet(self):
+        return self._effnet.get()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device or next(self.effnet.parameters()).device
 
     @torch.no_grad()
     def encode(self, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -31,9 +62,13 @@ class TextFeature:
     name = "text"
     inputs = "caption"
 
-    def __init__(self, text_encoder):
-        self.text_encoder = text_encoder
-        self.identity = f"text:{text_encoder.identity}"
+    def __init__(self, text_encoder, identity: str | None = None):
+        self._text_encoder = _LazyEncoder(text_encoder)
+        self.identity = f"text:{identity or self._text_encoder.get().identity}"
+
+    @property
+    def text_encoder(self):
+        return self._text_encoder.get()
 
     @torch.no_grad()
     def encode(self, batch: list[str]) -> dict[str, torch.Tensor]:
@@ -42,4 +77,7 @@ class TextFeature:
 
 
 def base_feature_encoders(models: Any) -> list[Any]:
-    return [LatentFeature(models.effnet()), TextFeature(models.text_encoder())]
+    """The latent and text features of a run; encoders from weight files are keyed by the files and loaded only
+    when something is not cached yet."""
+    return [LatentFeature(models.effnet, identity=models.weights_identity("effnet")),
+            TextFeature(models.text_encoder, identity=models.weights_identity("text_encoder"))]
