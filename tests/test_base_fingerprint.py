@@ -91,5 +91,6 @@ def test_generate_refuses_a_toy_lora_on_tiny_and_force_overrides(toy_lora, tmp_p
     assert refused.returncode != 0
     assert "trained on toy" in refused.stderr and "--force" in refused.stderr
     assert "Traceback" not in refused.stderr
+    assert ".." not in refused.stderr  # one full stop where the file's message and the advice meet
     assert _generate(tmp_path, "--preset", "toy", "--lora", str(toy_lora)).returncode == 0
     assert _generate(tmp_path, "--preset", "tiny", "--lora", str(toy_lora), "--force").returncode == 0
