@@ -61,12 +61,9 @@ def render() -> None:
     overrides = tuple(line.strip() for line in overrides_text.splitlines() if line.strip())
     request = TrainRequest(str(entry.path), run_name.strip(), overrides, processes)
     repeat = _repeated_launch(request, suggested)
-    ready = repeat is None and _check(request, ws, taken)
-    if repeat is not None:
-        st.info(f"Already queued from this form as job {repeat[1]} (run {repeat[2]}). Change the recipe, the "
-                "overrides or the processes, or type another run name, to queue another run.")
-    if st.button("Queue training", type="primary", disabled=not ready, key="launch_queue") and ready:
-        # ``ready`` again: a click sent before the button was disabled (a quick second click) still arrives.
+    ready = repeat is not None or _check(request, ws, taken)
+    # A repeated launch keeps the button enabled: a quick second click arrives anyway, and is answered here.
+    if st.button("Queue training", type="primary", disabled=not ready, key="launch_queue") and repeat is None:
         try:
             job = job_queue.enqueue("train", f"train {request.run_name} ({entry.label})", request.to_args(),
                                     run_dir=str(request.run_dir(ws)))
@@ -78,6 +75,10 @@ def render() -> None:
             st.session_state[_LAUNCHES] = st.session_state.get(_LAUNCHES, 0) + 1  # a fresh run name next time
             st.session_state[_FLASH] = f"Queued {job.label} (job {job.id})."
             st.rerun()
+    if repeat is not None:
+        st.info(f"Already queued from this form as job {repeat[1]} (run {repeat[2]}); queueing it again does "
+                "nothing. Change the recipe, the overrides or the processes, or type another run name, to queue "
+                "another run.")
     st.divider()
     _queue_panel()
 
