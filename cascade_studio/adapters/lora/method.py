@@ -11,6 +11,7 @@ from ..files import load_adapter_tensors, save_adapter_tensors
 from .adapter import LORA_TYPES, TARGET_GROUPS, LoraAdapter, LoraSpec, resolve_target_modules
 from .config import METHOD
 from .formats import comfyui_to_peft, official_to_peft, peft_to_comfyui, sniff_format
+from .plan import plan_adapter  # noqa: F401
 
 FORMATS = METHOD.format_names
 
