@@ -212,7 +212,7 @@ class Setup:
         preset = recipe.model.preset
         side = recipe.data.resolution // LATENT_STRIDE
         return cls(adapter=catalog.method_section(recipe), method=catalog.recipe_method(recipe).name,
-                   stage_c=dict(get_preset("tiny" if preset == "toy" else preset).stage_c), preset=preset,
+                   stage_c=dict(get_preset(preset).stage_c), preset=preset,
                    batch_size=recipe.train.batch_size, grad_accum=recipe.train.grad_accum, latent_h=side,
                    latent_w=side, dtype=recipe.model.dtype, mixed_precision=recipe.train.mixed_precision,
                    gradient_checkpointing=recipe.train.gradient_checkpointing,
