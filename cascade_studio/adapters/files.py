@@ -10,8 +10,6 @@ import torch
 from ..devices import to_host
 from .base import AdapterMismatchError
 
-_MAX_HEADER = 100 * 1024 * 1024
-
 
 def read_safetensors_header(path: str | Path) -> dict:
     """The JSON header of a safetensors file; AdapterMismatchError naming the file when it is not one.
