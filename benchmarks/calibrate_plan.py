@@ -8,7 +8,10 @@ adapter, so fp32 adapter weights on a bf16 base exactly as in training) on the a
 * the forward+backward peak of live tensor bytes (``plan.measure_peak_tensor_bytes``) above the block's input
   and output gradient, per element.
 
-The attention block is run with two cond lengths to separate the image-token part from the key/value part.
+The attention block is run with two cond lengths to separate the image-token part from the key/value part, once
+with LoRA on q/k/v/out (``attn_image`` / ``attn_cond``: those layers keep their inputs for their weight gradients)
+and once frozen (``attn_image_frozen`` / ``attn_cond_frozen``: what a grad-needing attention block keeps when the
+adapter is elsewhere, e.g. a ControlNet, or an IP-Adapter's branch beside it).
 Prints a ``CALIBRATION`` table to paste into plan.py; the whole-model check is ``tests/test_plan.py``.
 
     .venv/bin/python benchmarks/calibrate_plan.py
@@ -85,20 +88,25 @@ def calibrate(dtype: str, amp: bool, width: int, batch: int = 2, side: int = 16)
     copies = weight_copy_bytes(res, dtype, amp)
     res_saved, res_peak = res_saved - copies, res_peak - copies
     results = {"res": res_saved / unit, "res_peak": res_peak / unit}
-    attn_saved, attn_peak = {}, {}
-    for cond_len in (85, 10):
-        holder = nn.ModuleDict({"blk": AttnBlock(width, width, 4)}).to(tdtype).eval().requires_grad_(False)
-        LoraAdapter(LoraSpec(rank=RANK, alpha=RANK, init_weights=False)).attach(holder)
-        clip = torch.randn(batch, cond_len, width, dtype=tdtype)
-        lora_element = 2 if amp else 4
-        lora_bytes = lora_element * RANK * (4 * tokens + 2 * batch * cond_len)
-        s, p = measure(holder["blk"], (x, clip), amp)
-        attn_peak[cond_len] = p - s
-        attn_saved[cond_len] = s - weight_copy_bytes(holder["blk"], dtype, amp) - lora_bytes
-    # saved = a_img * width * tokens + a_cond * width * batch * cond_len
-    a_cond = (attn_saved[85] - attn_saved[10]) / (width * batch * 75)
-    a_img = (attn_saved[85] - a_cond * width * batch * 85) / unit
-    results.update(attn_image=a_img, attn_cond=a_cond, attn_peak=max(attn_peak.values()) / unit)
+    for lora in (True, False):
+        attn_saved, attn_peak = {}, {}
+        for cond_len in (85, 10):
+            holder = nn.ModuleDict({"blk": AttnBlock(width, width, 4)}).to(tdtype).eval().requires_grad_(False)
+            lora_bytes = 0
+            if lora:
+                LoraAdapter(LoraSpec(rank=RANK, alpha=RANK, init_weights=False)).attach(holder)
+                lora_bytes = (2 if amp else 4) * RANK * (4 * tokens + 2 * batch * cond_len)
+            clip = torch.randn(batch, cond_len, width, dtype=tdtype)
+            s, p = measure(holder["blk"], (x, clip), amp)
+            attn_peak[cond_len] = p - s
+            attn_saved[cond_len] = s - weight_copy_bytes(holder["blk"], dtype, amp) - lora_bytes
+        # saved = a_img * width * tokens + a_cond * width * batch * cond_len
+        a_cond = (attn_saved[85] - attn_saved[10]) / (width * batch * 75)
+        a_img = (attn_saved[85] - a_cond * width * batch * 85) / unit
+        if lora:
+            results.update(attn_image=a_img, attn_cond=a_cond, attn_peak=max(attn_peak.values()) / unit)
+        else:
+            results.update(attn_image_frozen=a_img, attn_cond_frozen=a_cond)
     return results
 
 

@@ -165,12 +165,21 @@ def _add_ui(sub) -> None:
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--workspace", default="workspace")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder (data, weights) runs started from the studio may also read and write, besides "
+                        "the workspace, datasets/ and the Hugging Face cache; repeat for several")
     p.set_defaults(handler=cmd_ui)
 
 
 def cmd_ui(args) -> int:
     app = Path(__file__).resolve().parent / "ui" / "app.py"
+    missing = [d for d in args.allow_path if not Path(d).expanduser().is_dir()]
+    if missing:
+        print(f"--allow-path needs existing folders; not a folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
     env = dict(os.environ, CASCADE_STUDIO_WORKSPACE=str(Path(args.workspace).resolve()))
+    # read by cascade_studio/ui/paths.py (ALLOW_PATHS_ENV) in the studio and in every job runner it starts
+    env["CASCADE_STUDIO_ALLOW_PATHS"] = os.pathsep.join(str(Path(d).expanduser().resolve()) for d in args.allow_path)
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--client.toolbarMode", "minimal"]

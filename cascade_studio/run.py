@@ -8,13 +8,14 @@ checkpoints, ``adapters`` attaches and exports, ``tracking`` talks to MLflow.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .adapters import catalog
 from .run_folder import RunFolder, RunFolderBusy
@@ -84,217 +85,287 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
             lock.release()
 
 
+@dataclass
+class _Run:
+    """What the phases of one run hand to each other (filled in order by the functions below)."""
+
+    recipe: Any
+    folder: RunFolder
+    accelerator: Any
+    resume: bool
+    progress: bool
+    is_main: bool = False
+    checkpoints: Any = None
+    latest: Path | None = None
+    resume_changes: dict = field(default_factory=dict)
+    run_state: Any = None
+    events: Any = None
+    tracker: Any = None
+    result: RunResult | None = None
+    method: Any = None  # the method's torch side (catalog record .load())
+    method_cfg: Any = None
+    models: Any = None
+    context: Any = None
+    data: Any = None  # (train_set, holdout_set, extras, preview_embeddings)
+    model: Any = None
+    unwrapped: Any = None
+    adapter: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    sampler: Any = None
+    start_step: int = 0
+
+    @property
+    def method_inputs(self):
+        return _method_fn(self.method, "training_inputs")
+
+
 def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool, progress: bool) -> RunResult:
-    """The phases after the run folder is locked (``train``)."""
-    import torch
-
-    from .config import recipe_to_dict
-
-    workspace, run_dir = Path(recipe.workspace).resolve(), folder.path
-    is_main = accelerator.is_main_process
-
-    from .adapters.registry import AdapterContext, get_method
-    from .trainers.checkpoints import RunState
-    from .trainers.events import EventLog
-
-    checkpoints = folder.checkpoint_manager(keep=recipe.train.keep_checkpoints)
-    latest = checkpoints.latest(clean=is_main) if resume else None  # only the folder's owner cleans up
-    if resume and latest is None and is_main:
-        print(f"--resume: no complete checkpoint in {folder.checkpoints_dir}; starting from step 0", flush=True)
-    # Every rank checks (not only the main one), or the other ranks would go on and wait for it forever.
-    if not resume and checkpoints.list():
-        raise SystemExit(f"{run_dir} already has checkpoints from an earlier run named {recipe.name!r}: pass --resume "
-                         "to continue it, or set name=<new name> to start a new run")
-    # Everything a resume can refuse is checked before anything is written (recipe.yaml, events, MLflow).
-    resume_changes = _check_resume(folder, recipe) if latest is not None else {}
-    run_state = checkpoints.load_run_state(latest) if latest is not None else RunState()
-    if resume and run_state.mlflow_run_id is None:
-        # Killed before its first checkpoint: continue the same MLflow run rather than leave it RUNNING forever.
-        ids = folder.mlflow_run_ids()
-        run_state.mlflow_run_id = ids[-1] if ids else None
-    events = EventLog(run_dir, enabled=is_main)
-
-    # 3. tracking (fails fast, before any training, when the server is unreachable)
-    from .tracking import NullTracker, Tracker
-
-    tracker = NullTracker()
-    if is_main and recipe.tracking.enabled:
-        tracker = Tracker.start(uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
-                                run_name=recipe.tracking.run_name or recipe.name,
-                                tags={"method": recipe.adapter.method, "preset": recipe.model.preset,
-                                      "base_model": str(recipe.model.stage_c or recipe.model.repo_id
-                                                        or recipe.model.preset)},
-                                workspace=workspace, run_dir=run_dir, resume_run_id=run_state.mlflow_run_id)
-        run_state.mlflow_run_id = tracker.run_id
-    result = RunResult(run_dir=run_dir, run_id=getattr(tracker, "run_id", None),
-                       tracking_uri=getattr(tracker, "tracking_uri", None))
-    events.emit("started", run_dir=str(run_dir), run_id=result.run_id, tracking_uri=result.tracking_uri,
-                method=recipe.adapter.method, resume=bool(latest))
+    """The phases after the run folder is locked (``train``), one function each, in order."""
+    run = _Run(recipe, folder, accelerator, resume, progress, is_main=accelerator.is_main_process)
+    _open_record(run)  # 3. checkpoints and resume checks (nothing written yet), events, MLflow
     status = "FAILED"
     try:
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            from .config import dump_recipe_yaml
-
-            folder.recipe_file.write_text(dump_recipe_yaml(recipe))
-            if not latest:
-                tracker.log_params(recipe_to_dict(recipe))
-            tracker.log_artifact(folder.recipe_file)
-
-        # 4. data + encode-once cache; encoders are freed before training starts
-        from .trainers.components import BaseModels
-
-        models = BaseModels(recipe.model, device=accelerator.device)
-        method = get_method(recipe.adapter.method)
-        method_cfg = catalog.method_section(recipe)
-        # The adapter context comes from the preset (not the loaded weights) so the big Stage C is not resident
-        # while the encoders fill the cache; the weights' fingerprint is added once Stage C is loaded.
-        context = AdapterContext(preset=recipe.model.preset, base_fingerprint="unknown",
-                                 stage_c_config=dict(models.preset.stage_c, c_hidden=list(
-                                     models.preset.stage_c.get("c_hidden", [2048, 2048]))),
-                                 extra={"models": models})
-        events.emit("phase", phase="data")
-        train_set, holdout_set, extras, skipped, preview_embeddings = _prepare_data(
-            recipe, models, method, method_cfg, context, accelerator, run_dir, progress, events=events)
-        result.skipped_files = skipped
-        tracker.log_metrics({"skipped_files": skipped, "train_samples": len(train_set),
-                             "holdout_samples": len(holdout_set) if holdout_set is not None else 0}, step=0)
-
-        # 5. frozen base
-        events.emit("phase", phase="model")
-        stage_c = models.stage_c()
-        context.base_fingerprint = models.fingerprint()  # recorded in the adapter: it loads on this base only
-        if recipe.train.quantize_base != "none":
-            from .trainers.quantize import quantize_frozen_linears
-
-            quantize_frozen_linears(stage_c, recipe.train.quantize_base)
-        stage_c.gradient_checkpointing = bool(recipe.train.gradient_checkpointing)
-
-        # 6. adapter
-        from .adapters.base import AdaptedStageC
-
-        model = AdaptedStageC(stage_c)
-        # The fresh adapter's random init must not depend on what ran before it (a cold cache runs encoders).
-        torch.manual_seed(recipe.train.seed)
-        adapter = method.create_adapter(method_cfg, model, context)
-        n_trainable = sum(p.numel() for p in model.trainable_parameters())
-        if is_main:
-            print(f"[cascade-studio] {recipe.adapter.method}: {n_trainable:,} trainable parameters on a frozen "
-                  f"{recipe.model.preset} Stage C", flush=True)
-        tracker.log_params({"trainable_parameters": n_trainable})
-        if is_main:
-            _report_resident_memory(recipe, stage_c, model, accelerator.device)
-
-        # 7. optimizer + schedule
-        from .trainers.optim import build_optimizer, build_scheduler
-
-        optimizer = build_optimizer(model.trainable_parameters(), recipe.optimizer)
-        scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
-        model, optimizer = accelerator.prepare(model, optimizer)
-
-        from .trainers.loop import (InfiniteSampler, LoopSettings, heldout_loss, restore_checkpoint, run_loop)
-
-        sampler = InfiniteSampler(len(train_set), recipe.train.batch_size, recipe.train.seed,
-                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-        unwrapped = accelerator.unwrap_model(model)
-        method_inputs = _method_fn(method, "training_inputs")
-
-        def save_adapter(path: Path) -> None:
-            from .adapters.files import save_adapter_tensors
-
-            save_adapter_tensors(adapter.adapter_state_dict(), path, adapter.metadata())
-
-        def load_adapter(path: Path) -> None:
-            from .adapters.files import load_adapter_tensors
-
-            tensors, _ = load_adapter_tensors(path)
-            adapter.load_adapter_state_dict(tensors)
-
-        start_step = 0
-        if latest is not None:
-            run_state = restore_checkpoint(checkpoints, latest, optimizer, scheduler, sampler, load_adapter,
-                                           lr=recipe.optimizer.lr, weight_decay=recipe.optimizer.weight_decay)
-            if resume_changes and is_main:
-                said = ", ".join(f"{path} {old!r} -> {new!r}" for path, (old, new) in resume_changes.items())
-                print(f"[cascade-studio] --resume applies the changed settings: {said}", flush=True)
-                events.emit("resume_changes", step=run_state.step,
-                            changes={path: [old, new] for path, (old, new) in resume_changes.items()})
-                tracker.set_tags({f"resume.step{run_state.step}.{path}": f"{old!r} -> {new!r}"
-                                  for path, (old, new) in resume_changes.items()})
-            run_state.mlflow_run_id = result.run_id or run_state.mlflow_run_id
-            start_step = run_state.step
-            if is_main:
-                print(f"[cascade-studio] resumed from {latest} at step {start_step}", flush=True)
-
-        holdout_batches = _holdout_batches(holdout_set, extras, recipe.train.batch_size)
-
-        def evaluate() -> float | None:
-            if not holdout_batches:
-                return None
-            unwrapped.eval()
-            value = heldout_loss(unwrapped, holdout_batches, c_clip_img=models.c_clip_img(),
-                                 shift=recipe.train.shift, seed=recipe.train.seed, method_inputs=method_inputs,
-                                 method_cfg=method_cfg)
-            return value
-
-        if start_step == 0 and is_main:
-            result.heldout_before = evaluate()
-            if result.heldout_before is not None:
-                tracker.log_metrics({"holdout_loss": result.heldout_before}, step=0)
-                events.emit("holdout", step=0, loss=result.heldout_before)
-        elif is_main:
-            result.heldout_before = _logged_holdout_before(run_dir)
-
-        preview = None
-        if recipe.preview.every and is_main:
-            from .trainers.previews import make_preview_fn
-
-            from .trainers.loop import collate
-
-            source = holdout_set if holdout_set is not None and len(holdout_set) else train_set
-            reference = collate([source[0]], extras)
-            preview = make_preview_fn(recipe, models, unwrapped, adapter, tracker, events, run_dir,
-                                      preview_embeddings, reference, method_inputs, method_cfg)
-
-        settings = LoopSettings.from_recipe(recipe, c_clip_img=models.c_clip_img())
-        events.emit("phase", phase="train")
-        # 8. loop (Stage C stays in eval mode: no dropout in the frozen base; adapters decide their own mode)
-        model.train()
-        unwrapped.stage_c.eval()
-        loop = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                        dataset=train_set, sampler=sampler, settings=settings, tracker=tracker, events=events,
-                        checkpoints=checkpoints, run_state=run_state, method_inputs=method_inputs,
-                        method_cfg=method_cfg, extras=extras, save_adapter=save_adapter, preview=preview,
-                        start_step=start_step, progress=progress)
-        result.step = loop.step
-        result.final_loss = loop.losses[-1] if loop.losses else None
-
-        # 9. export (main process), with the held-out loss after training
-        accelerator.wait_for_everyone()
-        if is_main:
-            _refuse_nonfinite(unwrapped)
-            result.heldout_after = evaluate()
-            if result.heldout_after is not None:
-                tracker.log_metrics({"holdout_loss": result.heldout_after}, step=loop.step)
-            result.exports = _export(recipe, method, adapter, context, folder, tracker)
-            events.emit("exported", paths=[str(p) for p in result.exports])
+        _write_recipe(run)
+        _prepare(run)  # 4. data + encode-once cache; encoders are freed before training starts
+        _build_adapter(run)  # 5. frozen base, 6. adapter
+        _build_optimizer(run)  # 7. optimizer, schedule, data order; restored on --resume
+        loop = _train_loop(run)  # 8. loop, with held-out loss before and previews
+        _finish(run, loop)  # 9. export (main process), with the held-out loss after training
         status = "FINISHED"
-        return result
+        return run.result
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     except BaseException as exc:
-        events.emit("failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=5))
+        run.events.emit("failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=5))
         raise
     finally:
-        # 10. end of run, truthfully
-        tracker.end(status)
-        if status == "FINISHED":
-            events.emit("finished", step=result.step, exports=[str(p) for p in result.exports],
+        _end_record(run, status)  # 10. end of run, truthfully
+
+
+def _open_record(run: _Run) -> None:
+    """Find the checkpoint to resume from and refuse what cannot be resumed, before anything is written; then
+    open the event log and the MLflow run (failing fast when the server is unreachable)."""
+    from .tracking import NullTracker, Tracker
+    from .trainers.checkpoints import RunState
+    from .trainers.events import EventLog
+
+    recipe, folder, is_main = run.recipe, run.folder, run.is_main
+    run.checkpoints = folder.checkpoint_manager(keep=recipe.train.keep_checkpoints)
+    run.latest = run.checkpoints.latest(clean=is_main) if run.resume else None  # only the owner cleans up
+    if run.resume and run.latest is None and is_main:
+        print(f"--resume: no complete checkpoint in {folder.checkpoints_dir}; starting from step 0", flush=True)
+    # Every rank checks (not only the main one), or the other ranks would go on and wait for it forever.
+    if not run.resume and run.checkpoints.list():
+        raise SystemExit(f"{folder.path} already has checkpoints from an earlier run named {recipe.name!r}: pass "
+                         "--resume to continue it, or set name=<new name> to start a new run")
+    run.resume_changes = _check_resume(folder, recipe) if run.latest is not None else {}
+    run.run_state = run.checkpoints.load_run_state(run.latest) if run.latest is not None else RunState()
+    if run.resume and run.run_state.mlflow_run_id is None:
+        # Killed before its first checkpoint: continue the same MLflow run rather than leave it RUNNING forever.
+        ids = folder.mlflow_run_ids()
+        run.run_state.mlflow_run_id = ids[-1] if ids else None
+    run.events = EventLog(folder.path, enabled=is_main)
+    run.tracker = NullTracker()
+    if is_main and recipe.tracking.enabled:
+        run.tracker = Tracker.start(
+            uri=recipe.tracking.uri, experiment=recipe.tracking.experiment,
+            run_name=recipe.tracking.run_name or recipe.name,
+            tags={"method": recipe.adapter.method, "preset": recipe.model.preset,
+                  "base_model": str(recipe.model.stage_c or recipe.model.repo_id or recipe.model.preset)},
+            workspace=Path(recipe.workspace).resolve(), run_dir=folder.path,
+            resume_run_id=run.run_state.mlflow_run_id)
+        run.run_state.mlflow_run_id = run.tracker.run_id
+    run.result = RunResult(run_dir=folder.path, run_id=getattr(run.tracker, "run_id", None),
+                           tracking_uri=getattr(run.tracker, "tracking_uri", None))
+    run.events.emit("started", run_dir=str(folder.path), run_id=run.result.run_id,
+                    tracking_uri=run.result.tracking_uri, method=recipe.adapter.method, resume=bool(run.latest))
+
+
+def _write_recipe(run: _Run) -> None:
+    """recipe.yaml in the run folder and MLflow (parameters only for a new run)."""
+    if not run.is_main:
+        return
+    from .config import dump_recipe_yaml, recipe_to_dict
+
+    run.folder.path.mkdir(parents=True, exist_ok=True)
+    run.folder.recipe_file.write_text(dump_recipe_yaml(run.recipe))
+    if not run.latest:
+        run.tracker.log_params(recipe_to_dict(run.recipe))
+    run.tracker.log_artifact(run.folder.recipe_file)
+
+
+def _prepare(run: _Run) -> None:
+    """The base's components, the method, and the encoded data."""
+    from .adapters.registry import AdapterContext
+    from .trainers.components import BaseModels
+
+    recipe = run.recipe
+    run.models = BaseModels(recipe.model, device=run.accelerator.device)
+    run.method = catalog.recipe_method(recipe).load()
+    run.method_cfg = catalog.method_section(recipe)
+    # The adapter context comes from the preset (not the loaded weights) so the big Stage C is not resident
+    # while the encoders fill the cache; the weights' fingerprint is added once Stage C is loaded.
+    stage_c_config = dict(run.models.preset.stage_c)
+    stage_c_config["c_hidden"] = list(stage_c_config.get("c_hidden", [2048, 2048]))
+    run.context = AdapterContext(preset=recipe.model.preset, base_fingerprint="unknown",
+                                 stage_c_config=stage_c_config, extra={"models": run.models})
+    run.events.emit("phase", phase="data")
+    train_set, holdout_set, extras, skipped, preview_embeddings = _prepare_data(
+        recipe, run.models, run.method, run.method_cfg, run.context, run.accelerator, run.folder.path,
+        run.progress, events=run.events)
+    run.data = (train_set, holdout_set, extras, preview_embeddings)
+    run.result.skipped_files = skipped
+    run.tracker.log_metrics({"skipped_files": skipped, "train_samples": len(train_set),
+                             "holdout_samples": len(holdout_set) if holdout_set is not None else 0}, step=0)
+
+
+def _build_adapter(run: _Run) -> None:
+    """The frozen base (fingerprinted, then quantized if asked) wrapped with a fresh adapter of the method."""
+    import torch
+
+    from .adapters.base import AdaptedStageC
+
+    recipe = run.recipe
+    run.events.emit("phase", phase="model")
+    stage_c = run.models.stage_c()
+    run.context.base_fingerprint = run.models.fingerprint()  # recorded in the adapter: it loads on this base only
+    if recipe.train.quantize_base != "none":
+        from .trainers.quantize import quantize_frozen_linears
+
+        quantize_frozen_linears(stage_c, recipe.train.quantize_base)
+    stage_c.gradient_checkpointing = bool(recipe.train.gradient_checkpointing)
+    run.model = AdaptedStageC(stage_c)
+    # The fresh adapter's random init must not depend on what ran before it (a cold cache runs encoders).
+    torch.manual_seed(recipe.train.seed)
+    run.adapter = run.method.create_adapter(run.method_cfg, run.model, run.context)
+    n_trainable = sum(p.numel() for p in run.model.trainable_parameters())
+    if run.is_main:
+        print(f"[cascade-studio] {recipe.adapter.method}: {n_trainable:,} trainable parameters on a frozen "
+              f"{recipe.model.preset} Stage C", flush=True)
+        _report_resident_memory(recipe, stage_c, run.model, run.accelerator.device)
+    run.tracker.log_params({"trainable_parameters": n_trainable})
+
+
+def _build_optimizer(run: _Run) -> None:
+    """Optimizer, schedule and data order, prepared by accelerate; a resume restores them and the adapter."""
+    from .trainers.loop import InfiniteSampler, restore_checkpoint
+    from .trainers.optim import build_optimizer, build_scheduler
+
+    recipe, accelerator = run.recipe, run.accelerator
+    optimizer = build_optimizer(run.model.trainable_parameters(), recipe.optimizer)
+    run.scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
+    run.model, run.optimizer = accelerator.prepare(run.model, optimizer)
+    run.unwrapped = accelerator.unwrap_model(run.model)
+    run.sampler = InfiniteSampler(len(run.data[0]), recipe.train.batch_size, recipe.train.seed,
+                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    if run.latest is None:
+        return
+    run.run_state = restore_checkpoint(run.checkpoints, run.latest, run.optimizer, run.scheduler, run.sampler,
+                                       functools.partial(_load_adapter_tensors, run.adapter),
+                                       lr=recipe.optimizer.lr, weight_decay=recipe.optimizer.weight_decay)
+    changes = run.resume_changes
+    if changes and run.is_main:
+        said = ", ".join(f"{path} {old!r} -> {new!r}" for path, (old, new) in changes.items())
+        print(f"[cascade-studio] --resume applies the changed settings: {said}", flush=True)
+        run.events.emit("resume_changes", step=run.run_state.step,
+                        changes={path: [old, new] for path, (old, new) in changes.items()})
+        run.tracker.set_tags({f"resume.step{run.run_state.step}.{path}": f"{old!r} -> {new!r}"
+                              for path, (old, new) in changes.items()})
+    run.run_state.mlflow_run_id = run.result.run_id or run.run_state.mlflow_run_id
+    run.start_step = run.run_state.step
+    if run.is_main:
+        print(f"[cascade-studio] resumed from {run.latest} at step {run.start_step}", flush=True)
+
+
+def _save_adapter_tensors(adapter, path: Path) -> None:
+    from .adapters.files import save_adapter_tensors
+
+    save_adapter_tensors(adapter.adapter_state_dict(), path, adapter.metadata())
+
+
+def _load_adapter_tensors(adapter, path: Path) -> None:
+    from .adapters.files import load_adapter_tensors
+
+    tensors, _ = load_adapter_tensors(path)
+    adapter.load_adapter_state_dict(tensors)
+
+
+def _heldout(run: _Run) -> float | None:
+    """The held-out loss of the adapter now (None without a held-out split)."""
+    from .trainers.loop import heldout_loss
+
+    train_set, holdout_set, extras, _ = run.data
+    batches = _holdout_batches(holdout_set, extras, run.recipe.train.batch_size)
+    if not batches:
+        return None
+    run.unwrapped.eval()
+    return heldout_loss(run.unwrapped, batches, c_clip_img=run.models.c_clip_img(), shift=run.recipe.train.shift,
+                        seed=run.recipe.train.seed, method_inputs=run.method_inputs, method_cfg=run.method_cfg)
+
+
+def _train_loop(run: _Run):
+    """The held-out loss before training, the preview function, then the loop (Stage C stays in eval mode: no
+    dropout in the frozen base; adapters decide their own mode)."""
+    from .trainers.loop import LoopSettings, collate, run_loop
+
+    recipe, result, is_main = run.recipe, run.result, run.is_main
+    train_set, holdout_set, extras, preview_embeddings = run.data
+    if run.start_step == 0 and is_main:
+        result.heldout_before = _heldout(run)
+        if result.heldout_before is not None:
+            run.tracker.log_metrics({"holdout_loss": result.heldout_before}, step=0)
+            run.events.emit("holdout", step=0, loss=result.heldout_before)
+    elif is_main:
+        result.heldout_before = _logged_holdout_before(run.folder.path)
+    preview = None
+    if recipe.preview.every and is_main:
+        from .trainers.previews import make_preview_fn
+
+        source = holdout_set if holdout_set is not None and len(holdout_set) else train_set
+        preview = make_preview_fn(recipe, run.models, run.unwrapped, run.adapter, run.tracker, run.events,
+                                  run.folder.path, preview_embeddings, collate([source[0]], extras),
+                                  run.method_inputs, run.method_cfg)
+    settings = LoopSettings.from_recipe(recipe, c_clip_img=run.models.c_clip_img())
+    run.events.emit("phase", phase="train")
+    run.model.train()
+    run.unwrapped.stage_c.eval()
+    loop = run_loop(accelerator=run.accelerator, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                    dataset=train_set, sampler=run.sampler, settings=settings, tracker=run.tracker,
+                    events=run.events, checkpoints=run.checkpoints, run_state=run.run_state,
+                    method_inputs=run.method_inputs, method_cfg=run.method_cfg, extras=extras,
+                    save_adapter=functools.partial(_save_adapter_tensors, run.adapter), preview=preview,
+                    start_step=run.start_step, progress=run.progress)
+    result.step = loop.step
+    result.final_loss = loop.losses[-1] if loop.losses else None
+    return loop
+
+
+def _finish(run: _Run, loop) -> None:
+    """On the main process, once every process is done: refuse a non-finite adapter, log the held-out loss after
+    training, export the recipe's formats."""
+    run.accelerator.wait_for_everyone()
+    if not run.is_main:
+        return
+    _refuse_nonfinite(run.unwrapped)
+    run.result.heldout_after = _heldout(run)
+    if run.result.heldout_after is not None:
+        run.tracker.log_metrics({"holdout_loss": run.result.heldout_after}, step=loop.step)
+    run.result.exports = _export(run.recipe, run.method, run.adapter, run.context, run.folder, run.tracker)
+    run.events.emit("exported", paths=[str(p) for p in run.result.exports])
+
+
+def _end_record(run: _Run, status: str) -> None:
+    """End the MLflow run and the event log with what really happened."""
+    run.tracker.end(status)
+    result = run.result
+    if status == "FINISHED":
+        run.events.emit("finished", step=result.step, exports=[str(p) for p in result.exports],
                         run_id=result.run_id, heldout_before=result.heldout_before,
                         heldout_after=result.heldout_after)
-        elif status == "KILLED":
-            events.emit("killed")
+    elif status == "KILLED":
+        run.events.emit("killed")
 
 
 def _report_resident_memory(recipe, stage_c, model, device) -> None:

@@ -114,7 +114,8 @@ def test_bf16_base_holds_no_fp32_copy_and_trains_fp32_adapter():
     assert base and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in base)
     assert adapter_ids and all(p.dtype == torch.float32 and p.requires_grad for p in adapter.trainable_parameters())
     n_lora = sum(p.numel() for p in adapter.trainable_parameters())
-    expected = planner.plan_memory(planner.Setup(stage_c=dict(planner_stage_c()), dtype="bf16", rank=8, device="cpu"))
+    expected = planner.plan_memory(planner.Setup(adapter=LoraConfig(rank=8, alpha=8.0), stage_c=dict(planner_stage_c()),
+                                                 dtype="bf16", device="cpu"))
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert param_bytes == expected.parts["frozen weights"] + expected.parts["adapter weights"] == \
         2 * sum(p.numel() for p in base) + 4 * n_lora

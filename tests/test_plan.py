@@ -1,7 +1,9 @@
 """The memory planner against measurements: its whole-model prediction (weights, adapter, optimizer state,
-activations) lands within 25% of the peak of live tensor bytes measured on the CPU for the tiny Stage C and two
-wider ones; its parameter, quantization and optimizer-state counts match real models exactly; the CLI plans the
-big recipe in seconds and advises checkpointing first when memory is short."""
+activations) lands within 25% of the peak of live tensor bytes measured on the CPU, for a LoRA on the tiny Stage C
+and two wider ones and for a ControlNet (trained or frozen backbone) and an IP-Adapter on the tiny one; its
+parameter, quantization and optimizer-state counts match real models exactly; the CLI plans the big recipe in
+seconds and advises checkpointing first when memory is short; what the adapter adds comes from its method's
+planner hook (the LoRA's rank switch), and a method without one is refused by its label."""
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cascade_studio.adapters import catalog
 from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
+from cascade_studio.adapters.controlnet.config import ControlNetConfig
+from cascade_studio.adapters.ip_adapter.config import IPAdapterConfig
+from cascade_studio.adapters.lora import plan as lora_plan
+from cascade_studio.adapters.lora.config import LoraConfig
 from cascade_studio.config.schema import OptimizerConfig
 from cascade_studio.models import build_stage_c, get_preset
 from cascade_studio.models.random_init import make_learnable
@@ -39,23 +46,29 @@ def _storage_bytes(tensors) -> int:
 
 
 def measure_training_step(setup: planner.Setup) -> tuple[int, int]:
-    """(resident bytes before a step, peak live bytes above them during forward+backward+optimizer step)."""
+    """(resident bytes before a step, peak live bytes above them during forward+backward+optimizer step).
+
+    The adapter is the one a run builds (its method's ``create_adapter`` from ``setup.adapter``) and its inputs
+    go through its method's ``training_inputs``, as in training."""
     torch.manual_seed(0)
     stage_c = make_learnable(build_stage_c(**setup.stage_c)).to(DTYPES[setup.dtype]).eval().requires_grad_(False)
     stage_c.gradient_checkpointing = setup.gradient_checkpointing
     model = AdaptedStageC(stage_c)
-    model.add_adapter(LoraAdapter(LoraSpec(rank=setup.rank, alpha=setup.rank, targets=setup.targets)))
+    method = catalog.get(setup.method)
+    adapter = method.hook("create_adapter")(setup.adapter, model, None)
     optimizer = build_optimizer(model.trainable_parameters(), OptimizerConfig(name=setup.optimizer, lr=1e-3))
     b, c_text, c_img = setup.batch_size, setup.stage_c["c_clip_text"], setup.stage_c["c_clip_img"]
     batch = {"latents": torch.randn(b, 16, setup.latent_h, setup.latent_w), "clip_text": torch.randn(b, 77, c_text),
              "clip_text_pooled": torch.randn(b, 1, c_text), "clip_img": torch.randn(b, 1, c_img)}
+    batch.update(method_batch(setup, adapter))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup.mixed_precision == "bf16" \
         else contextlib.nullcontext
 
     def step():
         with autocast():
             loss = diffusion_training_loss(model, batch, c_clip_img=c_img, caption_dropout=0.0, shift=1.0,
-                                           offset=0.0, generator=step_generator(0, 0))
+                                           offset=0.0, generator=step_generator(0, 0),
+                                           method_inputs=method.hook("training_inputs"), method_cfg=setup.adapter)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -67,15 +80,33 @@ def measure_training_step(setup: planner.Setup) -> tuple[int, int]:
     return resident, peak
 
 
+def method_batch(setup: planner.Setup, adapter) -> dict:
+    """What the encode-once cache adds to a batch for the method: a ControlNet's hint at the training
+    resolution, an IP-Adapter's image embeddings."""
+    b = setup.batch_size
+    if isinstance(setup.adapter, ControlNetConfig):
+        stride = 1 if adapter.spec.control == "sr" else 32  # sr hints are latents, the others images
+        return {"control": torch.rand(b, adapter.spec.c_in, setup.latent_h * stride, setup.latent_w * stride)}
+    if isinstance(setup.adapter, IPAdapterConfig):
+        from cascade_studio.adapters.ip_adapter.method import FEATURE_NAME
+
+        return {FEATURE_NAME: torch.randn(b, 1, adapter.embed_dim)}
+    return {}
+
+
 CASES = [(size, "fp32", "no", ckpt) for size in SIZES for ckpt in (False, True)] + \
         [("tiny", "bf16", "bf16", True), ("c256", "bf16", "bf16", False)]
 
 
 @pytest.mark.parametrize("size,dtype,mixed,ckpt", CASES)
 def test_prediction_within_25_percent_of_measured_peak(size, dtype, mixed, ckpt):
-    setup = planner.Setup(stage_c=SIZES[size], preset=size, batch_size=2, latent_h=8, latent_w=8, dtype=dtype,
-                          mixed_precision=mixed, gradient_checkpointing=ckpt, optimizer="adamw", rank=8,
-                          device="cpu")
+    setup = planner.Setup(adapter=LoraConfig(rank=8, alpha=8.0), stage_c=SIZES[size], preset=size, batch_size=2,
+                          latent_h=8, latent_w=8, dtype=dtype, mixed_precision=mixed, gradient_checkpointing=ckpt,
+                          optimizer="adamw", device="cpu")
+    assert_prediction_within_25_percent(setup)
+
+
+def assert_prediction_within_25_percent(setup: planner.Setup) -> None:
     plan = planner.plan_memory(setup)
     resident, peak = measure_training_step(setup)
     predicted_resident = plan.parts["frozen weights"] + plan.parts["adapter weights"] + plan.parts["optimizer state"]
@@ -88,8 +119,8 @@ def test_prediction_within_25_percent_of_measured_peak(size, dtype, mixed, ckpt)
 
 
 def test_checkpointing_prediction_tracks_the_measured_saving():
-    base = planner.Setup(stage_c=SIZES["c128"], batch_size=2, latent_h=8, latent_w=8, dtype="fp32",
-                         mixed_precision="no", optimizer="adamw", rank=8, device="cpu")
+    base = planner.Setup(adapter=LoraConfig(rank=8, alpha=8.0), stage_c=SIZES["c128"], batch_size=2, latent_h=8,
+                         latent_w=8, dtype="fp32", mixed_precision="no", optimizer="adamw", device="cpu")
     with_ckpt = planner.Setup(**{**base.__dict__, "gradient_checkpointing": True})
     predicted = planner.plan_memory(with_ckpt).parts["activations"] / planner.plan_memory(base).parts["activations"]
     measured = measure_training_step(with_ckpt)[1] / measure_training_step(base)[1]
@@ -107,8 +138,8 @@ def test_meta_parameter_counts_match_the_published_models():
 
 @pytest.mark.parametrize("lora_type", ["lora", "loha"])
 def test_analytic_lora_count_matches_peft(lora_type):
-    setup = planner.Setup(stage_c=TINY, rank=4, lora_type=lora_type)
-    sizes = planner.lora_tensor_sizes(planner.stage_c_layout(TINY), setup)
+    section = LoraConfig(rank=4, type=lora_type)
+    sizes = lora_plan.tensor_sizes(section, planner.stage_c_layout(TINY), planner.Setup(adapter=section, stage_c=TINY))
     stage_c = build_stage_c(**TINY).requires_grad_(False)
     adapter = LoraAdapter(LoraSpec(rank=4, type=lora_type))
     adapter.attach(stage_c)
@@ -119,7 +150,7 @@ def test_analytic_lora_count_matches_peft(lora_type):
 def test_quantized_weight_bytes_match_bitsandbytes(mode):
     stage_c = build_stage_c(**TINY).eval().requires_grad_(False)
     quantize_frozen_linears(stage_c, mode)
-    setup = planner.Setup(stage_c=TINY, dtype="fp32", quantize_base=mode)
+    setup = planner.Setup(adapter=LoraConfig(), stage_c=TINY, dtype="fp32", quantize_base=mode)
     assert planner.frozen_weight_bytes(planner.stage_c_layout(TINY), setup) == quantized_bytes(stage_c)
 
 
@@ -172,9 +203,92 @@ def test_big_recipe_without_checkpointing_is_advised_to_enable_it(capsys, monkey
 
 def test_suggestions_follow_cost_order_and_stop_when_it_fits():
     layout = planner.stage_c_layout({})
-    setup = planner.Setup(batch_size=4, dtype="fp32", mixed_precision="no", optimizer="adamw")
+    setup = planner.Setup(adapter=LoraConfig(), batch_size=4, dtype="fp32", mixed_precision="no", optimizer="adamw")
     advice = planner.suggest(setup, 8 * planner.GiB, layout)
     order = [s.override.split("=")[0] for s in planner.SWITCHES]
     positions = [order.index(o.split("=")[0]) for o, _, _ in advice.applied]
     assert advice.fits and positions == sorted(positions)
     assert advice.applied[-1][2] <= 8 * planner.GiB < advice.applied[-2][2]
+
+
+# ------------------------------------------------------------------------------------- the method's planner hook
+def test_the_adapter_switch_comes_from_the_method_and_keeps_only_the_last_rank():
+    """Everything else already on: only the LoRA hook's own switch (halve the rank) is left, applied until the
+    plan fits and printed once, with the final rank."""
+    common = dict(stage_c=TINY, preset="tiny", batch_size=1, latent_h=8, latent_w=8, dtype="bf16",
+                  mixed_precision="bf16", gradient_checkpointing=True, quantize_base="nf4", optimizer="adamw8bit",
+                  device="cpu")
+    layout = planner.stage_c_layout(TINY)
+    setup = planner.Setup(adapter=LoraConfig(rank=256), **common)
+    at_64 = planner.plan_memory(planner.Setup(adapter=LoraConfig(rank=64), **common), layout).peak
+    at_128 = planner.plan_memory(planner.Setup(adapter=LoraConfig(rank=128), **common), layout).peak
+    assert at_64 < at_128 < planner.plan_memory(setup, layout).peak
+    advice = planner.suggest(setup, at_64 + (at_128 - at_64) // 2, layout)
+    assert advice.fits and advice.final.setup.adapter.rank == 64
+    assert [text for text, _, _ in advice.applied] == [f"adapter.{setup.method}.rank=64"]
+    assert "lora rank 64" in planner.format_plan(advice.final)
+
+
+def test_setup_finds_its_method_from_the_section():
+    setup = planner.Setup(adapter=LoraConfig(), stage_c=TINY)
+    assert catalog.get(setup.method).config is LoraConfig
+    with pytest.raises(ValueError, match="no registered adapter method's recipe section"):
+        planner.Setup(adapter=OptimizerConfig(), stage_c=TINY)
+
+
+def test_a_method_without_a_planner_hook_is_named_in_the_refusal(tmp_path):
+    """The test-only fourth method (tests/plugins/dummy_bias) has no plan_adapter hook: ``plan`` says so with the
+    method's label, instead of planning it as something else."""
+    import os
+    import subprocess
+    import sys
+
+    path = os.pathsep.join([str(REPO / "tests" / "plugins"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "CASCADE_STUDIO_METHODS": "dummy_bias.config", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-m", "cascade_studio.cli", "plan", "recipes/tiny/lora.yaml",
+                           "adapter.method=dummy_bias", "export.formats=[bias]", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "the planner does not model Dummy bias recipes yet" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------- every shipped method
+# Tiny sections of the other methods (no dropout: every step runs the same branch; the tiny ControlNet backbone).
+METHOD_SECTIONS = {
+    "controlnet": ControlNetConfig(control="canny", bottleneck="effnet_tiny", backbone_init="random"),
+    "controlnet-frozen-backbone": ControlNetConfig(control="inpainting", bottleneck="effnet_tiny",
+                                                   backbone_init="random", freeze_backbone=True),
+    "ip_adapter": IPAdapterConfig(image_encoder="tiny", drop_image=0.0, drop_text=0.0, drop_both=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_SECTIONS))
+def test_trainable_and_resident_adapter_counts_match_the_built_adapter(name):
+    """Counted on the meta device by the method's hook; the same as the adapter a run builds."""
+    section = METHOD_SECTIONS[name]
+    setup = planner.Setup(adapter=section, stage_c=TINY, preset="tiny", latent_h=8, latent_w=8, device="cpu")
+    plan = planner.plan_memory(setup)
+    model = AdaptedStageC(build_stage_c(**TINY).requires_grad_(False))
+    adapter = catalog.get(setup.method).hook("create_adapter")(section, model, None)
+    trainable = adapter.trainable_parameters()
+    assert sorted(plan.adapter.trainable) == sorted(p.numel() for p in trainable)
+    own = _storage_bytes(list(adapter.parameters()) + list(adapter.buffers()))
+    assert plan.parts["adapter weights"] == own
+
+
+METHOD_CASES = [("controlnet", "fp32", "no", False), ("controlnet", "bf16", "bf16", True),
+                ("controlnet-frozen-backbone", "fp32", "no", True),
+                ("controlnet-frozen-backbone", "bf16", "bf16", True),
+                ("ip_adapter", "fp32", "no", False), ("ip_adapter", "fp32", "no", True),
+                ("ip_adapter", "bf16", "bf16", False)]
+
+
+@pytest.mark.parametrize("name,dtype,mixed,ckpt", METHOD_CASES)
+def test_other_methods_prediction_within_25_percent_of_measured_peak(name, dtype, mixed, ckpt):
+    """The ControlNet (its own network traced on meta) and the IP-Adapter (its branch per attention block) on the
+    tiny Stage C, against the measured CPU peak of a real training step built by the method's create_adapter."""
+    setup = planner.Setup(adapter=METHOD_SECTIONS[name], stage_c=TINY, preset="tiny", batch_size=2, latent_h=8,
+                          latent_w=8, dtype=dtype, mixed_precision=mixed, gradient_checkpointing=ckpt,
+                          optimizer="adamw", device="cpu")
+    assert_prediction_within_25_percent(setup)

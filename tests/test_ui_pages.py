@@ -210,8 +210,10 @@ def test_launch_queues_a_validated_recipe_then_queues_the_next_behind_it(ws: Wor
     assert first.args == {"recipe": str(TINY_LORA), "run_name": "tiny-lora",
                           "overrides": ["train.max_steps=4", "preview.every=0"], "processes": 1}
     assert first.run_dir == str(ws.runs_dir / "tiny-lora")
-    # the next launch gets a fresh run name and waits in the queue
+    # the next launch gets a fresh run name and waits in the queue (once the form changed: the same form again
+    # is the same launch, see test_ui_paths.py)
     assert at.text_input(key=f"launch_name-{TINY_LORA}-1").value == "tiny-lora-2"
+    at.text_area(key="launch_overrides").set_value("train.max_steps=4\npreview.every=0\ntrain.seed=1").run()
     at.button(key="launch_queue").click().run()
     first_now, second = JobQueue(ws).jobs()
     assert (first_now.status, second.status, second.args["run_name"]) == ("running", "queued", "tiny-lora-2")

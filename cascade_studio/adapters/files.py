@@ -1,9 +1,7 @@
 """Reading and writing adapter safetensors files with clear errors (shared by every method)."""
 from __future__ import annotations
 
-import json
 import os
-import struct
 import tempfile
 from pathlib import Path
 
@@ -12,37 +10,25 @@ import torch
 from ..devices import to_host
 from .base import AdapterMismatchError
 
-_MAX_HEADER = 100 * 1024 * 1024
-
 
 def read_safetensors_header(path: str | Path) -> dict:
-    """The JSON header of a safetensors file; AdapterMismatchError naming the file when it is not one."""
+    """The JSON header of a safetensors file; AdapterMismatchError naming the file when it is not one.
+
+    Adapters add two refusals to the shared check (``models.loading.read_safetensors_header``): a missing file
+    and a pickle, which is never loaded as an adapter."""
+    from ..models.loading import WeightsError
+    from ..models.loading import read_safetensors_header as read_header
+
     path = Path(path)
     if not path.exists():
         raise AdapterMismatchError(f"{path}: no such file")
-    size = path.stat().st_size
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise AdapterMismatchError(f"{path}: pickled checkpoints are not loaded as adapters (they can run code); "
                                    "convert it to .safetensors first")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise AdapterMismatchError(f"{path}: empty or truncated file ({size} bytes), not a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise AdapterMismatchError(f"{path}: not a safetensors file or truncated (header says {n} bytes, "
-                                       f"file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise AdapterMismatchError(f"{path}: corrupt safetensors header (random bytes?)") from None
-    if not isinstance(header, dict):
-        raise AdapterMismatchError(f"{path}: corrupt safetensors header")
-    end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] or [0])
-    if 8 + n + end > size:
-        raise AdapterMismatchError(f"{path}: truncated ({size} bytes, tensors need {8 + n + end}); "
-                                   "re-export or re-download it")
-    return header
+    try:
+        return read_header(path)
+    except WeightsError as exc:
+        raise AdapterMismatchError(str(exc)) from None
 
 
 def load_adapter_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

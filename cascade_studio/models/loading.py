@@ -101,8 +101,12 @@ class WeightsError(ValueError):
 # ----------------------------------------------------------------------------------------------- reading files
 
 
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
 def read_safetensors_header(path: str | Path) -> dict[str, Any]:
-    """Parse and validate a safetensors header without reading tensor data.
+    """Parse and validate a safetensors header without reading tensor data (the one check every weights and
+    adapter file goes through).
 
     Catches truncated downloads and non-safetensors files before safetensors' own less helpful errors.
     """
@@ -110,10 +114,10 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
     size = path.stat().st_size
     fix = "re-download it or point to a different file"
     if size < 8:
-        raise WeightsError(path, f"only {size} bytes long, so not a safetensors file (truncated?); {fix}")
+        raise WeightsError(path, f"only {size} bytes long, so not a safetensors file (empty or truncated?); {fix}")
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
-        if length > size - 8:
+        if length > min(size - 8, _MAX_HEADER_BYTES):
             raise WeightsError(
                 path, f"the header claims {length} bytes but only {size - 8} follow: the file is truncated or not "
                 f"a safetensors file; {fix}"

@@ -1,25 +1,39 @@
-"""Predict a LoRA run's peak accelerator memory before loading anything, and say which switches make it fit.
+"""Predict a training run's peak accelerator memory before loading anything, and say which switches make it fit.
+
+The planner knows Stage C and the run's settings; what the adapter adds it learns from the adapter's method, like
+everything else about a method (``adapters/catalog.py``): the method's torch side may define a hook
+``plan_adapter(section, layout, setup) -> PlannedAdapter`` (the built-in ones live in
+``adapters/<method>/plan.py``) that turns the recipe's ``adapter.<method>`` section into trainable tensor sizes,
+the Stage C paths it touches, the activations it keeps inside Stage C's blocks and in its own network, a note for
+the printout and, optionally, a switch that makes it smaller (a LoRA's rank). A method without the hook is refused
+by name ("the planner does not model <label> recipes yet").
 
 Parts of the peak (each printed by ``cascade-studio plan``):
 
 * **frozen weights**: Stage C's parameters in ``model.dtype``, or bitsandbytes int8/NF4 for the quantized
   Linears (``train.quantize_base``). Counted on the meta device: the 3.6B model "builds" in a fraction of a
   second and allocates nothing.
-* **adapter weights**, **gradients**: LoRA matrices, fp32 (the adapter keeps them fp32 on a bf16 base).
+* **adapter weights**, **gradients**: the adapter's trainable tensors, fp32 (adapters stay fp32 on a bf16 base),
+  plus the resident tensors of the adapter that do not train (a frozen ControlNet backbone, BatchNorm statistics).
+  The hooks count them exactly: analytically for LoRA/LoHa, otherwise by building the adapter on the meta device.
 * **optimizer state**: AdamW 8 bytes per parameter; bitsandbytes' 8-bit AdamW 2 bytes plus one fp32 absmax per
   256-value block per state (tensors under ``optim.MIN_8BIT_SIZE`` values keep 32-bit state).
 * **activations**: what autograd keeps for the backward pass at the recipe's batch and latent size, plus the
   largest transient while one block runs its backward. Analytic per block, in bytes per element of one
   ``[tokens x width]`` tensor (tokens = batch x h x w; cond tokens = batch x (77 text + 4 pooled + 4 image)):
   a ResBlock keeps ``res`` (fp32: 40 bytes = ten such tensors: conv and LayerNorm inputs, the 4x-wide Linear
-  output and GELU output), an attention block with LoRA on q/k/v/out keeps ``attn_image`` per image token and
-  ``attn_cond`` per cond token (keys, values and the LoRA inputs over them) plus the LoRA-A outputs,
-  TimestepBlocks keep nothing large. Blocks that run before the first LoRA need no gradient and keep nothing. Attention is assumed to run in SDPA's flash or
-  memory-efficient kernels (no ``tokens x tokens`` matrix is kept), which is what Stage C's
-  ``F.scaled_dot_product_attention`` gets on CUDA and on CPU without dropout. With gradient checkpointing each
-  block keeps only its input, and one block at a time holds its full activations during its backward.
-  The coefficients per precision (``CALIBRATION``) were measured on CPU by ``benchmarks/calibrate_plan.py`` on
-  single blocks; ``tests/test_plan.py`` checks the whole-model prediction against measured peaks of three sizes.
+  output and GELU output); an attention block keeps ``attn_image`` per image token and ``attn_cond`` per cond
+  token when the adapter wraps its q/k/v/out projections (keys, values and the inputs of those layers; LoRA),
+  else the smaller ``attn_image_frozen`` / ``attn_cond_frozen``; TimestepBlocks keep nothing large. On top, what
+  the adapter's hook says it keeps per block (LoRA: the rank-wide A outputs; IP-Adapter: its branch's attention
+  output) and in its own network (ControlNet: traced on the meta device; its backward runs after Stage C's).
+  Blocks that run before the first block the adapter touches need no gradient and keep nothing. Attention is
+  assumed to run in SDPA's flash or memory-efficient kernels (no ``tokens x tokens`` matrix is kept), which is
+  what Stage C's ``F.scaled_dot_product_attention`` gets on CUDA and on CPU without dropout. With gradient
+  checkpointing each block keeps only its input, and one block at a time holds its full activations during its
+  backward. The coefficients per precision (``CALIBRATION``) were measured on CPU by
+  ``benchmarks/calibrate_plan.py`` on single blocks; ``tests/test_plan.py`` checks the whole-model prediction
+  against measured peaks: LoRA at three sizes, ControlNet and IP-Adapter at the tiny size.
 * **workspace / CUDA context**: the CUDA context and cuBLAS/cuDNN workspaces (a fixed ~0.5 GiB) plus 10% of the
   activations for the caching allocator's fragmentation. Zero when planning for the CPU.
 
@@ -52,7 +66,9 @@ class Coefficients:
     ``res``: a ResBlock's saved activations; ``res_peak``: its forward+backward peak above what was live before
     (saved activations, its output, the gradient it produces and the GELU/GRN gradient temporaries);
     ``attn_image`` / ``attn_cond``: an attention block's saved activations over image tokens / over keys and
-    values (image + cond tokens); ``attn_peak``: its backward transient above its saved activations;
+    values (image + cond tokens) with adapter layers on q/k/v/out that keep their inputs (LoRA);
+    ``attn_image_frozen`` / ``attn_cond_frozen``: the same without them (a grad-needing but frozen block);
+    ``attn_peak``: its backward transient above its saved activations;
     ``stream``: the residual stream's element size (block inputs kept under checkpointing);
     ``weight_copy``: each grad-needing block also keeps a bf16 copy of its frozen Linear weights.
     """
@@ -63,6 +79,8 @@ class Coefficients:
     attn_cond: float
     attn_peak: float
     stream: float
+    attn_image_frozen: float
+    attn_cond_frozen: float
     weight_copy: bool = False
 
 
@@ -70,13 +88,18 @@ class Coefficients:
 # widths 128 and 256: the coefficients agree across widths to 1%, attn_peak to 15%). Keys: (model.dtype,
 # train.mixed_precision). On a bf16 base without autocast PEFT casts each LoRA input to fp32 and keeps that copy
 # (attn_image/attn_cond grow). Autocast over an fp32 base keeps the bf16 cast of every frozen weight used after the
-# first LoRA for the backward pass (weight_copy): in effect a second, bf16 copy of the model.
+# first LoRA for the backward pass (weight_copy): in effect a second, bf16 copy of the model. The frozen attention
+# coefficients (no LoRA in the block) were added by the same script later; re-running it reproduced every other
+# value to 0.1.
 CALIBRATION: dict[tuple[str, str], Coefficients] = {
-    ("fp32", "no"): Coefficients(res=40.2, res_peak=104.2, attn_image=28.1, attn_cond=12.0, attn_peak=22.6, stream=4),
-    ("bf16", "no"): Coefficients(res=20.1, res_peak=52.1, attn_image=26.1, attn_cond=12.0, attn_peak=17.3, stream=2),
-    ("bf16", "bf16"): Coefficients(res=20.1, res_peak=52.1, attn_image=18.4, attn_cond=8.0, attn_peak=15.0, stream=2),
+    ("fp32", "no"): Coefficients(res=40.2, res_peak=104.2, attn_image=28.1, attn_cond=12.0, attn_peak=22.6, stream=4,
+                                 attn_image_frozen=20.1, attn_cond_frozen=8.0),
+    ("bf16", "no"): Coefficients(res=20.1, res_peak=52.1, attn_image=26.1, attn_cond=12.0, attn_peak=17.3, stream=2,
+                                 attn_image_frozen=10.1, attn_cond_frozen=4.0),
+    ("bf16", "bf16"): Coefficients(res=20.1, res_peak=52.1, attn_image=18.4, attn_cond=8.0, attn_peak=15.0, stream=2,
+                                   attn_image_frozen=10.1, attn_cond_frozen=4.0),
     ("fp32", "bf16"): Coefficients(res=20.1, res_peak=69.1, attn_image=19.6, attn_cond=8.0, attn_peak=16.1, stream=4,
-                                   weight_copy=True),
+                                   attn_image_frozen=11.4, attn_cond_frozen=4.0, weight_copy=True),
 }
 
 
@@ -103,6 +126,10 @@ class Layout:
     @property
     def n_blocks(self) -> int:
         return len(self.blocks)
+
+    def cond_tokens(self, batch: int) -> int:
+        """Conditioning tokens of a batch: 77 text + the pooled-text and image tokens (``c_clip_seq`` each)."""
+        return batch * (COND_TOKENS_TEXT + 2 * self.c_clip_seq)
 
 
 def stage_c_layout(stage_c_kwargs: dict[str, Any]) -> Layout:
@@ -139,8 +166,15 @@ def stage_c_layout(stage_c_kwargs: dict[str, Any]) -> Layout:
 # --------------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class Setup:
-    """The recipe settings that decide memory (everything else is irrelevant to the estimate)."""
+    """The recipe settings that decide memory (everything else is irrelevant to the estimate).
 
+    ``adapter`` is the recipe's section of its method (``adapter.<method>``, e.g. a ``LoraConfig``); ``method``
+    the catalog name of that method, found from the section's class when not given. What the adapter adds to the
+    plan comes from its method's ``plan_adapter`` hook (see :class:`PlannedAdapter`).
+    """
+
+    adapter: Any
+    method: str = ""
     stage_c: dict[str, Any] = field(default_factory=dict)
     preset: str = "big"
     batch_size: int = 1
@@ -152,27 +186,97 @@ class Setup:
     gradient_checkpointing: bool = False
     quantize_base: str = "none"
     optimizer: str = "adamw8bit"
-    rank: int = 16
-    lora_type: str = "lora"
-    targets: tuple[str, ...] = ("attention",)
     device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if not self.method:
+            object.__setattr__(self, "method", _method_of_section(self.adapter).name)
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens of one batch (batch x latent height x latent width)."""
+        return self.batch_size * self.latent_h * self.latent_w
+
+    @property
+    def record(self) -> Any:
+        """The catalog record of the method (``catalog.Method``)."""
+        from ..adapters import catalog
+
+        return catalog.get(self.method)
 
     @classmethod
     def from_recipe(cls, recipe: Any, device: str = "cuda") -> "Setup":
+        from ..adapters import catalog
         from ..models import get_preset
 
-        if recipe.adapter.method != "lora":
-            raise ValueError(f"the planner models LoRA recipes; adapter.method={recipe.adapter.method} is not "
-                             "modelled yet (its own network's activations are not in the estimate)")
         preset = recipe.model.preset
         side = recipe.data.resolution // LATENT_STRIDE
-        lora = recipe.adapter.lora
-        return cls(stage_c=dict(get_preset("tiny" if preset == "toy" else preset).stage_c), preset=preset,
+        return cls(adapter=catalog.method_section(recipe), method=catalog.recipe_method(recipe).name,
+                   stage_c=dict(get_preset(preset).stage_c), preset=preset,
                    batch_size=recipe.train.batch_size, grad_accum=recipe.train.grad_accum, latent_h=side,
                    latent_w=side, dtype=recipe.model.dtype, mixed_precision=recipe.train.mixed_precision,
                    gradient_checkpointing=recipe.train.gradient_checkpointing,
-                   quantize_base=recipe.train.quantize_base, optimizer=recipe.optimizer.name, rank=lora.rank,
-                   lora_type=lora.type, targets=tuple(lora.targets), device=device)
+                   quantize_base=recipe.train.quantize_base, optimizer=recipe.optimizer.name, device=device)
+
+
+def _method_of_section(section: Any) -> Any:
+    from ..adapters import catalog
+
+    for method in catalog.methods():
+        if isinstance(section, method.config):
+            return method
+    raise ValueError(f"{type(section).__name__} is no registered adapter method's recipe section; pass the "
+                     "recipe's adapter.<method> section (e.g. the catalog record's config class)")
+
+
+# --------------------------------------------------------------------------------------- the method's part
+@dataclass(frozen=True)
+class PlannedAdapter:
+    """What one adapter adds to the plan, as its method's ``plan_adapter(section, layout, setup)`` hook says.
+
+    ``trainable``: element counts of its trainable tensors, each held in fp32 with an fp32 gradient and the
+    optimizer's state; ``frozen_bytes``: its resident tensors that do not train (a frozen ControlNet backbone,
+    BatchNorm statistics). ``touches``: the Stage C module or block paths whose output it changes: blocks before
+    the first of them need no gradient and keep nothing. ``keeps_attention_inputs``: its layers wrap the
+    attention projections, so every grad-needing attention block keeps their inputs (the calibrated
+    ``attn_image`` / ``attn_cond``; otherwise ``attn_image_frozen`` / ``attn_cond_frozen``). ``block_saved``:
+    bytes it keeps for the backward pass inside a block (block path -> bytes) on top of the block's own.
+    ``own_saved``: bytes its own network keeps for the backward outside Stage C (never checkpointed);
+    ``own_forward``: its transient above that while its own forward runs, before Stage C's; ``own_peak``: its
+    transient above ``own_saved`` while its own backward runs, after Stage C's. ``note`` describes it
+    in the printout; ``smaller`` is an optional switch that shrinks it (for a LoRA: halve the rank).
+    """
+
+    trainable: tuple[int, ...]
+    touches: tuple[str, ...]
+    note: str
+    frozen_bytes: int = 0
+    keeps_attention_inputs: bool = False
+    block_saved: dict[str, float] = field(default_factory=dict)
+    own_saved: float = 0.0
+    own_forward: float = 0.0
+    own_peak: float = 0.0
+    smaller: "Switch | None" = None
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(self.trainable)
+
+
+def plan_adapter(layout: Layout, setup: Setup) -> PlannedAdapter:
+    """The adapter's part of the plan, from its method's ``plan_adapter`` hook."""
+    record = setup.record
+    hook = record.hook("plan_adapter")
+    if hook is None:
+        raise ValueError(f"the planner does not model {record.label} recipes yet (the {record.label} method has no "
+                         "plan_adapter hook); its frozen base, adapter weights and optimizer state are printed when "
+                         "its run starts")
+    return hook(setup.adapter, layout, setup)
+
+
+def coefficients(setup: Setup) -> Coefficients:
+    """The calibrated per-block coefficients of ``setup``'s precision (model dtype x autocast)."""
+    return CALIBRATION[(setup.dtype, setup.mixed_precision)]
 
 
 # ---------------------------------------------------------------------------------------------------- estimate
@@ -185,6 +289,7 @@ class MemoryPlan:
     notes: dict[str, str]
     n_params: int
     n_trainable: int
+    adapter: PlannedAdapter
 
     @property
     def peak(self) -> int:
@@ -193,47 +298,6 @@ class MemoryPlan:
     def peak_without_workspace(self) -> int:
         """The tensor bytes alone (what a CPU measurement sees)."""
         return self.peak - self.parts.get("workspace/CUDA context", 0)
-
-
-def lora_tensor_sizes(layout: Layout, setup: Setup) -> list[int]:
-    """Element counts of every trainable LoRA tensor (analytic for lora/loha; PEFT on meta for dora/lokr)."""
-    from ..adapters.lora.adapter import resolve_target_modules
-
-    targets = _target_paths(layout, setup)
-    if setup.lora_type == "lora":
-        return [n for t in targets for n in (setup.rank * layout.linears[t][0], setup.rank * layout.linears[t][1])]
-    if setup.lora_type == "loha":
-        return [n for t in targets for n in (setup.rank * layout.linears[t][0], setup.rank * layout.linears[t][1])
-                for _ in range(2)]
-    import torch
-
-    from ..adapters.lora import LoraAdapter, LoraSpec
-    from ..models import build_stage_c
-
-    with torch.device("meta"):
-        model = build_stage_c(**setup.stage_c)
-    model.requires_grad_(False)
-    adapter = LoraAdapter(LoraSpec(rank=setup.rank, type=setup.lora_type, targets=setup.targets),
-                          target_modules=resolve_target_modules(model, setup.targets))
-    adapter.attach(model)
-    return [p.numel() for p in adapter.trainable_parameters()]
-
-
-def _target_paths(layout: Layout, setup: Setup) -> list[str]:
-    import re
-
-    from ..adapters.lora.adapter import TARGET_GROUPS
-
-    chosen: list[str] = []
-    for target in setup.targets:
-        pattern = re.compile(TARGET_GROUPS[target]) if target in TARGET_GROUPS else None
-        for name in layout.linears:
-            hit = pattern.fullmatch(name) if pattern else (name == target or name.endswith("." + target))
-            if hit and name not in chosen:
-                chosen.append(name)
-    if not chosen:
-        raise ValueError(f"LoRA targets {list(setup.targets)} match no Linear of this Stage C")
-    return chosen
 
 
 def frozen_weight_bytes(layout: Layout, setup: Setup) -> int:
@@ -278,15 +342,13 @@ def optimizer_state_bytes(sizes: Sequence[int], name: str) -> int:
     return total
 
 
-def activation_bytes(layout: Layout, setup: Setup) -> int:
+def activation_bytes(layout: Layout, setup: Setup, planned: PlannedAdapter | None = None) -> int:
     """Peak activation bytes of one forward+backward (see the module docstring for the model)."""
-    coef = CALIBRATION[(setup.dtype, setup.mixed_precision)]
-    batch = setup.batch_size
-    tokens = batch * setup.latent_h * setup.latent_w
-    cond = batch * (COND_TOKENS_TEXT + 2 * layout.c_clip_seq)
-    targets = _target_paths(layout, setup)
-    lora_element = 2 if setup.mixed_precision == "bf16" else 4
-    first = _first_grad_block(layout, targets)
+    planned = planned or plan_adapter(layout, setup)
+    coef = coefficients(setup)
+    tokens = setup.tokens
+    cond = layout.cond_tokens(setup.batch_size)
+    first = _first_grad_block(layout, planned.touches)
 
     saved: list[float] = []  # per block: bytes kept for backward when not checkpointing
     peak_extra: list[float] = []  # per block: transient above its saved bytes during its own backward
@@ -299,17 +361,18 @@ def activation_bytes(layout: Layout, setup: Setup) -> int:
         copies = 0.0
         if coef.weight_copy:
             copies = 2.0 * sum(i * o for name, (i, o, _) in layout.linears.items() if name.startswith(block.path + "."))
+        extra = planned.block_saved.get(block.path, 0.0)
         if block.kind == "C":
             # The skip concatenation widens the first Linear's input: part of it is kept like the image path.
-            saved.append(coef.res * c * tokens * (1 + block.c_skip / (4 * c)) + copies)
+            saved.append(coef.res * c * tokens * (1 + block.c_skip / (4 * c)) + extra + copies)
             peak_extra.append((coef.res_peak - coef.res) * c * tokens)
         elif block.kind == "A":
-            lora_rows = sum(setup.rank for t in targets if t.startswith(block.path + "."))
-            saved.append(coef.attn_image * c * tokens + coef.attn_cond * c * cond
-                         + lora_element * lora_rows * (tokens + cond / 2) + copies)
+            a_image, a_cond = ((coef.attn_image, coef.attn_cond) if planned.keeps_attention_inputs
+                               else (coef.attn_image_frozen, coef.attn_cond_frozen))
+            saved.append(a_image * c * tokens + a_cond * c * cond + extra + copies)
             peak_extra.append(coef.attn_peak * c * tokens)
         else:
-            saved.append(copies)
+            saved.append(extra + copies)
             peak_extra.append(0.0)
     width = layout.blocks[0].width if layout.blocks else 0
     # The loss (x0, noise, x_t, prediction and their fp32 copies), the conditioning tokens and each level switch
@@ -318,7 +381,7 @@ def activation_bytes(layout: Layout, setup: Setup) -> int:
     misc += layout.n_switches * (coef.stream + 4) * width * tokens
     if not setup.gradient_checkpointing:
         head = 2 * coef.stream * width * tokens  # the output head's LayerNorm and conv inputs
-        return int(sum(saved) + max(peak_extra, default=0.0) + misc + head)
+        return _with_own_network(sum(saved) + max(peak_extra, default=0.0) + misc + head, misc, planned)
     # Checkpointing keeps every grad-needing block's input. The backward runs the blocks last to first: while
     # block k recomputes its activations and runs its own backward (its standalone forward+backward peak, whose
     # output and input gradient stand for the incoming and outgoing gradients), the inputs of blocks 0..k are
@@ -330,36 +393,46 @@ def activation_bytes(layout: Layout, setup: Setup) -> int:
             continue
         kept += coef.stream * block.width * tokens
         worst = max(worst, kept + s_k + p_k)
-    return int(worst + misc)
+    return _with_own_network(worst + misc, misc, planned)
 
 
-def _first_grad_block(layout: Layout, targets: Sequence[str]) -> int:
-    """Index of the first block whose output depends on a LoRA (earlier blocks need no gradient)."""
+def _with_own_network(stage_c: float, misc: float, planned: PlannedAdapter) -> int:
+    """Add the adapter's own network (a ControlNet): its saved activations live through Stage C's whole backward;
+    its forward runs before Stage C's and its backward after it (its nodes were recorded first), each beside only
+    the loss part and its own saved tensors."""
+    if not (planned.own_saved or planned.own_forward or planned.own_peak):
+        return int(stage_c)
+    own = planned.own_saved + max(planned.own_forward, planned.own_peak)
+    return int(max(stage_c + planned.own_saved, misc + own))
+
+
+def _first_grad_block(layout: Layout, touches: Sequence[str]) -> int:
+    """Index of the first block whose output depends on the adapter (earlier blocks need no gradient)."""
     for index, block in enumerate(layout.blocks):
-        if any(t.startswith(block.path + ".") for t in targets):
+        if any(t == block.path or t.startswith(block.path + ".") for t in touches):
             return index
-    return 0  # targets outside the blocks (clip mappers) feed every attention block
+    return 0  # paths outside the blocks (the clip mappers) feed every block
 
 
 def plan_memory(setup: Setup, layout: Layout | None = None) -> MemoryPlan:
     """The predicted peak of one training step of ``setup`` (see the module docstring)."""
     layout = layout or stage_c_layout(setup.stage_c)
-    sizes = lora_tensor_sizes(layout, setup)
-    n_trainable = sum(sizes)
-    activations = activation_bytes(layout, setup)
+    planned = plan_adapter(layout, setup)
+    n_trainable = planned.n_trainable
+    activations = activation_bytes(layout, setup, planned)
     quant = {"none": setup.dtype, "int8": f"int8 Linears, rest {setup.dtype}",
              "nf4": f"NF4 Linears, rest {setup.dtype}"}[setup.quantize_base]
     parts = {
         "frozen weights": frozen_weight_bytes(layout, setup),
-        "adapter weights": 4 * n_trainable,
+        "adapter weights": 4 * n_trainable + planned.frozen_bytes,
         "gradients": 4 * n_trainable,
-        "optimizer state": optimizer_state_bytes(sizes, setup.optimizer),
+        "optimizer state": optimizer_state_bytes(planned.trainable, setup.optimizer),
         "activations": activations,
     }
     notes = {
         "frozen weights": (f"{layout.n_params / 1e9:.2f}B" if layout.n_params >= 1e9
                            else f"{layout.n_params / 1e6:.2f}M") + f" params, {quant}",
-        "adapter weights": f"{n_trainable / 1e6:.2f}M params, fp32 ({setup.lora_type} rank {setup.rank})",
+        "adapter weights": f"{n_trainable / 1e6:.2f}M params, fp32 ({planned.note})",
         "gradients": "fp32, adapter only",
         "optimizer state": setup.optimizer,
         "activations": (f"batch {setup.batch_size}, {setup.latent_h}x{setup.latent_w} latents, "
@@ -369,19 +442,21 @@ def plan_memory(setup: Setup, layout: Layout | None = None) -> MemoryPlan:
     if setup.device == "cuda":
         parts["workspace/CUDA context"] = int(CUDA_CONTEXT_BYTES + FRAGMENTATION * activations)
         notes["workspace/CUDA context"] = "context + cuBLAS/cuDNN workspace + 10% allocator fragmentation"
-    return MemoryPlan(setup, parts, notes, layout.n_params, n_trainable)
+    return MemoryPlan(setup, parts, notes, layout.n_params, n_trainable, planned)
 
 
 # ------------------------------------------------------------------------------------------------- suggestions
 @dataclass(frozen=True)
 class Switch:
+    """A recipe change that lowers the peak. ``override`` is the command-line text, formatted with the setup
+    after the change (``accum`` = its grad_accum, ``method`` its method name, ``adapter`` its section)."""
+
     override: str  # what to add to the command line / recipe
     cost: str
     apply: Callable[[Setup], Setup | None]  # None = already on / not applicable
 
-
-def _halve_rank(s: Setup) -> Setup | None:
-    return replace(s, rank=s.rank // 2) if s.rank > 4 else None
+    def text(self, applied: Setup) -> str:
+        return self.override.format(accum=applied.grad_accum, method=applied.method, adapter=applied.adapter)
 
 
 SWITCHES: tuple[Switch, ...] = (
@@ -399,8 +474,7 @@ SWITCHES: tuple[Switch, ...] = (
            lambda s: None if s.quantize_base != "none" else replace(s, quantize_base="int8")),
     Switch("train.quantize_base=nf4", "NF4 rounding of the frozen Linears (QLoRA; ~10% output change)",
            lambda s: None if s.quantize_base == "nf4" else replace(s, quantize_base="nf4")),
-    Switch("adapter.lora.rank={rank}", "less adapter capacity", _halve_rank),
-)
+)  # then the adapter's own switch, if its method has one (PlannedAdapter.smaller)
 
 
 @dataclass
@@ -411,14 +485,15 @@ class Advice:
 
 
 def suggest(setup: Setup, budget: int, layout: Layout | None = None) -> Advice:
-    """Apply the switches cheapest first, cumulatively, until the plan fits ``budget`` bytes (or none is left).
+    """Apply the switches cheapest first, cumulatively, until the plan fits ``budget`` bytes (or none is left):
+    :data:`SWITCHES`, then the adapter's own (``PlannedAdapter.smaller``, e.g. a smaller LoRA rank).
 
     A switch that would save less than 1% of the peak is not worth its cost and is passed over.
     """
     layout = layout or stage_c_layout(setup.stage_c)
     plan = plan_memory(setup, layout)
     applied: list[tuple[str, str, int]] = []
-    for switch in SWITCHES:
+    for switch in SWITCHES + ((plan.adapter.smaller,) if plan.adapter.smaller else ()):
         while plan.peak > budget:
             changed = switch.apply(setup)
             if changed is None:
@@ -427,7 +502,7 @@ def suggest(setup: Setup, budget: int, layout: Layout | None = None) -> Advice:
             if plan.peak - candidate.peak < 0.01 * plan.peak:
                 break
             setup, plan = changed, candidate
-            text = switch.override.format(accum=setup.grad_accum, rank=setup.rank)
+            text = switch.text(setup)
             if applied and applied[-1][0].split("=")[0] == text.split("=")[0]:
                 # rank 16 -> 8 -> 4, or int8 -> nf4: only the last value is the advice
                 applied[-1] = (text, switch.cost, plan.peak)
@@ -441,7 +516,7 @@ def format_plan(plan: MemoryPlan, budget: int | None = None, advice: Advice | No
                 title: str = "") -> str:
     """The table ``cascade-studio plan`` prints."""
     s = plan.setup
-    lines = [f"Memory plan{(' for ' + title) if title else ''}: LoRA on the {s.preset} Stage C, "
+    lines = [f"Memory plan{(' for ' + title) if title else ''}: {s.record.label} on the {s.preset} Stage C, "
              f"{s.latent_h}x{s.latent_w} latents, batch {s.batch_size} (x{s.grad_accum} accumulation), "
              f"{s.optimizer}, on {s.device}"]
     # One unit per table: MiB for the small presets (tiny, toy), GiB otherwise.
@@ -495,7 +570,8 @@ class ResidentMemory:
     """What a run keeps on the accelerator for its whole length, before any activation: the frozen base as
     loaded (quantized layers at their packed size), and per trainable parameter its fp32 weight, its gradient
     and the optimizer's state. Measured on the built modules, so it covers every method (LoRA, ControlNet,
-    IP-Adapter) exactly; activations come on top (``cascade-studio plan`` models them for LoRA)."""
+    IP-Adapter) exactly; activations come on top (``cascade-studio plan`` models them for every method whose
+    folder has a planner hook)."""
 
     base: int
     trainable: int

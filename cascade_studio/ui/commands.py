@@ -5,11 +5,14 @@
 - compare: ``python -m cascade_studio.cli compare --columns ... --prompt=... --seeds ... --out ...``;
 - export: ``python -m cascade_studio.cli export <run or checkpoint> --format F --out FILE``.
 
-Every path in them is confined to the workspace (or recipes/ for recipe files). Prompts are passed as
+Every path in them is confined to the workspace (or recipes/ for recipe files), and every path setting of a
+launched recipe, from its file or an override, must pass the studio's path policy (``ui/paths.py``) both when
+the job is queued and when the runner starts it. Prompts are passed as
 ``--prompt=<text>`` so a prompt that starts with ``-`` is still a prompt, not an option.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -18,8 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
+
 from ..adapters import catalog
-from ..config import load_recipe, parse_override
+from ..config import Problem, RecipeError, load_recipe, parse_override
 from ..models.presets import PRESETS
 from ..run_folder import RunFolder
 from .paths import PathNotAllowed, safe_filename
@@ -79,7 +84,37 @@ class TrainRequest:
         if run.checkpoints():
             raise ValueError(f"a run named {self.run_name!r} already has checkpoints in {run.path}; choose another "
                              "run name")
-        load_recipe(self.recipe, overrides=self.all_overrides(workspace))
+        problems = self.path_problems(workspace)
+        try:
+            load_recipe(self.recipe, overrides=self.all_overrides(workspace))
+        except RecipeError as exc:
+            raise RecipeError(problems + exc.problems, exc.source) from None
+        if problems:
+            raise RecipeError(problems, Path(self.recipe).name)
+
+    def path_problems(self, workspace: Workspace) -> list[Problem]:
+        """Every path setting, from the recipe file or an override, that the studio's path policy refuses.
+
+        Checked on the parsed file with the overrides applied (not on the validated recipe), so a refused path
+        is reported even when the recipe has other problems too."""
+        try:
+            data = yaml.safe_load(Path(self.recipe).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None  # load_recipe reports why the file cannot be read
+        data = copy.deepcopy(data) if isinstance(data, dict) else {}
+        for text in self.all_overrides(workspace):
+            try:
+                key, value = parse_override(text)
+            except ValueError:
+                continue  # reported by load_recipe
+            *sections, leaf = key.split(".")
+            target = data
+            for part in sections:
+                if not isinstance(target.get(part), dict):
+                    target[part] = {}
+                target = target[part]
+            target[leaf] = value
+        return workspace.policy().recipe_problems(data)
 
     def to_args(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "run_name": self.run_name, "overrides": list(self.overrides),

@@ -38,7 +38,7 @@ def _queue_worker(root: str) -> threading.Thread:
     """One thread per server and workspace that keeps the queue moving while no browser is open."""
 
     def loop() -> None:
-        job_queue = JobQueue(Workspace(Path(root)))
+        job_queue = JobQueue(Workspace.from_env(root=Path(root)))
         while True:
             try:
                 job_queue.pump()

@@ -1,5 +1,6 @@
 """Data page: look at a dataset folder the way a run will read it (images with captions, skipped files with
-reasons, encode-cache status). Folders must be inside the workspace or the repository's datasets/."""
+reasons, encode-cache status). Folders must pass the studio's path policy (``paths.py``): the workspace, the
+repository's datasets/, the Hugging Face cache or a folder named with ``cascade-studio ui --allow-path``."""
 from __future__ import annotations
 
 import math
@@ -39,15 +40,16 @@ def _display(ws: Workspace, path: Path) -> str:
 def render() -> None:
     ws = workspace()
     st.title("Data")
-    st.caption(f"Dataset folders live in `{ws.datasets_dir}` or inside the workspace `{ws.root}`: images with "
-               ".txt captions beside them, or a metadata.jsonl/csv (the Hugging Face imagefolder layout).")
+    st.caption(f"Dataset folders may be in: {ws.policy().describe()} (start the studio with `--allow-path DIR` to "
+               "add one). A folder holds images with .txt captions beside them, or a metadata.jsonl/csv (the Hugging "
+               "Face imagefolder layout).")
     folders = dataset_folders(ws)
     labels = [_display(ws, p) for p in folders]
     picked = st.selectbox("Dataset folder", labels, key="data_pick", index=0 if labels else None,
                           placeholder="no folder found: type one below")
     typed = st.text_input("Or type a folder path", key="data_typed",
                           help="Relative to the repository root (e.g. datasets/tiny-shapes), or absolute inside "
-                               "the workspace. '..' is not accepted.")
+                               "an allowed folder. '..' is not accepted.")
     text = typed.strip() or (picked or "")
     if not text:
         st.info("Choose or type a dataset folder.")

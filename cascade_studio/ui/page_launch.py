@@ -2,6 +2,10 @@
 
 Jobs run one at a time in separate processes (``jobs.py``); this page only writes job files and reads their
 events and logs, so reloading the page, or a crashed job, changes nothing about the queue.
+
+Queueing is idempotent until the form changes: clicking Queue again (three quick clicks, a click that arrives
+after the page already queued the job) with the same recipe, overrides and processes queues nothing more, unless
+a new run name was typed. Every path the run will use passes the studio's path policy (``paths.py``).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from .paths import PathNotAllowed
 REFRESH_S = 2.0
 _FLASH = "launch_flash"
 _LAUNCHES = "launch_count"
+_LAST = "launch_last"  # (form, job id, run name) of this session's last queued launch
 _STATUS_ICON = {FINISHED: "✅", FAILED: "❌", CANCELLED: "⏹️"}
 
 
@@ -44,7 +49,8 @@ def render() -> None:
     taken = [str(j.args.get("run_name")) for j in job_queue.jobs() if j.status in ACTIVE]
     # A new key after each launch: the browser then shows the fresh default name instead of keeping the old one.
     name_key = f"launch_name-{entry.path}-{st.session_state.get(_LAUNCHES, 0)}"
-    run_name = st.text_input("Run name", value=default_run_name(ws, _recipe_name(entry.path), taken), key=name_key,
+    suggested = default_run_name(ws, _recipe_name(entry.path), taken)
+    run_name = st.text_input("Run name", value=suggested, key=name_key,
                              help=f"Names the run folder {ws.runs_dir}/<name> and the MLflow run; letters, digits, "
                                   "'.', '-', '_'")
     overrides_text = st.text_area("Overrides (optional)", key="launch_overrides", height=80,
@@ -54,8 +60,10 @@ def render() -> None:
                                     help="Data-parallel processes (accelerate; on a CPU they use gloo)"))
     overrides = tuple(line.strip() for line in overrides_text.splitlines() if line.strip())
     request = TrainRequest(str(entry.path), run_name.strip(), overrides, processes)
-    ready = _check(request, ws, taken)
-    if st.button("Queue training", type="primary", disabled=not ready, key="launch_queue"):
+    repeat = _repeated_launch(request, suggested)
+    ready = repeat is not None or _check(request, ws, taken)
+    # A repeated launch keeps the button enabled: a quick second click arrives anyway, and is answered here.
+    if st.button("Queue training", type="primary", disabled=not ready, key="launch_queue") and repeat is None:
         try:
             job = job_queue.enqueue("train", f"train {request.run_name} ({entry.label})", request.to_args(),
                                     run_dir=str(request.run_dir(ws)))
@@ -63,11 +71,31 @@ def render() -> None:
             st.error(str(exc))
         else:
             job_queue.pump()  # start at once when nothing else runs
+            st.session_state[_LAST] = (_form(request), job.id, request.run_name)
             st.session_state[_LAUNCHES] = st.session_state.get(_LAUNCHES, 0) + 1  # a fresh run name next time
             st.session_state[_FLASH] = f"Queued {job.label} (job {job.id})."
             st.rerun()
+    if repeat is not None:
+        st.info(f"Already queued from this form as job {repeat[1]} (run {repeat[2]}); queueing it again does "
+                "nothing. Change the recipe, the overrides or the processes, or type another run name, to queue "
+                "another run.")
     st.divider()
     _queue_panel()
+
+
+def _form(request: TrainRequest) -> tuple:
+    """What makes two launches the same: the recipe, its overrides and the process count (not the run name the
+    page suggests afresh after every launch)."""
+    return request.recipe, request.overrides, request.processes
+
+
+def _repeated_launch(request: TrainRequest, suggested: str):
+    """This session's last launch, if ``request`` repeats it: the same form and a run name the user did not type
+    (the fresh suggestion shown after the launch, or the name just launched)."""
+    last = st.session_state.get(_LAST)
+    if last is None or last[0] != _form(request) or request.run_name not in (suggested, last[2]):
+        return None
+    return last
 
 
 def _check(request: TrainRequest, ws, taken: list[str]) -> bool:

@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     job_path = Path(args[0]).resolve()
     job = Job.from_dict(json.loads(job_path.read_text()))
-    workspace = Workspace(job_path.parent.parent)
+    # The --allow-path folders come from the studio's environment, so a job is checked by the studio's policy.
+    workspace = Workspace.from_env(root=job_path.parent.parent)
     exit_path = job_path.with_suffix(".exit")
     terminated = False
 

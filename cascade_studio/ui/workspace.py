@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..run_folder import RunFolder
-from .paths import confine
+from .paths import PathPolicy, allowed_paths_from_env, confine, hf_hub_cache
 
 __all__ = ["REPO_ROOT", "WORKSPACE_ENV", "Workspace", "RecipeEntry", "ensure_repo_cwd"]
 
@@ -51,11 +51,14 @@ class Workspace:
 
     root: Path
     repo_root: Path = REPO_ROOT
+    allowed: tuple[Path, ...] = ()  # the --allow-path folders (data, weights) besides the workspace
 
     @classmethod
-    def from_env(cls, default: str = "workspace") -> "Workspace":
-        """The workspace named by ``$CASCADE_STUDIO_WORKSPACE`` (set by ``cascade-studio ui``)."""
-        return cls(Path(os.environ.get(WORKSPACE_ENV) or (REPO_ROOT / default)).resolve())
+    def from_env(cls, default: str = "workspace", root: Optional[Path] = None) -> "Workspace":
+        """The workspace named by ``$CASCADE_STUDIO_WORKSPACE`` (or ``root``) with the ``--allow-path`` folders of
+        ``$CASCADE_STUDIO_ALLOW_PATHS`` (both set by ``cascade-studio ui``, and inherited by its job runners)."""
+        root = root or Path(os.environ.get(WORKSPACE_ENV) or (REPO_ROOT / default))
+        return cls(Path(root).resolve(), allowed=allowed_paths_from_env())
 
     # ------------------------------------------------------------------------------------------------ folders
     @property
@@ -88,13 +91,15 @@ class Workspace:
         return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + (self.root / "mlflow.db").as_posix()
 
     # ---------------------------------------------------------------------------------------- confinement
-    def data_roots(self) -> list[Path]:
-        """Folders a dataset path may point into."""
-        return [self.root, self.datasets_dir]
+    def policy(self) -> PathPolicy:
+        """The studio's one path policy (``ui/paths.py``): workspace, sample datasets, --allow-path folders and the
+        Hugging Face cache; relative paths start at the repository root, where jobs run."""
+        return PathPolicy(workspace=self.root, base=self.repo_root, datasets=self.datasets_dir,
+                          allowed=self.allowed, hub_cache=hf_hub_cache())
 
     def confine_data(self, text: str) -> Path:
-        """A dataset path typed by the user: relative to the repository root, inside the workspace or datasets/."""
-        return confine(text, self.data_roots(), base=self.repo_root)
+        """A dataset path typed by the user, checked by :meth:`policy` (relative = from the repository root)."""
+        return self.policy().check(text)
 
     def confine_workspace(self, text: str | os.PathLike[str]) -> Path:
         """A path that must lie inside the workspace (adapter files, run folders); relative = from the workspace."""

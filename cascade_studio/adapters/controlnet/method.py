@@ -14,6 +14,7 @@ from .adapter import (BOTTLENECKS, CONTROL_CHANNELS, ControlNetAdapter, ControlN
                       preset_for_width)
 from .config import METHOD, ControlNetConfig
 from .formats import COMFYUI_KEY, FileLayout, comfyui_compatibility, control_from, read_layout, sniff_layout
+from .plan import plan_adapter  # noqa: F401
 from .hints import (CannyHint, HintError, ImageHint, InpaintingHint, SuperResolutionHint, build_hint_encoder,
                     make_mask)
 

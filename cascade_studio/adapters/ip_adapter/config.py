@@ -19,7 +19,8 @@ class IPAdapterConfig:
                                  choices=("openclip-vit-h-14", "clip-vit-l-14", "clip-vit-bigg-14", "tiny", "toy"))
     image_encoder_weights: Optional[str] = setting(None, "Weights of the image encoder: an open_clip checkpoint "
                                                    "file (.safetensors) or a folder/repo id with a CLIP vision "
-                                                   "model; null = model.image_encoder / model.repo_id.", path=True)
+                                                   "model; null = model.image_encoder / model.repo_id.", path=True,
+                                                   weights=True)
     num_tokens: int = setting(4, "Image tokens produced per image by the projection.", minimum=1, example=4)
     scale: float = setting(1.0, "Weight of the image attention added to the text attention.", minimum=0,
                            example=1.0)

@@ -13,6 +13,7 @@ from ..base import AdaptedStageC, AdapterMismatchError
 from ..files import load_adapter_tensors, save_adapter_tensors
 from .adapter import ARCHITECTURE, MULTI_IMAGE_MODES, IPAdapter, find_attention_blocks
 from .config import METHOD, IPAdapterConfig
+from .plan import plan_adapter  # noqa: F401
 
 FORMATS = METHOD.format_names
 FEATURE_NAME = "ip_image_embeds"

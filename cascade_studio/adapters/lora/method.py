@@ -13,6 +13,7 @@ from .adapter import LORA_TYPES, TARGET_GROUPS, LoraAdapter, LoraSpec, resolve_t
 from .config import METHOD
 from .formats import (DORA_SCALE_COMFYUI, DORA_SCALE_KEY, DORA_SCALE_PEFT, base_weight, comfyui_to_peft,
                       official_to_peft, peft_to_comfyui, sniff_format)
+from .plan import plan_adapter  # noqa: F401
 
 FORMATS = METHOD.format_names
 
