@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_studio.demo import lora_purple_shares, toy_compare, toy_shapes, train_lora
+from cascade_studio.demo import toy_compare, toy_shapes
 from cascade_studio.models.toy import ASSET_DIR, SHIPPED, load_toy_component
 
 SHAPES = toy_shapes()
@@ -105,13 +105,8 @@ def test_toy_base_follows_colour_prompts(tmp_path):
 
 # --------------------------------------------------------------------------------------------- the adapters
 
-# Measured on the cells of the demo's comparison (base | LoRA, 50 purple prompts, seed 1): @@LORA@@
-@pytest.mark.slow
-def test_toy_lora_teaches_the_held_out_colour(toy_workspace):
-    adapter = train_lora(toy_workspace)
-    before, after = lora_purple_shares(adapter, toy_workspace, toy_workspace / "compare")
-    assert before < 0.1, f"the base already draws purple in {before:.0%} of samples"
-    assert after >= 0.8, f"purple in {after:.0%} of samples after the LoRA"
+# The demo's LoRA (teach purple) is judged in test_toy_outcomes.py, through `cascade-studio compare` in a fresh
+# process and the demo's own comparison, on one training run.
 
 
 @pytest.mark.slow
