@@ -73,7 +73,7 @@ def lora(toy_workspace) -> Path:
     return train_lora(toy_workspace)
 
 
-# Measured: @@LORA@@
+# Measured here (2 CPU cores): purple in 46/50 LoRA cells and 0/50 base cells; the generate test drew 16/16.
 def test_compare_shows_the_held_out_colour_with_the_demos_lora_only(lora, toy_workspace, tmp_path):
     """``compare --preset toy --columns base lora:<the demo's adapter>`` over the demo's 50 purple prompts (seed 1):
     purple is the dominant shape colour in >= 80% of the LoRA cells and <= 10% of the base cells; and the demo's
