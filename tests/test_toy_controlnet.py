@@ -11,7 +11,7 @@ SHAPES_MEASURED = 50
 
 # Prompts name size, colour and shape but not the place; only the edge image says where. Measured on the cells
 # of `compare --preset toy --columns base cn:<adapter> --control <edges>` (one comparison per test shape, seed 0):
-# IoU 0.17 without the ControlNet (the base puts shapes anywhere), 0.47 with it. The ceiling is well below 1: the
+# IoU 0.17 without the ControlNet (the base puts shapes anywhere), 0.45 with it. The ceiling is well below 1: the
 # toy previewer decodes 8x8 latents to soft-edged blobs (IoU ~0.8 for a plain encode -> decode round trip) and
 # guidance at cfg 4 enlarges shapes. The threshold was 0.5 when the demo sampled in-process from 256 px hints in
 # one batch of 50 (0.55 there for this adapter); the compare command feeds the control image at the generation
