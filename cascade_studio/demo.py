@@ -1,32 +1,31 @@
 """The toy demo: train an adapter on the pretrained toy cascade and show base vs adapter side by side.
 
 ``run_demo(workspace)`` writes the toy-shapes ``purple`` split (a colour the toy base never saw) into the
-workspace, runs ``recipes/toy/lora.yaml`` on it, and renders a grid (rows: prompt x seed; columns: base,
-LoRA) from the same starting noise, decoded by the previewer. ``run_controlnet_demo`` and
+workspace, runs ``recipes/toy/lora.yaml`` on it through ``run.train`` (what ``cascade-studio train`` runs), and
+draws the base-vs-LoRA grid with ``inference.compare.run_compare`` (what ``cascade-studio compare`` and the
+studio's Compare page run), on ``preset: toy`` with the command's defaults. ``run_controlnet_demo`` and
 ``run_ip_adapter_demo`` do the same for the toy ControlNet (edge images) and IP-Adapter (image prompts).
 
-The helpers below (``sample_previews``, ``load_trained``) are what the tests measure, so the demo and the
-tests look at the same pictures.
+Every number the demo prints (and the toy tests assert) is measured on the cells of those comparisons, so the
+demo, the tests and a user of the commands look at the same pictures; there is no sampling code here.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.util
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "toy"
-TOY_SIZE = 256  # training size of the toy cascade: the effnet's stride 32 gives 8x8 latents, 64 px previews
-# The pipeline sizes Stage C latents with the published compression, ceil(size / 42.67), which gives 6x6 at
-# 256 px; 320 px asks for the 8x8 latents the toy Stage C was trained on.
-GENERATE_SIZE = 320
-CLIP_IMG_DIM = 32  # the tiny architecture's image-embedding width (c_clip_img)
 LORA_PROMPTS = ("a large purple circle", "a small purple square in the top left", "a large purple triangle")
 DEMO_SEEDS = (0, 1, 2)
 
@@ -63,86 +62,71 @@ def train_toy_recipe(recipe: str, workspace: Path, split: str, overrides: Sequen
     return result.exports[0]
 
 
-def load_trained(adapter_path: Path | None, name: str = "adapter"):
-    """The toy base Stage C wrapped in an AdaptedStageC, with the adapter file loaded when given."""
-    from .adapters.base import AdaptedStageC
-    from .adapters.registry import AdapterContext, load_adapter
-    from .models import get_preset
-    from .models.toy import load_toy_component
-    from .trainers.components import BASE_SEED
+class Comparison(NamedTuple):
+    """A finished ``run_compare`` (grid, cells, manifest on disk) and its cells as uint8 arrays [row][column]."""
 
-    model = AdaptedStageC(load_toy_component("stage_c").requires_grad_(False)).eval()
-    if adapter_path is not None:
-        stage_c_config = dict(get_preset("tiny").stage_c)
-        context = AdapterContext(preset="toy", base_fingerprint=f"toy-seed{BASE_SEED}", stage_c_config=stage_c_config)
-        load_adapter(adapter_path, model, context, name=name)
-    return model
+    result: Any  # inference.compare.CompareResult
+    images: list[list[np.ndarray]]
 
+    def column(self, index: int) -> list[np.ndarray]:
+        """Every row's picture in one column (0 = the first column given)."""
+        return [row[index] for row in self.images]
 
-def to_arrays(pixels: torch.Tensor) -> list[np.ndarray]:
-    """Previewer output [B,3,H,W] -> uint8 HxWx3 arrays."""
-    return list((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    def labels(self) -> list[str]:
+        """The column labels ``run_compare`` wrote into the manifest (what the grid's header says)."""
+        manifest = json.loads(Path(self.result.manifest_path).read_text(encoding="utf-8"))
+        return [column["label"] for column in manifest["columns"]]
 
 
-@torch.no_grad()
-def sample_previews(model: Any, prompts: Sequence[str], seed: int = 0, extra_cond: dict | None = None,
-                    extra_uncond: dict | None = None, steps: int = 20, cfg: float = 4.0) -> list[np.ndarray]:
-    """One 64 px preview per prompt, all from ``initial_noise(seed)`` (batch-major), as uint8 arrays."""
-    from .inference.pipeline import GenerateSettings, sample_stage_c
-    from .models.toy import load_toy_component
+class Measured(NamedTuple):
+    """One number measured on the base column and on the adapter's column of the same comparison."""
 
-    settings = GenerateSettings(prompt=list(prompts), seed=seed, steps_c=steps, cfg_c=cfg, width=GENERATE_SIZE,
-                                height=GENERATE_SIZE, dtype="fp32")
-    extra_cond = dict(extra_cond or {})
-    # Zero image embeddings ("no image prompt") given explicitly: sample_stage_c sizes them from Stage C's
-    # clip_img_mapper, which it cannot find once a LoRA on the clip mappers has wrapped that layer.
-    extra_cond.setdefault("clip_img", torch.zeros(len(prompts), 1, CLIP_IMG_DIM))
-    latents = sample_stage_c(model, _text_encoder(), settings, extra_cond=extra_cond, extra_uncond=extra_uncond)
-    return to_arrays(_previewer()(latents))
+    base: float
+    adapter: float
 
 
-_CACHE: dict[str, Any] = {}
+def toy_compare(columns: Sequence[str], prompts: Sequence[str], seeds: Sequence[int], out_dir: Path,
+                workspace: Path, control: Path | None = None, image_prompts: Sequence[Path] = ()) -> Comparison:
+    """``cascade-studio compare --preset toy --columns ... --prompt ... --seeds ... --out out_dir`` (plus
+    ``--control`` / ``--image-prompt``), in this process: the same ``run_compare`` and the same defaults as the
+    command and the studio's Compare page, so the demo measures exactly the pictures a user gets."""
+    from .inference.compare import CompareSettings, run_compare
+    from .inference.pipeline import ModelSpec
+
+    settings = CompareSettings(columns=list(columns), prompts=list(prompts), seeds=[int(s) for s in seeds],
+                               out_dir=Path(out_dir), model=ModelSpec(preset="toy"),
+                               control=str(control) if control is not None else None,
+                               image_prompts=[str(p) for p in image_prompts], workspace=Path(workspace),
+                               progress=False)
+    result = run_compare(settings)
+    images = []
+    for row in result.cells:
+        pictures = []
+        for path in row:
+            with Image.open(path) as image:
+                pictures.append(np.asarray(image.convert("RGB")))
+        images.append(pictures)
+    return Comparison(result, images)
 
 
-def _text_encoder():
-    from .models.toy import load_toy_component
-
-    if "text_encoder" not in _CACHE:
-        _CACHE["text_encoder"] = load_toy_component("text_encoder")
-    return _CACHE["text_encoder"]
-
-
-def _previewer():
-    from .models.toy import load_toy_component
-
-    if "previewer" not in _CACHE:
-        _CACHE["previewer"] = load_toy_component("previewer")
-    return _CACHE["previewer"]
+@contextlib.contextmanager
+def _collector_skips_existing_objects():
+    """Around a series of comparisons: ``run_compare`` frees every stage with a full ``gc.collect()``, which
+    walks every object of the process (a test session holds millions; about 0.3 s a call here). Objects that
+    exist before the series are moved out of the collector's view (``gc.freeze``) and handed back after it;
+    objects made by the comparisons are collected as usual."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
-def compare_grid(model: Any, adapter_name: str, prompts: Sequence[str], seeds: Sequence[int], out: Path,
-                 label: str, extra_cond: dict | None = None, extra_uncond: dict | None = None,
-                 extra_column: Sequence[Image.Image] | None = None) -> Path:
-    """Rows prompt x seed, columns base | adapter (same noise per row); optional first column (the hint)."""
-    from .inference.grid import make_grid
-
-    columns = {}
-    for enabled in (False, True):
-        model.set_enabled(adapter_name, enabled)
-        columns[enabled] = {seed: sample_previews(model, prompts, seed, extra_cond, extra_uncond) for seed in seeds}
-    model.set_enabled(adapter_name, True)
-    rows, labels = [], []
-    for p, prompt in enumerate(prompts):
-        for seed in seeds:
-            row = [Image.fromarray(columns[False][seed][p]), Image.fromarray(columns[True][seed][p])]
-            if extra_column is not None:
-                row.insert(0, extra_column[p])
-            rows.append(row)
-            labels.append(f"{prompt} (seed {seed})")
-    header = (["input"] if extra_column is not None else []) + ["toy base", label]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, labels, header).save(out)
-    return out
+def save_image(array: np.ndarray, path: Path) -> Path:
+    """Write a uint8 image (H x W or H x W x 3) as a PNG, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
 
 
 def held_out_share(images: Sequence[np.ndarray], colour: str) -> float:
@@ -174,114 +158,136 @@ def purple_prompts(count: int = 50) -> list[str]:
     return [f"a {'large' if i % 3 else 'small'} purple {shapes.SHAPES[i % 4]}" for i in range(count)]
 
 
+def train_lora(workspace: str | Path, max_steps: int | None = None) -> Path:
+    """The demo's LoRA: ``recipes/toy/lora.yaml`` on the purple split; returns the exported adapter file."""
+    overrides = [f"train.max_steps={max_steps}"] if max_steps else []
+    return train_toy_recipe("lora", Path(workspace), "purple", overrides)
+
+
+def lora_purple_shares(adapter: Path, workspace: Path, out_dir: Path, prompts: Sequence[str] | None = None,
+                       seed: int = 1) -> Measured:
+    """Share of purple shapes over the purple prompts, base column vs LoRA column of one comparison."""
+    comparison = toy_compare(["base", f"lora:{adapter}"], prompts or purple_prompts(), [seed], out_dir, workspace)
+    return Measured(held_out_share(comparison.column(0), "purple"), held_out_share(comparison.column(1), "purple"))
+
+
 def run_demo(workspace: str | Path, max_steps: int | None = None) -> dict[str, Path]:
     """Train the toy LoRA on purple shapes and write the base-vs-LoRA grid; returns {"adapter", "grid"}."""
     start = time.time()
     workspace = Path(workspace).resolve()
-    overrides = [f"train.max_steps={max_steps}"] if max_steps else []
     print("[demo] training recipes/toy/lora.yaml on purple shapes (the toy base has never seen purple) ...",
           flush=True)
-    adapter = train_toy_recipe("lora", workspace, "purple", overrides)
+    adapter = train_lora(workspace, max_steps)
     trained = time.time()
-    model = load_trained(adapter, name="lora")
-    grid = compare_grid(model, "lora", LORA_PROMPTS, DEMO_SEEDS, workspace / "demo" / "lora-purple.png", "toy LoRA")
-    model.set_enabled("lora", False)
-    before = held_out_share(sample_previews(model, purple_prompts(), seed=1), "purple")
-    model.set_enabled("lora", True)
-    after = held_out_share(sample_previews(model, purple_prompts(), seed=1), "purple")
+    folder = workspace / "demo"
+    comparison = toy_compare(["base", f"lora:{adapter}"], LORA_PROMPTS, DEMO_SEEDS, folder / "lora-purple",
+                             workspace)
+    grid = folder / "lora-purple.png"
+    shutil.copyfile(comparison.result.grid_path, grid)
+    shares = lora_purple_shares(adapter, workspace, folder / "lora-purple-measure")
     done = time.time()
     print(f"[demo] adapter: {adapter}", flush=True)
-    print(f"[demo] grid:    {grid}", flush=True)
-    print(f"[demo] purple shapes in {before:.0%} of {len(purple_prompts())} base samples, {after:.0%} with the LoRA",
-          flush=True)
-    print(f"[demo] took {done - start:.0f} s (training {trained - start:.0f} s, grid {done - trained:.0f} s)",
+    print(f"[demo] grid:    {grid} (cells and manifest: {comparison.result.grid_path.parent})", flush=True)
+    print(f"[demo] purple shapes in {shares.base:.0%} of {len(purple_prompts())} base samples, "
+          f"{shares.adapter:.0%} with the LoRA", flush=True)
+    print(f"[demo] took {done - start:.0f} s (training {trained - start:.0f} s, grids {done - trained:.0f} s)",
           flush=True)
     return {"adapter": adapter, "grid": grid}
 
 
-def control_hints(specs: Sequence[Any]) -> torch.Tensor:
-    """The pre-made edge images of toy-shapes specs as ControlNet hints [B, 3, 256, 256] in [0, 1]."""
+def _input_grid(inputs: Sequence[np.ndarray], comparisons: Sequence[Comparison], input_label: str,
+                out: Path) -> Path:
+    """One grid from several one-row comparisons (one per control image / image prompt): the input, then
+    that comparison's cells, labelled as ``run_compare`` labels them."""
+    from .inference.grid import make_grid
+
+    rows, labels = [], []
+    for picture, comparison in zip(inputs, comparisons, strict=True):
+        manifest = json.loads(Path(comparison.result.manifest_path).read_text(encoding="utf-8"))
+        for row, images in zip(manifest["rows"], comparison.images, strict=True):
+            rows.append([Image.fromarray(picture)] + [Image.fromarray(image) for image in images])
+            labels.append(f"{row['prompt']} | seed {row['seed']}")
+    make_grid(rows, labels, [input_label, *comparisons[0].labels()]).save(out)
+    return out
+
+
+def controlnet_comparisons(adapter: Path, specs: Sequence[Any], workspace: Path, out_dir: Path,
+                           seed: int = 0) -> list[Comparison]:
+    """One ``compare --columns base cn:<adapter> --control <edges> --prompt "a <size> <colour> <shape>"`` per
+    test shape: the compare command takes one control image per call. Prompts name size, colour and shape but
+    not the place: only the control says where."""
     shapes = toy_shapes()
-    edges = np.stack([shapes.edge_map(spec) for spec in specs]).astype(np.float32) / 255
-    return torch.from_numpy(edges)[:, None].expand(-1, 3, -1, -1).contiguous()
+    comparisons = []
+    with _collector_skips_existing_objects():
+        for index, spec in enumerate(specs):
+            folder = Path(out_dir) / f"{index:03d}-{spec.stem}"
+            control = save_image(shapes.edge_map(spec), folder / "control.png")
+            comparisons.append(toy_compare(["base", f"cn:{adapter}"], [f"a {spec.size} {spec.colour} {spec.shape}"],
+                                           [seed], folder, workspace, control=control))
+    return comparisons
 
 
-def run_controlnet_demo(workspace: str | Path, max_steps: int | None = None) -> dict[str, Path]:
-    """Train the toy ControlNet on edge images; grid: edge input | base | ControlNet for held-out shapes."""
+def controlnet_iou(adapter: Path, specs: Sequence[Any], workspace: Path, out_dir: Path, seed: int = 0) -> Measured:
+    """Mean IoU of the drawn shape with the edge image's shape: base column vs ControlNet column."""
+    comparisons = controlnet_comparisons(adapter, specs, workspace, out_dir, seed)
+    return Measured(*(mean_shape_iou([c.images[0][column] for c in comparisons], specs) for column in (0, 1)))
+
+
+def run_controlnet_demo(workspace: str | Path, max_steps: int | None = None, shapes: int = 20) -> dict[str, Path]:
+    """Train the toy ControlNet on edge images; grid: edge input | base | ControlNet for held-out shapes.
+    The printed number is measured over the first ``shapes`` test shapes (one comparison each)."""
     workspace = Path(workspace).resolve()
     overrides = [f"train.max_steps={max_steps}"] if max_steps else []
     adapter = train_toy_recipe("controlnet", workspace, "control", overrides)
-    model = load_trained(adapter, name="controlnet")
-    specs = toy_shapes().sample_specs("test")[:4]
-    prompts = [f"a {s.size} {s.colour} {s.shape}" for s in specs]
-    hints = control_hints(specs)
-    inputs = [Image.fromarray((h[0].numpy() * 255).astype(np.uint8)).convert("RGB") for h in hints]
-    grid = compare_grid(model, "controlnet", prompts, (0,), workspace / "demo" / "controlnet-edges.png",
-                        "toy ControlNet", extra_cond={"control": hints}, extra_column=inputs)
+    specs = toy_shapes().sample_specs("test")[:max(shapes, 4)]
+    comparisons = controlnet_comparisons(adapter, specs, workspace, workspace / "demo" / "controlnet-edges")
+    inputs = [toy_shapes().edge_map(spec) for spec in specs[:4]]
+    grid = _input_grid(inputs, comparisons[:4], "control image", workspace / "demo" / "controlnet-edges.png")
     print(f"[demo] adapter: {adapter}\n[demo] grid:    {grid}", flush=True)
-    scores = controlnet_iou(model, "controlnet", toy_shapes().sample_specs("test")[:20])
-    print(f"[demo] shape IoU with the edge image: {scores[False]:.2f} without control, {scores[True]:.2f} with it",
-          flush=True)
+    scores = Measured(*(mean_shape_iou([c.images[0][column] for c in comparisons], specs) for column in (0, 1)))
+    print(f"[demo] shape IoU with the edge image: {scores.base:.2f} without control, {scores.adapter:.2f} with it "
+          f"({len(specs)} test shapes)", flush=True)
     return {"adapter": adapter, "grid": grid}
 
 
-def controlnet_iou(model: Any, name: str, specs: Sequence[Any], seed: int = 0) -> dict[bool, float]:
-    """Mean IoU of the drawn shape with the edge image's shape, ControlNet off (False) and on (True).
-
-    Prompts name size, colour and shape but not the place: only the control says where."""
-    prompts = [f"a {s.size} {s.colour} {s.shape}" for s in specs]
-    hints = control_hints(specs)
-    scores = {}
-    for enabled in (False, True):
-        model.set_enabled(name, enabled)
-        scores[enabled] = mean_shape_iou(sample_previews(model, prompts, seed, {"control": hints}), specs)
-    model.set_enabled(name, True)
-    return scores
-
-
-def image_prompts(specs: Sequence[Any]) -> torch.Tensor:
-    """Toy-shapes images as IP-Adapter image embeddings [B, 1, 32] from the toy image encoder (shipped weights)."""
-    from .adapters.ip_adapter import image_encoder_feature
-
+def ip_adapter_comparisons(adapter: Path, specs: Sequence[Any], workspace: Path, out_dir: Path,
+                           seed: int = 0) -> list[Comparison]:
+    """One ``compare --columns base ip:<adapter> --image-prompt <shape.png> --prompt "a <size> <shape>"`` per
+    test shape (the image prompt applies to the whole comparison); the text names no colour."""
     shapes = toy_shapes()
-    images = torch.from_numpy(np.stack([shapes.render(s) for s in specs])).permute(0, 3, 1, 2).float() / 255
-    feature = image_encoder_feature({"image_encoder": "toy"})
-    return feature.encode(list(images))[feature.name]
+    comparisons = []
+    with _collector_skips_existing_objects():
+        for index, spec in enumerate(specs):
+            folder = Path(out_dir) / f"{index:03d}-{spec.stem}"
+            reference = save_image(shapes.render(spec), folder / "image-prompt.png")
+            comparisons.append(toy_compare(["base", f"ip:{adapter}"], [f"a {spec.size} {spec.shape}"], [seed], folder,
+                                           workspace, image_prompts=[reference]))
+    return comparisons
 
 
-def run_ip_adapter_demo(workspace: str | Path, max_steps: int | None = None) -> dict[str, Path]:
-    """Train the toy IP-Adapter; grid: image prompt | base | IP-Adapter, with a colourless text prompt."""
+def ip_colour_share(adapter: Path, specs: Sequence[Any], workspace: Path, out_dir: Path, seed: int = 0) -> Measured:
+    """Share of samples drawn in the image prompt's colour: base column vs IP-Adapter column."""
+    comparisons = ip_adapter_comparisons(adapter, specs, workspace, out_dir, seed)
+    colours = [spec.colour for spec in specs]
+    return Measured(*(colour_share([c.images[0][column] for c in comparisons], colours) for column in (0, 1)))
+
+
+def run_ip_adapter_demo(workspace: str | Path, max_steps: int | None = None, shapes: int = 20) -> dict[str, Path]:
+    """Train the toy IP-Adapter; grid: image prompt | base | IP-Adapter, with a colourless text prompt.
+    The printed number is measured over the first ``shapes`` test shapes (one comparison each)."""
     workspace = Path(workspace).resolve()
     overrides = [f"train.max_steps={max_steps}"] if max_steps else []
     adapter = train_toy_recipe("ip-adapter", workspace, "control", overrides)
-    model = load_trained(adapter, name="ip_adapter")
-    specs = toy_shapes().sample_specs("test")[:4]
-    embeds = image_prompts(specs)
-    inputs = [Image.fromarray(toy_shapes().render(s)) for s in specs]
-    prompts = [f"a {s.size} {s.shape}" for s in specs]
-    grid = compare_grid(model, "ip_adapter", prompts, (0,), workspace / "demo" / "ip-adapter.png", "toy IP-Adapter",
-                        extra_cond={"ip_image_embeds": embeds}, extra_uncond={"ip_image_embeds": torch.zeros_like(embeds)},
-                        extra_column=inputs)
+    specs = toy_shapes().sample_specs("test")[:max(shapes, 4)]
+    comparisons = ip_adapter_comparisons(adapter, specs, workspace, workspace / "demo" / "ip-adapter")
+    inputs = [toy_shapes().render(spec) for spec in specs[:4]]
+    grid = _input_grid(inputs, comparisons[:4], "image prompt", workspace / "demo" / "ip-adapter.png")
     print(f"[demo] adapter: {adapter}\n[demo] grid:    {grid}", flush=True)
-    shares = ip_colour_share(model, "ip_adapter", toy_shapes().sample_specs("test")[:20])
-    print(f"[demo] image prompt's colour drawn in {shares[False]:.0%} of samples without the IP-Adapter, "
-          f"{shares[True]:.0%} with it (text prompts name no colour)", flush=True)
+    colours = [spec.colour for spec in specs]
+    shares = Measured(*(colour_share([c.images[0][column] for c in comparisons], colours) for column in (0, 1)))
+    print(f"[demo] image prompt's colour drawn in {shares.base:.0%} of samples without the IP-Adapter, "
+          f"{shares.adapter:.0%} with it ({len(specs)} test shapes; text prompts name no colour)", flush=True)
     return {"adapter": adapter, "grid": grid}
-
-
-def ip_colour_share(model: Any, name: str, specs: Sequence[Any], seed: int = 0) -> dict[bool, float]:
-    """Share of samples drawn in the image prompt's shape colour, IP-Adapter off (False) and on (True), with
-    neutral text prompts ("a large circle") that name no colour."""
-    embeds = image_prompts(specs)
-    prompts = [f"a {s.size} {s.shape}" for s in specs]
-    shares = {}
-    for enabled in (False, True):
-        model.set_enabled(name, enabled)
-        images = sample_previews(model, prompts, seed, {"ip_image_embeds": embeds},
-                                 {"ip_image_embeds": torch.zeros_like(embeds)})
-        shares[enabled] = colour_share(images, [s.colour for s in specs])
-    model.set_enabled(name, True)
-    return shares
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("workspace", nargs="?", default="workspace/demo")
     parser.add_argument("--all", action="store_true", help="also the toy ControlNet and IP-Adapter demos")
     args = parser.parse_args(argv)
+    import torch
+
     # One thread: the toy models' matrices are tiny, so extra threads mostly wait on each other; on a busy
     # 2-core machine two threads made LoRA steps 25x slower (6 s instead of 0.23 s).
     torch.set_num_threads(1)

@@ -164,3 +164,88 @@ def test_studio_end_to_end_in_chromium(tmp_path: Path) -> None:
         log.close()
     server_log = (tmp_path / "server.log").read_text(errors="replace")
     assert "Traceback" not in server_log, server_log[-3000:]
+
+
+def _served_image(page, base_url: str, img):
+    """The pixels of an <img> exactly as the studio served them to the browser."""
+    import io
+    from urllib.parse import urljoin
+
+    import numpy as np
+    from PIL import Image
+
+    response = page.request.get(urljoin(base_url + "/", img.get_attribute("src")))
+    assert response.ok, f"{img.get_attribute('src')}: HTTP {response.status}"
+    with Image.open(io.BytesIO(response.body())) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_compare_page_shows_the_same_grid_as_the_compare_command(toy_workspace: Path, tmp_path: Path) -> None:
+    """The demo's LoRA (trained by the demo's own function) compared with the toy base on the Compare page in
+    Chromium, and with ``cascade-studio compare`` in a fresh process: the grid the page shows is the command's
+    grid, pixel for pixel (no channel of any pixel more than 2/255 apart; both processes sample with one torch
+    thread, so the tolerance only absorbs rounding). The page's <img> is fetched as the browser received it."""
+    assert shutil.which("chromium"), "Debian's chromium is missing: apt-get install -y chromium (.ci/run does this)"
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    from cascade_studio.demo import DEMO_SEEDS, LORA_PROMPTS, train_lora
+
+    expect.set_options(timeout=60_000)
+    adapter = train_lora(toy_workspace)
+    workspace = Workspace(toy_workspace)
+    # One torch thread in both processes that sample (the studio's job and the command), as conftest.py sets here.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cli_out = tmp_path / "cli"
+    done = subprocess.run([str(Path(sys.executable).with_name("cascade-studio")), "compare", "--preset", "toy",
+                           "--columns", "base", f"lora:{adapter}", *[f"--prompt={p}" for p in LORA_PROMPTS],
+                           "--seeds", *map(str, DEMO_SEEDS), "--out", str(cli_out), "--workspace", str(toy_workspace),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Image.open(cli_out / "grid.png") as image:
+        cli_grid = np.asarray(image.convert("RGB"))
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "cascade_studio.cli", "ui", "--workspace", str(workspace.root),
+                               "--port", str(port)], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True, env=env)
+    try:
+        _wait_http(f"{url}/_stcore/health", 90)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{url}/compare")
+            files_box = page.get_by_label("Adapter files", exact=True)
+            files_box.click()
+            page.get_by_role("option", name=str(adapter.relative_to(workspace.root))).click()
+            page.keyboard.press("Escape")
+            prompts = page.get_by_label("Prompts (one per line)", exact=True)
+            prompts.fill("\n".join(LORA_PROMPTS))
+            prompts.press("Control+Enter")
+            seeds = page.get_by_label("Seeds", exact=True)
+            seeds.fill(" ".join(map(str, DEMO_SEEDS)))
+            seeds.press("Enter")
+            page.get_by_role("button", name="Run comparison").click()
+            expect(page.get_by_text(f"Column 2: lora {adapter.stem} x1")).to_be_visible(timeout=JOB_TIMEOUT_MS)
+            grid = page.locator("[data-testid='stImage'] img").first
+            expect(grid).to_be_visible()
+            shown = _served_image(page, url, grid)
+            _shot(page, "compare-toy-lora.png")
+            browser.close()
+    finally:
+        _stop(server, workspace)
+        log.close()
+    saved = list(workspace.comparisons_dir.glob("*/grid.png"))
+    assert len(saved) == 1, saved
+    with Image.open(saved[0]) as image:
+        page_grid = np.asarray(image.convert("RGB"))
+    for name, grid_pixels in (("the grid the page saved", page_grid), ("the grid the page shows", shown)):
+        assert grid_pixels.shape == cli_grid.shape, f"{name}: {grid_pixels.shape} vs the command's {cli_grid.shape}"
+        difference = np.abs(grid_pixels.astype(int) - cli_grid.astype(int)).max()
+        assert difference <= 2, f"{name} differs from the command's grid by up to {difference}/255"
+    server_log = (tmp_path / "server.log").read_text(errors="replace")
+    assert "Traceback" not in server_log, server_log[-3000:]

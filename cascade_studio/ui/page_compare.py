@@ -136,8 +136,10 @@ def show_comparison(folder: Path) -> None:
     manifest: dict[str, Any] = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     left, right = st.columns([3, 2])
     with left:
+        # PNG as written: st.image's "auto" re-encodes an image without alpha as JPEG, which smears the upscaled
+        # preview pixels the comparison is about (up to 37/255 on the toy grids).
         st.image(str(folder / manifest.get("grid", "grid.png")), caption=f"{folder.name}: columns left to right, "
-                 "one row per prompt and seed", width="stretch")
+                 "one row per prompt and seed", width="stretch", output_format="PNG")
         st.download_button("Download grid.png", data=functools.partial((folder / "grid.png").read_bytes),
                            file_name=f"{folder.name}-grid.png", mime="image/png", on_click="ignore",
                            key=f"cmp-dl-grid-{folder.name}")
