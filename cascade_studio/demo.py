@@ -45,14 +45,15 @@ def toy_shapes():
 
 
 def train_toy_recipe(recipe: str, workspace: Path, split: str, overrides: Sequence[str] = ()) -> Path:
-    """Run ``recipes/toy/<recipe>.yaml`` on the toy-shapes ``split`` written under ``workspace``; returns the
-    exported adapter. Each call gets a fresh run name, so a rerun never collides with an earlier run."""
+    """Run ``recipes/toy/<recipe>`` (a file name, e.g. ``lora.yaml``) on the toy-shapes ``split`` written under
+    ``workspace``; returns the exported adapter. Each call gets a fresh run name, so a rerun never collides with
+    an earlier run."""
     from .run import train
 
     workspace = Path(workspace).resolve()
     data = toy_shapes().ensure_split(split, workspace / "data")
-    name = f"toy-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}"
-    result = train(RECIPES / f"{recipe}.yaml", [f"workspace={workspace}", f"data.path={data}", f"name={name}",
+    name = f"toy-{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}"
+    result = train(RECIPES / recipe, [f"workspace={workspace}", f"data.path={data}", f"name={name}",
                                                 *overrides], progress=False)
     if not result.exports:
         raise RuntimeError(f"the {recipe} run in {result.run_dir} exported nothing")
@@ -161,7 +162,7 @@ def purple_prompts(count: int = 50) -> list[str]:
 def train_lora(workspace: str | Path, max_steps: int | None = None) -> Path:
     """The demo's LoRA: ``recipes/toy/lora.yaml`` on the purple split; returns the exported adapter file."""
     overrides = [f"train.max_steps={max_steps}"] if max_steps else []
-    return train_toy_recipe("lora", Path(workspace), "purple", overrides)
+    return train_toy_recipe("lora.yaml", Path(workspace), "purple", overrides)
 
 
 def lora_purple_shares(adapter: Path, workspace: Path, out_dir: Path, prompts: Sequence[str] | None = None,
@@ -238,7 +239,7 @@ def run_controlnet_demo(workspace: str | Path, max_steps: int | None = None, sha
     The printed number is measured over the first ``shapes`` test shapes (one comparison each)."""
     workspace = Path(workspace).resolve()
     overrides = [f"train.max_steps={max_steps}"] if max_steps else []
-    adapter = train_toy_recipe("controlnet", workspace, "control", overrides)
+    adapter = train_toy_recipe("controlnet.yaml", workspace, "control", overrides)
     specs = toy_shapes().sample_specs("test")[:max(shapes, 4)]
     comparisons = controlnet_comparisons(adapter, specs, workspace, workspace / "demo" / "controlnet-edges")
     inputs = [toy_shapes().edge_map(spec) for spec in specs[:4]]
@@ -277,9 +278,9 @@ def run_ip_adapter_demo(workspace: str | Path, max_steps: int | None = None, sha
     The printed number is measured over the first ``shapes`` test shapes (one comparison each)."""
     workspace = Path(workspace).resolve()
     overrides = [f"train.max_steps={max_steps}"] if max_steps else []
-    adapter = train_toy_recipe("ip-adapter", workspace, "control", overrides)
+    adapter = train_toy_recipe("ip-adapter.yaml", workspace, "control", overrides)
     specs = toy_shapes().sample_specs("test")[:max(shapes, 4)]
-    comparisons = ip_adapter_comparisons(adapter, specs, workspace, workspace / "demo" / "ip-adapter")
+    comparisons = ip_adapter_comparisons(adapter, specs, workspace, workspace / "demo" / "ip-adapter-prompts")
     inputs = [toy_shapes().render(spec) for spec in specs[:4]]
     grid = _input_grid(inputs, comparisons[:4], "image prompt", workspace / "demo" / "ip-adapter.png")
     print(f"[demo] adapter: {adapter}\n[demo] grid:    {grid}", flush=True)

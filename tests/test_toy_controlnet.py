@@ -18,7 +18,7 @@ SHAPES_MEASURED = 50
 # size (320 px: a 10x10 control grid where training saw 8x8) and samples each comparison alone.
 @pytest.mark.slow
 def test_toy_controlnet_puts_the_shape_where_the_edges_are(toy_workspace):
-    adapter = train_toy_recipe("controlnet", toy_workspace, "control")
+    adapter = train_toy_recipe("controlnet.yaml", toy_workspace, "control")
     base, controlled = controlnet_iou(adapter, toy_shapes().sample_specs("test")[:SHAPES_MEASURED], toy_workspace,
                                       toy_workspace / "compare")
     assert base < 0.2, f"IoU {base:.2f} without the ControlNet"

@@ -14,7 +14,7 @@ SHAPES_MEASURED = 50
 # seed 0): the base draws the image prompt's colour in 18% of samples (by chance), the IP-Adapter in 80%.
 @pytest.mark.slow
 def test_toy_ip_adapter_passes_on_the_image_prompts_colour(toy_workspace):
-    adapter = train_toy_recipe("ip-adapter", toy_workspace, "control")
+    adapter = train_toy_recipe("ip-adapter.yaml", toy_workspace, "control")
     base, prompted = ip_colour_share(adapter, toy_shapes().sample_specs("test")[:SHAPES_MEASURED], toy_workspace,
                                      toy_workspace / "compare")
     assert base < 0.4, f"image prompt's colour in {base:.0%} of samples without the IP-Adapter"
