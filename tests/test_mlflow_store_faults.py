@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cascade_studio.tracking import Tracker, TrackingError, list_runs, read_run
+from subprocess_env import can_mount_tmpfs, child_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
@@ -46,11 +47,6 @@ elif fault.startswith("kill-at:"):
 from cascade_studio.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false", **extra}
 
 
 def train_cli(workspace: Path, name: str, fault: str = "", prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -177,17 +173,9 @@ def test_file_size_limit_while_creating_the_database_leaves_nothing_half_made(tm
     assert [r["run_name"] for r in list_runs(uri(tmp_path), EXPERIMENT)] == ["next"]
 
 
-def _can_mount_tmpfs() -> bool:
-    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True)
-    return probe.returncode == 0
-
-
 @pytest.mark.slow
 def test_a_really_full_filesystem_is_named_by_its_mount_point(tmp_path):
-    if not _can_mount_tmpfs():
+    if not can_mount_tmpfs():
         pytest.skip("needs `unshare --mount` and tmpfs mounts (root or user namespaces) for a real full disk")
     small = tmp_path / "small-disk"
     small.mkdir()

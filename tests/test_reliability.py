@@ -27,17 +27,13 @@ from cascade_studio.trainers import loop as loop_module
 from cascade_studio.trainers.checkpoints import CheckpointManager
 from cascade_studio.trainers.events import read_events
 from cascade_studio.trainers.loop import NonFiniteLossError
+from subprocess_env import child_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
 DATA = REPO / "datasets" / "tiny-shapes"
 FAST = [f"data.path={DATA}", "preview.every=0", "train.max_steps=6", "train.checkpoint_every=1",
         "train.keep_checkpoints=10", "data.holdout_fraction=0"]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +132,12 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint
     assert code == 1
     assert "3 steps in a row had a non-finite loss" in err and "lower optimizer.lr" in err
     run_dir = workspace / "runs" / "nan-streak"
-    good = run_dir / "checkpoints" / "step-00000003"
-    assert f"last good checkpoint ({good})" in err and "Traceback" not in err
+    # Steps 4-6 all ran with step 3's weights (skipped steps do not update): those weights are set aside.
+    good = run_dir / "checkpoints" / "step-00000002"
+    assert f"last sound checkpoint ({good})" in err and "Traceback" not in err
+    assert "step-00000003 held the weights that failed" in err
+    unsound = run_dir / "checkpoints" / "unsound-step-00000003"
+    assert "from 4 to 6" in (unsound / "REASON.txt").read_text()
     latest = CheckpointManager(run_dir / "checkpoints").latest()
     assert latest == good
     assert_finite_file(latest / "adapter.safetensors")
@@ -154,9 +154,12 @@ def test_absurd_learning_rate_overflows_and_stops_cleanly(workspace):
         train(RECIPE, overrides(workspace, "absurd-lr", "optimizer.lr=1e30", "optimizer.name=adamw",
                                 "train.max_nonfinite_steps=2", "train.max_grad_norm=0"), progress=False)
     checkpoints = CheckpointManager(workspace / "runs" / "absurd-lr" / "checkpoints")
-    assert checkpoints.list(), "the first (finite) step should have been checkpointed"
-    for path in checkpoints.list():  # none of them holds a NaN/inf adapter
-        assert_finite_file(path / "adapter.safetensors")
+    # The first step's checkpoint is finite but not sound: its weights overflow in the next forward. It is not
+    # offered for --resume (it used to be "the last good checkpoint"); it stays, renamed, for inspection.
+    assert checkpoints.list() == []
+    unsound = workspace / "runs" / "absurd-lr" / "checkpoints" / "unsound-step-00000001"
+    assert_finite_file(unsound / "adapter.safetensors")
+    assert max(t.abs().max() for t in load_file(str(unsound / "adapter.safetensors")).values()) > 1e6
     assert not (workspace / "runs" / "absurd-lr" / "export").exists()
 
 

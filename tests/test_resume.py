@@ -9,7 +9,6 @@ checkpoint; equality says those repeats draw exactly what the first attempt drew
 """
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 
 from cascade_studio.trainers.checkpoints import CheckpointManager
 from cascade_studio.trainers.events import read_events
+from subprocess_env import child_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
@@ -72,13 +72,6 @@ from cascade_studio.cli import main
 
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    # One torch thread per process: the machine is shared, and the in-process baseline uses one thread too (the
-    # same thread count keeps float reductions in the same order).
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def start_child(workspace: Path, resume: bool, **faults: str) -> subprocess.Popen:

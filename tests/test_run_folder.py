@@ -18,16 +18,12 @@ from pathlib import Path
 import pytest
 
 from cascade_studio.run_folder import (ADAPTER_FILE, COMPLETE_MARKER, RunFolder, RunFolderBusy, checkpoint_name)
+from subprocess_env import child_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
 DATA = REPO / "datasets" / "tiny-shapes"
 FAST = [f"data.path={DATA}", "preview.every=0", "data.holdout_fraction=0", "train.checkpoint_every=5"]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false", **extra}
 
 
 def cli() -> list[str]:

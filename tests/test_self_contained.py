@@ -22,7 +22,16 @@ WINDOWS = re.compile(r"(?:^|[\s\"'`(=,\[])[A-Za-z]:\\\\?[\w.-]+")
 SIBLING = re.compile(r"\.\./(?:shared|\.library)\b")
 
 # (file, exact text) pairs that are documentation examples; each says why it may stay.
-ALLOWED: dict[tuple[str, str], str] = {}
+_REFUSED = "a path outside the workspace that the studio's path policy must refuse (the test never reads it)"
+_ENV_ONLY = "a value for HF_HOME / HF_HUB_CACHE that the test only resolves as a string (nothing is created there)"
+ALLOWED: dict[tuple[str, str], str] = {
+    ("README.md", "/" "data/images"): "an example of a folder given to `cascade-studio ui --allow-path`",
+    ("tests/test_ui_paths.py", "/" "etc/passwd"): _REFUSED,
+    ("tests/test_ui_paths.py", "/" "etc/hostname"): _REFUSED,
+    ("tests/test_ui_paths.py", "/" "tmp/hf-home-x"): _ENV_ONLY,
+    ("tests/test_ui_paths.py", "/" "tmp/hf-home-x/hub"): _ENV_ONLY,
+    ("tests/test_ui_paths.py", "/" "tmp/hub-y"): _ENV_ONLY,
+}
 
 # Binary and data files are not read as text.
 _SKIP_SUFFIXES = {".safetensors", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".pt", ".bin", ".tar", ".gz", ".zip",

@@ -5,7 +5,6 @@ images that train on an empty caption without a word.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -27,16 +26,12 @@ from cascade_studio.trainers import loop as loop_module
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_generate_cli import FAST as GENERATE_FAST  # noqa: E402
 from test_generate_cli import lora_adapter, run_cli  # noqa: E402
+from subprocess_env import can_mount_tmpfs, child_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
 DATA = REPO / "datasets" / "tiny-shapes"
 TRAIN_FAST = [f"data.path={DATA}", "preview.every=0", "train.max_steps=6", "data.holdout_fraction=0"]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false", **extra}
 
 
 # --------------------------------------------------------------------------------------------- a NaN adapter
@@ -132,17 +127,9 @@ def test_a_full_disk_while_caching_names_the_file_and_its_filesystem(tmp_path):
     assert f"free on the filesystem mounted at {mount_point(cache)}" in message
 
 
-def _can_mount_tmpfs() -> bool:
-    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True)
-    return probe.returncode == 0
-
-
 @pytest.mark.slow
 def test_a_really_full_cache_disk_is_named_not_the_current_directorys(tmp_path):
-    if not _can_mount_tmpfs():
+    if not can_mount_tmpfs():
         pytest.skip("needs `unshare --mount` and tmpfs mounts (root or user namespaces) for a real full disk")
     small = tmp_path / "small-disk"
     small.mkdir()

@@ -7,7 +7,6 @@ Resume after a kill is tested in test_resume.py.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -21,16 +20,12 @@ from safetensors.torch import load_file
 from cascade_studio.cli import main as cli_main
 from cascade_studio.trainers.checkpoints import CheckpointManager
 from cascade_studio.trainers.events import read_events
+from subprocess_env import child_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
 DATA = REPO / "datasets" / "tiny-shapes"
 CLI = str(Path(sys.executable).with_name("cascade-studio"))
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 @pytest.fixture(scope="module")

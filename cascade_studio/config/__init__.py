@@ -9,8 +9,7 @@ The names below are imported on first use: an adapter method's ``config.py`` dec
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "errors": ("MISSING", "Problem", "RecipeError"),
@@ -22,8 +21,4 @@ _EXPORTS = {
 __all__ = [name for names in _EXPORTS.values() for name in names]
 
 
-def __getattr__(name: str) -> Any:
-    for module, names in _EXPORTS.items():
-        if name in names:
-            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

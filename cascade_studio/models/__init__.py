@@ -5,8 +5,7 @@ without importing torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "effnet": ("EffnetEncoder", "build_effnet",),
@@ -37,8 +36,4 @@ _EXPORTS = {
 __all__ = [name for names in _EXPORTS.values() for name in names]
 
 
-def __getattr__(name: str) -> Any:
-    for module, names in _EXPORTS.items():
-        if name in names:
-            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -367,6 +367,17 @@ class CheckpointManager:
             logger.warning("Skipping checkpoint %s: %s; falling back to the previous one.", path, issue)
         return None
 
+    def set_aside(self, path: PathLike, reason: str) -> Path:
+        """Take a checkpoint out of use without deleting it: ``step-N`` becomes ``unsound-step-N`` (never resumed
+        from, exported or pruned) with ``REASON.txt`` saying why; returns the new path."""
+        path = Path(path)
+        target = path.with_name(f"unsound-{path.name}")
+        if target.exists():
+            _remove_tree(target)
+        path.rename(target)
+        (target / "REASON.txt").write_text(reason + "\n", encoding="utf-8")
+        return target
+
     def load_run_state(self, path: PathLike) -> RunState:
         """Read the :class:`RunState` of a checkpoint directory (or a ``run_state.json`` file)."""
         target = Path(path)

@@ -220,10 +220,8 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
         if finite:
             result.losses.append(mean_loss)
         if nonfinite_in_a_row >= settings.max_nonfinite_steps:
-            good = checkpoints.list()
-            kept = (f"The last good checkpoint ({good[-1]}) is kept; resume from it with --resume after fixing "
-                    "the recipe." if good else "No checkpoint was saved before the fault; start the run again "
-                    "after fixing the recipe.")
+            kept = _keep_sound_checkpoints(checkpoints, first_bad=step - nonfinite_in_a_row + 1, last_bad=step,
+                                           is_main=accelerator.is_main_process)
             raise NonFiniteLossError(
                 f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}, "
                 f"{result.skipped_nonfinite} skipped in all): lower optimizer.lr, use mixed_precision bf16 rather "
@@ -262,6 +260,28 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
     del batches  # stops the loader's workers
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _keep_sound_checkpoints(checkpoints, first_bad: int, last_bad: int, is_main: bool) -> str:
+    """Set aside the checkpoints whose weights made the non-finite streak, and say which one to resume from.
+
+    Skipped steps do not update, so every step of the streak ran with the weights of step ``first_bad - 1``:
+    non-finite on that many different batches, they are not sound even where each value is finite (an lr that
+    blew them up to 1e26 overflows only in the next forward). Checkpoints from that step on are renamed
+    ``unsound-step-N`` (kept for inspection, never resumed from); the last one before is the one to resume.
+    """
+    unsound = [path for path in checkpoints.list() if checkpoints.step_of(path) >= first_bad - 1]
+    if is_main:
+        for path in unsound:
+            checkpoints.set_aside(path, f"the weights of this checkpoint gave a non-finite loss or gradient on every "
+                                        f"step from {first_bad} to {last_bad}")
+    good = [path for path in checkpoints.list() if path not in unsound]
+    note = (f" ({', '.join(p.name for p in unsound)} held the weights that failed and were set aside as unsound-*)"
+            if unsound else "")
+    if good:
+        return (f"The last sound checkpoint ({good[-1]}) is kept{note}; resume from it with --resume after fixing "
+                "the recipe.")
+    return f"No sound checkpoint was saved before the fault{note}; start the run again after fixing the recipe."
 
 
 def all_finite(params) -> bool:

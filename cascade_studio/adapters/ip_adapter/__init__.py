@@ -9,13 +9,6 @@ use so that reading a recipe never imports torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..._lazy import forward_to
 
-
-def __getattr__(name: str) -> Any:
-    method = importlib.import_module(f"{__name__}.method")
-    try:
-        return getattr(method, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = forward_to(__name__, "method")
