@@ -397,3 +397,10 @@ def test_missing_sample_data_path_hint_does_not_suggest_the_same_path(tmp_path, 
     problem = _by_path(_problems({"data": {"path": "datasets/tiny-shapes"}}))["data.path"]
     assert "not found" in problem.message
     assert "e.g. datasets/tiny-shapes" not in problem.hint and "repository root" in problem.hint
+
+
+@pytest.mark.parametrize("name", ["a/b", "a\\b", ".."])
+def test_a_run_name_that_is_not_a_folder_name_is_refused_in_words_markdown_keeps(name):
+    """The studio shows messages as Markdown, which ate the backslash of "contain / or \\" (issue 18 item 7)."""
+    problem = _by_path(_problems(_minimal(name=name)))["name"]
+    assert "slash" in problem.message and "backslash" in problem.message and "\\" not in problem.message

@@ -5,6 +5,7 @@ images that train on an empty caption without a word.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -212,3 +213,14 @@ def test_images_without_a_caption_are_named_once_per_run(tmp_path, capsys):
     assert len(warnings) == 1, out
     assert f"{len(uncaptioned)} of 24 images have no caption" in warnings[0]
     assert str(uncaptioned[0].with_suffix(".png")) in warnings[0] and ", ..." in warnings[0]  # the first few
+
+
+def test_exported_adapter_files_get_the_users_normal_permissions(tmp_path):
+    """Exports are read by other tools and users (ComfyUI on a shared machine): not the 0600 of a temp file."""
+    from cascade_studio.adapters.files import save_adapter_tensors
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = save_adapter_tensors({"x": torch.zeros(2)}, tmp_path / "out.safetensors", {"a": "b"})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert umask & 0o044 or path.stat().st_mode & 0o044  # readable by others wherever the umask allows it

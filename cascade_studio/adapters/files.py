@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..devices import to_host
+from ..trainers.atomic import FILE_MODE
 from .base import AdapterMismatchError
 
 
@@ -67,6 +68,7 @@ def save_adapter_tensors(tensors: dict[str, torch.Tensor], path: str | Path, met
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)  # the user's normal permissions: other tools and users read exported files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -421,7 +421,8 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
 
     model, adapter, data = recipe.model, recipe.adapter, recipe.data
     if ok("name") and (any(sep in recipe.name for sep in "/\\") or recipe.name.strip() in (".", "..")):
-        add("name", recipe.name, "names a run folder, so it cannot be '.', '..' or contain / or \\", "e.g. my-style")
+        add("name", recipe.name, "names a run folder, so it cannot be '.', '..' or contain a slash or a backslash",
+            "e.g. my-style")
 
     if ok("model.preset", "model.stage_c", "model.repo_id") and model.preset in ("lite", "big") \
             and model.stage_c is None and model.repo_id is None:

@@ -37,7 +37,7 @@ def _read_umask() -> int:
     return current
 
 
-_FILE_MODE = 0o666 & ~_read_umask()
+FILE_MODE = 0o666 & ~_read_umask()  # what a finished file gets (not mkstemp's 0600)
 
 
 class DiskFullError(OSError):
@@ -119,7 +119,7 @@ def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, _FILE_MODE)
+        os.chmod(tmp_name, FILE_MODE)
         os.replace(tmp_name, target)
     except BaseException as exc:  # also KeyboardInterrupt: never leave a temp file behind
         try:
