@@ -114,6 +114,7 @@ class _Run:
     scheduler: Any = None
     sampler: Any = None
     start_step: int = 0
+    holdout_batches: list | None = None
 
     @property
     def method_inputs(self):
@@ -296,8 +297,10 @@ def _heldout(run: _Run) -> float | None:
     """The held-out loss of the adapter now (None without a held-out split)."""
     from .trainers.loop import heldout_loss
 
-    train_set, holdout_set, extras, _ = run.data
-    batches = _holdout_batches(holdout_set, extras, run.recipe.train.batch_size)
+    if run.holdout_batches is None:  # collated once, used before and after training
+        _, holdout_set, extras, _ = run.data
+        run.holdout_batches = _holdout_batches(holdout_set, extras, run.recipe.train.batch_size)
+    batches = run.holdout_batches
     if not batches:
         return None
     run.unwrapped.eval()

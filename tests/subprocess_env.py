@@ -23,3 +23,10 @@ def can_mount_tmpfs() -> bool:
     probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
                            capture_output=True)
     return probe.returncode == 0
+
+
+def tmpfs_prefix(folder, size_kib: int) -> tuple[str, ...]:
+    """A command prefix that runs the child with a ``size_kib`` tmpfs mounted at ``folder`` in a private mount
+    namespace (the rest of the machine never sees it): a really full disk (needs :func:`can_mount_tmpfs`)."""
+    return ("unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o size={size_kib}k tmpfs {folder} && exec \"$@\"",
+            "sh")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cascade_studio.tracking import Tracker, TrackingError, list_runs, read_run
-from subprocess_env import can_mount_tmpfs, child_env  # noqa: E402
+from subprocess_env import can_mount_tmpfs, child_env, tmpfs_prefix  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
@@ -180,7 +180,7 @@ def test_a_really_full_filesystem_is_named_by_its_mount_point(tmp_path):
     small = tmp_path / "small-disk"
     small.mkdir()
     # A 384 KiB filesystem mounted in a private mount namespace of the child only: mlflow.db cannot fit.
-    prefix = ("unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o size=384k tmpfs {small} && exec \"$@\"", "sh")
+    prefix = tmpfs_prefix(small, 384)
     message = error_line(train_cli(small, "full", prefix=prefix))
     assert message.startswith(f"error: Could not create the MLflow database {small / 'mlflow.db'}: the disk "
                               "holding it is full"), message

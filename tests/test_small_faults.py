@@ -27,7 +27,7 @@ from cascade_studio.trainers import loop as loop_module
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_generate_cli import FAST as GENERATE_FAST  # noqa: E402
 from test_generate_cli import lora_adapter, run_cli  # noqa: E402
-from subprocess_env import can_mount_tmpfs, child_env  # noqa: E402
+from subprocess_env import can_mount_tmpfs, child_env, tmpfs_prefix  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
@@ -135,7 +135,7 @@ def test_a_really_full_cache_disk_is_named_not_the_current_directorys(tmp_path):
     small = tmp_path / "small-disk"
     small.mkdir()
     # The cache on a 48 KiB filesystem of its own (the workspace and the current directory are elsewhere).
-    prefix = ("unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o size=48k tmpfs {small} && exec \"$@\"", "sh")
+    prefix = tmpfs_prefix(small, 48)
     message = train_with_cache(tmp_path / "ws", small / "cache", prefix=prefix)
     assert message.startswith(f"error: Could not write {small / 'cache'}"), message
     assert "the disk is full" in message and f"free on the filesystem mounted at {small}." in message
