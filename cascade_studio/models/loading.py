@@ -72,7 +72,7 @@ FAMILY_NAMES = {
     "image_encoder": "a CLIP image encoder",
     "clip": "a full CLIP model (text and image towers)",
     "open_clip": "an OpenCLIP model",
-    "lora": "a LoRA adapter (load it as an adapter, not as a base model)",
+    "adapter": "a LoRA adapter or another adapter file (load it as an adapter, not as a base model)",
 }
 # Published single files in `stabilityai/stable-cascade` (and in a local copy of it).
 _OFFICIAL_FILES = {"stage_a": "stage_a.safetensors", "previewer": "previewer.safetensors",
@@ -573,7 +573,7 @@ def detect_family(keys: Sequence[str] | Mapping[str, Any]) -> str | None:
         return any(k.startswith(prefix) for k in keys)
 
     if starts("lora_unet_") or starts("lora_prior_unet_") or any(".lora_down." in k or ".lora_A." in k for k in keys):
-        return "lora"
+        return "adapter"
     if has("effnet_mapper.0.weight"):
         return "stage_b"
     if has("clip_txt_mapper.weight"):
