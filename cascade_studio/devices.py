@@ -45,3 +45,11 @@ def host_read_count() -> int:
 def is_meta(device: torch.device | str) -> bool:
     """True for the meta device (no values; the device dry run)."""
     return torch.device(device).type == "meta"
+
+
+def compiles_blocks(setting: str, device: torch.device | str) -> bool:
+    """Whether ``train.compile`` compiles Stage C's blocks on ``device`` (``auto``: on CUDA only, where
+    compile time is seconds against hours of steps; on a CPU it takes about a minute, which short runs lose)."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return setting == "on"

@@ -227,6 +227,7 @@ def _build_adapter(run: _Run) -> None:
     import torch
 
     from .adapters.base import AdaptedStageC
+    from .devices import compiles_blocks
 
     recipe = run.recipe
     run.events.emit("phase", phase="model")
@@ -237,6 +238,11 @@ def _build_adapter(run: _Run) -> None:
 
         quantize_frozen_linears(stage_c, recipe.train.quantize_base)
     stage_c.gradient_checkpointing = bool(recipe.train.gradient_checkpointing)
+    if compiles_blocks(recipe.train.compile, run.accelerator.device):
+        count = stage_c.compile_blocks()
+        if run.is_main:
+            print(f"[cascade-studio] train.compile: {count} Stage C blocks compiled on first use (the first steps "
+                  "include the compile time)", flush=True)
     run.model = AdaptedStageC(stage_c)
     # The fresh adapter's random init must not depend on what ran before it (a cold cache runs encoders).
     torch.manual_seed(recipe.train.seed)

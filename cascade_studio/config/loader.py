@@ -372,6 +372,8 @@ class _Builder:
         choices = meta.get("choices") or ()
         if value is False and "no" in choices:
             return "no"
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if (value is None or value is False) and "none" in choices:
             return "none"
         if isinstance(value, os.PathLike) and meta.get("path"):

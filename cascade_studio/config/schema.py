@@ -173,6 +173,10 @@ class TrainConfig:
                                    refused={"fp16": _FP16_REASON, "float16": _FP16_REASON})
     gradient_checkpointing: bool = setting(False, "Recompute Stage C activations in the backward pass "
                                            "(much less memory, about 30% slower).")
+    compile: str = setting("auto", "Compile Stage C block by block with torch.compile (fused norms and "
+                           "activations; the same results): on, off, or auto = on for CUDA and off elsewhere (on a "
+                           "CPU the first step compiles for about a minute, which short runs do not win back).",
+                           choices=("auto", "on", "off"))
     max_grad_norm: float = setting(1.0, "Clip the gradient norm to this value; 0 disables clipping.", minimum=0,
                                    example=1.0)
     seed: int = setting(42, "Random seed for data order, noise and initialisation.", minimum=0, example=42)

@@ -103,6 +103,15 @@ class AttentionHookHandle:
                 return
 
 
+@torch.compiler.disable
+def _apply_attention_hooks(out: torch.Tensor, q: torch.Tensor, hooks: list[AttentionHook]) -> torch.Tensor:
+    """Add every hook's contribution. Kept out of compiled graphs: the IP-Adapter makes fresh hooks for every
+    forward call, which would otherwise recompile the block each time."""
+    for hook in hooks:
+        out = out + hook(q)
+    return out
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections (numerically torch's MultiheadAttention).
 
@@ -139,8 +148,8 @@ class Attention(nn.Module):
         v = self._split_heads(self.to_v(kv))
         # MultiheadAttention's dropout acts on the attention weights; SDPA's dropout_p is the same thing.
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        for hook in self.attention_hooks:
-            out = out + hook(q)
+        if self.attention_hooks:
+            out = _apply_attention_hooks(out, q, self.attention_hooks)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 

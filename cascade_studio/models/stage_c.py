@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,21 @@ class LevelStack(nn.Module):
         for levels, repmaps in ((self.down_blocks, self.down_repeat_mappers), (self.up_blocks, self.up_repeat_mappers)):
             for level, repmap in zip(levels, repmaps):
                 count += sum(isinstance(b, ResBlock) for b in level) * (len(repmap) + 1)
+        return count
+
+    def compile_blocks(self, **options: Any) -> int:
+        """Compile every down/up block on its own (regional ``torch.compile``); returns how many.
+
+        Blocks of one kind share their code, so the compiler builds one graph per kind and shape instead of one
+        for the whole network: seconds to compile instead of minutes, and what runs between blocks (ControlNet
+        injection, checkpointing, adapters' hooks) stays eager Python. LoRA layers inside a block are traced
+        with it; attention hooks run outside the compiled graph (``blocks._apply_attention_hooks``).
+        """
+        count = 0
+        for level in list(self.down_blocks) + list(self.up_blocks):
+            for block in level:
+                block.compile(**options)
+                count += 1
         return count
 
     def _call(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
