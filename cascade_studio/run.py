@@ -491,7 +491,7 @@ def _refuse_nonfinite(model) -> None:
 def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool,
                   events=None):
     """Scan the source, split off the held-out set, fill the cache (main process first), free the encoders."""
-    from .data import build_cache, scan_source
+    from .data import build_cache, scan_source, training_preprocessing
     from .trainers.features import base_feature_encoders
 
     scan = scan_source(recipe.data, control_column=catalog.control_column(recipe))
@@ -509,7 +509,7 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
     cache_dir = Path(recipe.cache.dir) if recipe.cache.dir else Path(recipe.workspace).resolve() / "cache"
     if not recipe.cache.enabled:
         cache_dir = RunFolder(run_dir).features_dir  # private to this run; still encoded once per run
-    preprocessing = {"resolution": recipe.data.resolution, "crop": recipe.data.crop}
+    preprocessing = training_preprocessing(recipe.data)
     extra_encoders = _method_fn(method, "feature_encoders")
 
     def build(records_subset):

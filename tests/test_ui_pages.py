@@ -155,10 +155,10 @@ def test_data_page_previews_images_and_lists_skipped_files_with_reasons(ws: Work
     at.text_input(key="data_typed").set_value(str(dataset)).run()
     metrics = {m.label: m.value for m in at.metric}
     assert metrics == {"Usable images": "3", "Skipped files": "2", "Without caption": "0"}
-    skipped = at.dataframe[0].value
+    [skipped] = [d.value for d in at.dataframe if "reason" in d.value.columns]
     assert sorted(Path(p).name for p in skipped["file"]) == ["broken.png", "tiny.png"]
     assert all(reason for reason in skipped["reason"])
-    images = at.get("image")
+    images = at.tabs[0].get("image")  # the Images tab
     assert len(images) == 3
     assert "unknown until the first run" in texts(at.info)
 

@@ -140,8 +140,9 @@ class TrainRequest:
         return workspace.policy().recipe_problems(data)
 
     def to_args(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "run_name": self.run_name, "overrides": list(self.overrides),
-                "processes": int(self.processes), "resume": self.resume}
+        args = {"recipe": self.recipe, "run_name": self.run_name, "overrides": list(self.overrides),
+                "processes": int(self.processes)}
+        return {**args, "resume": True} if self.resume else args
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "TrainRequest":
