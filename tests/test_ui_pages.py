@@ -428,7 +428,8 @@ def test_export_page_exports_a_checkpoint_in_a_subprocess(ws: Workspace) -> None
 def test_the_app_navigates_between_pages(ws: Workspace) -> None:
     at = AppTest.from_file(str(APP), default_timeout=120).run()
     assert not at.exception and at.title[0].value == "Recipes"
-    for view, title in (("views/launch.py", "Launch"), ("views/runs.py", "Runs"), ("views/export.py", "Export")):
+    for view, title in (("views/launch.py", "Launch"), ("views/runs.py", "Runs"), ("views/export.py", "Export"),
+                        ("views/generate.py", "Generate")):
         at.switch_page(view).run()
         assert not at.exception and at.title[0].value == title
 
@@ -442,7 +443,7 @@ def test_the_studio_never_imports_torch_for_its_pages(ws: Workspace) -> None:
         "    importlib.import_module(f'cascade_studio.ui.{m.name}')\n"
         "assert 'torch' not in sys.modules, 'import'\n"
         "from streamlit.testing.v1 import AppTest\n"
-        "for name in ('recipes', 'launch', 'runs', 'compare', 'export'):\n"
+        "for name in ('recipes', 'launch', 'runs', 'compare', 'generate', 'export'):\n"
         "    at = AppTest.from_string(f'from cascade_studio.ui.page_{name} import render\\nrender()\\n',"
         " default_timeout=120).run()\n"
         "    assert not at.exception, (name, at.exception)\n"

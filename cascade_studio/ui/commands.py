@@ -206,8 +206,9 @@ class CompareRequest:
             if column.kind not in ("base", "run", "ckpt", "file"):
                 found.append(f"unknown column kind {column.kind!r}")
             elif column.kind != "base":
-                try:
-                    path = workspace.confine_workspace(column.target)
+                try:  # an adapter file may be anywhere the studio's path policy allows; runs are in the workspace
+                    path = workspace.policy().check(column.target) if column.kind == "file" \
+                        else workspace.confine_workspace(column.target)
                 except PathNotAllowed as exc:
                     found.append(str(exc))
                     continue
