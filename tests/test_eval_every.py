@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cascade_studio.cli import main as cli_main
 from cascade_studio.trainers.events import read_events
 
@@ -10,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
 
 
+@pytest.mark.slow  # a 5-step tiny training run: 10 s alone, about 20 s on a loaded 2-core machine
 def test_eval_every_logs_the_heldout_loss_at_those_steps(tmp_path: Path) -> None:
     from cascade_studio.tracking import list_runs, read_run
 
