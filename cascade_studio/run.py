@@ -309,9 +309,29 @@ def _heldout(run: _Run) -> float | None:
     batches = run.holdout_batches
     if not batches:
         return None
+    import torch
+
+    # Dropout off while measuring; then every module gets its own mode back (the loop may go on training).
+    modes = [(module, module.training) for module in run.unwrapped.modules()]
     run.unwrapped.eval()
-    return heldout_loss(run.unwrapped, batches, c_clip_img=run.models.c_clip_img(), shift=run.recipe.train.shift,
-                        seed=run.recipe.train.seed, method_inputs=run.method_inputs, method_cfg=run.method_cfg)
+    try:
+        with torch.no_grad():
+            return heldout_loss(run.unwrapped, batches, c_clip_img=run.models.c_clip_img(),
+                                shift=run.recipe.train.shift, seed=run.recipe.train.seed,
+                                method_inputs=run.method_inputs, method_cfg=run.method_cfg)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _log_heldout(run: _Run, step: int) -> float | None:
+    """The held-out loss at ``step`` (before training, every ``train.eval_every`` steps, after training), logged
+    to MLflow and the run's events."""
+    loss = _heldout(run)
+    if loss is not None:
+        run.tracker.log_metrics({"holdout_loss": loss}, step=step)
+        run.events.emit("holdout", step=step, loss=loss)
+    return loss
 
 
 def _train_loop(run: _Run):
@@ -322,10 +342,7 @@ def _train_loop(run: _Run):
     recipe, result, is_main = run.recipe, run.result, run.is_main
     train_set, holdout_set, extras, preview_embeddings = run.data
     if run.start_step == 0 and is_main:
-        result.heldout_before = _heldout(run)
-        if result.heldout_before is not None:
-            run.tracker.log_metrics({"holdout_loss": result.heldout_before}, step=0)
-            run.events.emit("holdout", step=0, loss=result.heldout_before)
+        result.heldout_before = _log_heldout(run, 0)
     elif is_main:
         result.heldout_before = _logged_holdout_before(run.folder.path)
     preview = None
@@ -345,6 +362,7 @@ def _train_loop(run: _Run):
                     events=run.events, checkpoints=run.checkpoints, run_state=run.run_state,
                     method_inputs=run.method_inputs, method_cfg=run.method_cfg, extras=extras,
                     save_adapter=functools.partial(_save_adapter_tensors, run.adapter), preview=preview,
+                    evaluate=functools.partial(_log_heldout, run) if is_main and recipe.train.eval_every else None,
                     start_step=run.start_step, progress=run.progress)
     result.step = loop.step
     result.final_loss = loop.losses[-1] if loop.losses else None
@@ -358,9 +376,7 @@ def _finish(run: _Run, loop) -> None:
     if not run.is_main:
         return
     _refuse_nonfinite(run.unwrapped)
-    run.result.heldout_after = _heldout(run)
-    if run.result.heldout_after is not None:
-        run.tracker.log_metrics({"holdout_loss": run.result.heldout_after}, step=loop.step)
+    run.result.heldout_after = _log_heldout(run, loop.step)
     run.result.exports = _export(run.recipe, run.method, run.adapter, run.context, run.folder, run.tracker)
     run.events.emit("exported", paths=[str(p) for p in run.result.exports])
 
@@ -481,7 +497,7 @@ def _refuse_nonfinite(model) -> None:
 def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool,
                   events=None):
     """Scan the source, split off the held-out set, fill the cache (main process first), free the encoders."""
-    from .data import build_cache, scan_source
+    from .data import build_cache, scan_source, training_preprocessing
     from .trainers.features import base_feature_encoders
 
     scan = scan_source(recipe.data, control_column=catalog.control_column(recipe))
@@ -499,7 +515,7 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
     cache_dir = Path(recipe.cache.dir) if recipe.cache.dir else Path(recipe.workspace).resolve() / "cache"
     if not recipe.cache.enabled:
         cache_dir = RunFolder(run_dir).features_dir  # private to this run; still encoded once per run
-    preprocessing = {"resolution": recipe.data.resolution, "crop": recipe.data.crop}
+    preprocessing = training_preprocessing(recipe.data)
     extra_encoders = _method_fn(method, "feature_encoders")
 
     def build(records_subset):

@@ -155,10 +155,10 @@ def test_data_page_previews_images_and_lists_skipped_files_with_reasons(ws: Work
     at.text_input(key="data_typed").set_value(str(dataset)).run()
     metrics = {m.label: m.value for m in at.metric}
     assert metrics == {"Usable images": "3", "Skipped files": "2", "Without caption": "0"}
-    skipped = at.dataframe[0].value
+    [skipped] = [d.value for d in at.dataframe if "reason" in d.value.columns]
     assert sorted(Path(p).name for p in skipped["file"]) == ["broken.png", "tiny.png"]
     assert all(reason for reason in skipped["reason"])
-    images = at.get("image")
+    images = at.tabs[0].get("image")  # the Images tab
     assert len(images) == 3
     assert "unknown until the first run" in texts(at.info)
 
@@ -428,7 +428,8 @@ def test_export_page_exports_a_checkpoint_in_a_subprocess(ws: Workspace) -> None
 def test_the_app_navigates_between_pages(ws: Workspace) -> None:
     at = AppTest.from_file(str(APP), default_timeout=120).run()
     assert not at.exception and at.title[0].value == "Recipes"
-    for view, title in (("views/launch.py", "Launch"), ("views/runs.py", "Runs"), ("views/export.py", "Export")):
+    for view, title in (("views/launch.py", "Launch"), ("views/runs.py", "Runs"), ("views/export.py", "Export"),
+                        ("views/generate.py", "Generate")):
         at.switch_page(view).run()
         assert not at.exception and at.title[0].value == title
 
@@ -442,7 +443,7 @@ def test_the_studio_never_imports_torch_for_its_pages(ws: Workspace) -> None:
         "    importlib.import_module(f'cascade_studio.ui.{m.name}')\n"
         "assert 'torch' not in sys.modules, 'import'\n"
         "from streamlit.testing.v1 import AppTest\n"
-        "for name in ('recipes', 'launch', 'runs', 'compare', 'export'):\n"
+        "for name in ('recipes', 'launch', 'runs', 'compare', 'generate', 'export'):\n"
         "    at = AppTest.from_string(f'from cascade_studio.ui.page_{name} import render\\nrender()\\n',"
         " default_timeout=120).run()\n"
         "    assert not at.exception, (name, at.exception)\n"

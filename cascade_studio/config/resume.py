@@ -21,8 +21,9 @@ from .schema import recipe_to_dict
 # Dotted prefixes of the settings a resume may change; everything else must equal the run's recipe.yaml. (The
 # workspace locates the run folder itself: written another way, it is still the same folder.)
 MAY_CHANGE = ("workspace", "optimizer.lr", "optimizer.weight_decay", "schedule.", "train.max_steps", "train.checkpoint_every",
-              "train.keep_checkpoints", "train.log_every", "train.max_nonfinite_steps", "train.max_grad_norm",
-              "train.num_workers", "train.distributed_timeout_minutes", "train.gradient_checkpointing", "train.compile",
+              "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.max_nonfinite_steps",
+              "train.max_grad_norm", "train.num_workers", "train.distributed_timeout_minutes",
+              "train.gradient_checkpointing", "train.compile",
               "preview.", "export.", "cache.dir")
 
 

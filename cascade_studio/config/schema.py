@@ -188,6 +188,9 @@ class TrainConfig:
     offset_noise: float = setting(0.0, "Offset noise strength (0.1 in the official inpainting/SR ControlNet "
                                   "training).", minimum=0, example=0.1)
     log_every: int = setting(1, "Log loss and learning rate every N steps.", minimum=1, example=10)
+    eval_every: int = setting(0, "Log the held-out loss (data.holdout_fraction) every N steps as well; 0 = only "
+                              "before and after training. Each evaluation runs the held-out images once.",
+                              minimum=0, example=50)
     max_nonfinite_steps: int = setting(5, "Stop after this many consecutive steps with a NaN/inf loss (each is "
                                        "skipped).", minimum=1, example=5)
     quantize_base: str = setting("none", "Quantize the frozen Stage C to save memory: none, int8 or nf4 "

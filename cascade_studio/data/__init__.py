@@ -10,6 +10,8 @@ from .cache import (
     cache_status,
     entry_key,
     target_size,
+    training_crop,
+    training_preprocessing,
 )
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -47,6 +49,8 @@ __all__ = [
     "resize_and_crop",
     "scan_source",
     "target_size",
+    "training_crop",
+    "training_preprocessing",
     "to_rgb",
     "to_tensor01",
 ]

@@ -101,6 +101,19 @@ def _null_key(caption_identities: Sequence[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def training_preprocessing(data_cfg: Any) -> dict[str, Any]:
+    """The preprocessing a run caches its images with (part of every cache key), from the recipe's ``data``
+    section. The trainer crops every image to the square ``resolution`` (center): ``data.buckets`` is not applied
+    yet (the loop's sampler does not keep a batch within one bucket)."""
+    return {"resolution": data_cfg.resolution, "crop": data_cfg.crop}
+
+
+def training_crop(image: Any, size_hw: tuple[int, int]) -> Any:
+    """What the cache encodes of an image: resized to cover ``size_hw`` (from :func:`target_size`), then
+    center-cropped (the studio's Data page shows the same)."""
+    return resize_and_crop(image, size_hw, crop="center")
+
+
 def target_size(width: int, height: int, preprocessing: Mapping[str, Any]) -> tuple[int, int]:
     """(height, width) an image is resized and cropped to: the square `resolution`, or with
     `preprocessing["buckets"]` the nearest constant-area bucket (`bucket_step`, `max_ratio` as in make_buckets)."""
@@ -304,7 +317,7 @@ def _inputs_for(kind: str, records: Sequence[Record], size: tuple[int, int] | No
         if image is None:
             raise CacheError(f"{record.path} has no control image but an encoder needs one; add a control sidecar "
                              "or drop the records listed in ScanResult.missing_controls")
-        batch.append(to_tensor01(resize_and_crop(image, size, crop="center")))  # type: ignore[arg-type]
+        batch.append(to_tensor01(training_crop(image, size)))  # type: ignore[arg-type]
     return batch
 
 

@@ -372,6 +372,20 @@ def _split_controls(
     return [i for i in images if i not in control_files], controls
 
 
+def caption_file(image: Path) -> Path:
+    """The sidecar caption of an image in a folder without metadata: ``cat.png`` -> ``cat.txt``."""
+    return image.with_suffix(".txt")
+
+
+def metadata_file(root: Path) -> Path | None:
+    """The folder's ``metadata.jsonl`` or ``metadata.csv`` (the imagefolder layout), or None (sidecars).
+    Raises ``DataSourceError`` when both exist."""
+    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.exists() and csv_path.exists():
+        raise DataSourceError(f"{root} has both metadata.jsonl and metadata.csv; keep one of them")
+    return jsonl if jsonl.exists() else (csv_path if csv_path.exists() else None)
+
+
 def _read_caption_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig").strip()
@@ -384,20 +398,17 @@ def _folder_candidates(
 ) -> Iterator[_Candidate | SkippedFile]:
     if not root.is_dir():
         raise DataSourceError(f"data.path {str(root)!r} is not a folder; write the folder that holds the images")
-    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
-    if jsonl.exists() and csv_path.exists():
-        raise DataSourceError(f"{root} has both metadata.jsonl and metadata.csv; keep one of them")
+    metadata = metadata_file(root)
     images, controls = _split_controls(_folder_images(root), _control_suffixes(control_column), control_column)
-    if jsonl.exists() or csv_path.exists():
-        yield from _metadata_candidates(root, jsonl if jsonl.exists() else csv_path, images, controls,
-                                        caption_column, control_column)
+    if metadata is not None:
+        yield from _metadata_candidates(root, metadata, images, controls, caption_column, control_column)
         return
     for image in images:
         control = controls.get(image)
         try:
-            caption = _read_caption_file(image.with_suffix(".txt"))
+            caption = _read_caption_file(caption_file(image))
         except (OSError, UnicodeDecodeError) as exc:
-            yield SkippedFile(str(image), f"caption file {image.with_suffix('.txt').name} unreadable ({exc}); "
+            yield SkippedFile(str(image), f"caption file {caption_file(image).name} unreadable ({exc}); "
                                           "save it as UTF-8 text")
             continue
         yield _Candidate(

@@ -15,6 +15,7 @@ from cascade_studio.tracking.mlflow_tracker import (
     read_run,
     replay_buffer,
     resolve_tracking_uri,
+    set_run_deleted,
     start_tracker,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "read_run",
     "replay_buffer",
     "resolve_tracking_uri",
+    "set_run_deleted",
     "start_tracker",
 ]

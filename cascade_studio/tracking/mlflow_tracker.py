@@ -703,3 +703,15 @@ def _list_runs(client: Any, experiment: str) -> list[dict[str, Any]]:
         page_token = page.token
         if not page_token:
             return summaries
+
+
+def set_run_deleted(uri: str, run_id: str, deleted: bool = True) -> None:
+    """Mark a run deleted in MLflow (hidden from lists, restorable with ``mlflow runs restore``), or restore it."""
+    client = _reading_client(uri)
+    if client is None:
+        raise TrackingError(f"No tracking database at {uri}; check the workspace path.")
+    with _store_faults(uri, "write"):
+        if deleted:
+            client.delete_run(run_id)
+        else:
+            client.restore_run(run_id)

@@ -45,6 +45,7 @@ class LoopSettings:
     seed: int                  # train.seed
     checkpoint_every: int      # train.checkpoint_every
     log_every: int             # train.log_every
+    eval_every: int            # train.eval_every
     shift: float               # train.shift
     offset_noise: float        # train.offset_noise
     max_nonfinite_steps: int   # train.max_nonfinite_steps
@@ -59,6 +60,7 @@ class LoopSettings:
         train = recipe.train
         return cls(max_steps=train.max_steps, grad_accum=train.grad_accum, max_grad_norm=train.max_grad_norm,
                    seed=train.seed, checkpoint_every=train.checkpoint_every, log_every=train.log_every,
+                   eval_every=train.eval_every,
                    shift=train.shift, offset_noise=train.offset_noise,
                    max_nonfinite_steps=train.max_nonfinite_steps, num_workers=train.num_workers,
                    caption_dropout=recipe.data.caption_dropout, preview_every=recipe.preview.every,
@@ -158,12 +160,14 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
              settings: LoopSettings, tracker, events: EventLog, checkpoints, run_state: RunState,
              method_inputs: Callable | None, method_cfg: Any, extras: dict[str, torch.Tensor],
              save_adapter: Callable[[Path], None], preview: Callable[[int], None] | None = None,
-             start_step: int = 0, progress: bool = True) -> LoopResult:
+             evaluate: Callable[[int], None] | None = None, start_step: int = 0,
+             progress: bool = True) -> LoopResult:
     """Train from ``start_step`` to ``settings.max_steps``.
 
     Per optimizer step: ``grad_accum`` micro-batches (gradients all-reduced on the last one only, under
     ``accelerator.no_sync`` before it), one host read (mean loss, gradient norm, whether every rank was finite),
-    then the optimizer step or a skip.
+    then the optimizer step or a skip. ``evaluate(step)`` (the held-out loss) runs every ``eval_every`` steps
+    before the last; the run measures the last step itself, after training.
     """
     from tqdm.auto import tqdm
 
@@ -242,6 +246,9 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
         run_state.skipped_steps_total = result.skipped_nonfinite
         if preview is not None and settings.preview_every and step % settings.preview_every == 0:
             preview(step)
+        if evaluate is not None and settings.eval_every and step % settings.eval_every == 0 \
+                and step < settings.max_steps:
+            evaluate(step)
         # The last step is always checkpointed: it is the trained adapter (exports and `cascade-studio export`
         # are made from it), and a run killed during export resumes straight to exporting.
         due = step == settings.max_steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0)

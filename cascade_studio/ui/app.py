@@ -14,7 +14,7 @@ st.set_page_config(page_title="Cascade Studio", layout="wide")
 ensure_repo_cwd()
 
 TITLES = {"recipes": "Recipes", "data": "Data", "launch": "Launch", "runs": "Runs", "compare": "Compare",
-          "export": "Export"}
+          "generate": "Generate", "export": "Export"}
 navigation = st.navigation([st.Page(PAGES[key], title=title, url_path=key, default=key == "recipes")
                             for key, title in TITLES.items()])
 start_queue_worker()

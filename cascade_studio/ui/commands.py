@@ -1,7 +1,8 @@
 """The only commands the studio runs, built as argument lists from validated choices (never a shell string).
 
 - train: ``accelerate launch ... -m cascade_studio.train <recipe> <overrides>`` (``cli.accelerate_command``),
-  for a recipe that validates with the studio's overrides (its workspace and run name);
+  for a recipe that validates with the studio's overrides (its workspace and run name); with ``--resume`` for a
+  run folder of the workspace that has a checkpoint, with the ``recipe.yaml`` that run saved;
 - compare: ``python -m cascade_studio.cli compare --columns ... --prompt=... --seeds ... --out ...``;
 - export: ``python -m cascade_studio.cli export <run or checkpoint> --format F --out FILE``.
 
@@ -56,6 +57,13 @@ class TrainRequest:
     run_name: str
     overrides: tuple[str, ...] = ()
     processes: int = 1
+    resume: bool = False  # continue the run's folder from its newest sound checkpoint (``train --resume``)
+
+    @classmethod
+    def resuming(cls, workspace: Workspace, run_dir: Path) -> "TrainRequest":
+        """Resume the run in ``run_dir`` with the recipe it saved (so nothing the adapter learns from changes)."""
+        run = RunFolder(run_dir)
+        return cls(str(run.recipe_file), run.name, resume=True)
 
     def all_overrides(self, workspace: Workspace) -> list[str]:
         # JSON strings are valid YAML scalars: quoting keeps a name like "1e3" or "true" a string.
@@ -67,7 +75,10 @@ class TrainRequest:
 
     def validate(self, workspace: Workspace) -> None:
         """Raise ``RecipeError`` (every recipe problem) or ``ValueError`` (what to change) unless launchable."""
-        workspace.confine_recipe(self.recipe)
+        if self.resume:
+            self._validate_resume(workspace)
+        else:
+            workspace.confine_recipe(self.recipe)
         if safe_filename(self.run_name) != self.run_name:
             raise ValueError(f"run name {self.run_name!r} may only use letters, digits, '.', '-', '_'; "
                              f"e.g. {safe_filename(self.run_name)}")
@@ -81,7 +92,7 @@ class TrainRequest:
         owner = run.owner()  # read-only: a run started from the command line may be training in it right now
         if owner is not None:
             raise ValueError(run.busy_message(owner))
-        if run.checkpoints():
+        if run.checkpoints() and not self.resume:
             raise ValueError(f"a run named {self.run_name!r} already has checkpoints in {run.path}; choose another "
                              "run name")
         problems = self.path_problems(workspace)
@@ -91,6 +102,18 @@ class TrainRequest:
             raise RecipeError(problems + exc.problems, exc.source) from None
         if problems:
             raise RecipeError(problems, Path(self.recipe).name)
+
+    def _validate_resume(self, workspace: Workspace) -> None:
+        """A resume continues a run folder of this workspace from a checkpoint, with the recipe it saved."""
+        run = RunFolder(self.run_dir(workspace))
+        if not run.path.is_dir():
+            raise ValueError(f"there is no run {self.run_name!r} in {workspace.runs_dir} to resume")
+        if Path(self.recipe).resolve() != run.recipe_file.resolve() or not run.recipe_file.is_file():
+            raise ValueError(f"a resume uses the recipe the run saved ({run.recipe_file}); it is missing, so "
+                             "start a new run instead")
+        if run.latest_checkpoint() is None:
+            raise ValueError(f"run {self.run_name!r} has no complete checkpoint to resume from (it stopped before "
+                             "its first one); start it again as a new run")
 
     def path_problems(self, workspace: Workspace) -> list[Problem]:
         """Every path setting, from the recipe file or an override, that the studio's path policy refuses.
@@ -117,13 +140,14 @@ class TrainRequest:
         return workspace.policy().recipe_problems(data)
 
     def to_args(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "run_name": self.run_name, "overrides": list(self.overrides),
+        args = {"recipe": self.recipe, "run_name": self.run_name, "overrides": list(self.overrides),
                 "processes": int(self.processes)}
+        return {**args, "resume": True} if self.resume else args
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "TrainRequest":
         return cls(str(args["recipe"]), str(args["run_name"]), tuple(args.get("overrides", ())),
-                   int(args.get("processes", 1)))
+                   int(args.get("processes", 1)), bool(args.get("resume", False)))
 
 
 def train_command(request: TrainRequest, workspace: Workspace) -> tuple[list[str], dict[str, str]]:
@@ -132,7 +156,8 @@ def train_command(request: TrainRequest, workspace: Workspace) -> tuple[list[str
     from ..cli import accelerate_command, launch_env
 
     request.validate(workspace)
-    argv = accelerate_command(request.recipe, request.all_overrides(workspace), request.processes)
+    argv = accelerate_command(request.recipe, request.all_overrides(workspace), request.processes,
+                              resume=request.resume)
     env = launch_env(request.processes)
     return argv + ["--no-progress"], env  # progress bars would fill the log; the studio reads events instead
 
@@ -181,8 +206,9 @@ class CompareRequest:
             if column.kind not in ("base", "run", "ckpt", "file"):
                 found.append(f"unknown column kind {column.kind!r}")
             elif column.kind != "base":
-                try:
-                    path = workspace.confine_workspace(column.target)
+                try:  # an adapter file may be anywhere the studio's path policy allows; runs are in the workspace
+                    path = workspace.policy().check(column.target) if column.kind == "file" \
+                        else workspace.confine_workspace(column.target)
                 except PathNotAllowed as exc:
                     found.append(str(exc))
                     continue

@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 WORKER_ENV = "CASCADE_STUDIO_QUEUE_WORKER"
 WORKER_INTERVAL_S = 2.0
 PAGES = {"recipes": "views/recipes.py", "data": "views/data.py", "launch": "views/launch.py",
-         "runs": "views/runs.py", "compare": "views/compare.py", "export": "views/export.py"}
+         "runs": "views/runs.py", "compare": "views/compare.py", "generate": "views/generate.py",
+         "export": "views/export.py"}
 
 
 def workspace() -> Workspace:

@@ -17,9 +17,11 @@ from typing import Any, Optional
 
 from ..config.schema import DataConfig
 from ..trainers.events import read_events
+from .paths import PathNotAllowed, is_inside
 from .workspace import Workspace
 
-__all__ = ["ScanView", "scan_folder", "CacheContext", "cache_contexts", "cached_count", "dataset_folders"]
+__all__ = ["ScanView", "scan_folder", "CacheContext", "cache_contexts", "cached_count", "dataset_folders",
+           "read_only_reason", "captions_of", "bucket_counts", "training_size", "bucket_size", "cropped"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +94,54 @@ def cached_count(folder: Path, context: CacheContext) -> tuple[int, int]:
 
     records = scan_source(DataConfig(source="folder", path=str(folder))).records
     return cache_status(records, list(context.encoder_identities), context.cache_dir, context.preprocessing)
+
+
+# ------------------------------------------------------------------------------------------- editing captions
+def read_only_reason(workspace: Workspace, folder: Path) -> Optional[str]:
+    """Why the Data page may not edit ``folder``'s captions (None: it may). The folder already passed the path
+    policy; the repository's sample datasets stay as shipped (the tests and the demo train on them)."""
+    try:
+        workspace.policy().check(str(folder))
+    except PathNotAllowed as exc:
+        return str(exc)
+    if is_inside(folder, workspace.datasets_dir):
+        return (f"{folder} is one of the repository's sample datasets, kept as shipped; copy it into "
+                f"{workspace.root / 'datasets'} to edit its captions")
+    return None
+
+
+def captions_of(view: ScanView) -> dict[str, str]:
+    """Image path -> caption, as the scan read them."""
+    return {path: caption for path, caption, _, _ in view.images}
+
+
+def bucket_counts(view: ScanView, resolution: int) -> list[tuple[str, float, int]]:
+    """(bucket "HxW", aspect h/w, images) at ``resolution``, from the same bucket code as the encode cache
+    (``data.cache.target_size`` with buckets on), every bucket listed, empty ones too."""
+    from ..data import make_buckets, target_size  # imports torch: only when asked
+
+    counts = {size: 0 for size in make_buckets(resolution)}
+    for _, _, width, height in view.images:
+        counts[target_size(width, height, {"resolution": resolution, "buckets": True})] += 1
+    return [(f"{h}x{w}", round(h / w, 3), n) for (h, w), n in counts.items()]
+
+
+def training_size(data_cfg: DataConfig, width: int, height: int) -> tuple[int, int]:
+    """(height, width) a run with this ``data`` section trains an image of this size at."""
+    from ..data import target_size, training_preprocessing
+
+    return target_size(width, height, training_preprocessing(data_cfg))
+
+
+def bucket_size(resolution: int, width: int, height: int) -> tuple[int, int]:
+    """(height, width) of the aspect-ratio bucket an image of this size lands in at ``resolution``."""
+    from ..data import target_size
+
+    return target_size(width, height, {"resolution": resolution, "buckets": True})
+
+
+def cropped(path: str, size_hw: tuple[int, int]):
+    """The image as the cache encodes it at ``size_hw``: decoded like a run, resized to cover, center-cropped."""
+    from ..data import open_image_file, training_crop
+
+    return training_crop(open_image_file(path), size_hw)

@@ -1,5 +1,7 @@
-"""Runs page: the workspace's MLflow runs as a filterable table, their loss/lr curves overlaid, parameters side by
-side with differences highlighted, preview images by step, and the exported adapters to download."""
+"""Runs page: the workspace's MLflow runs as a filterable table, their loss/lr/held-out curves overlaid, parameters
+side by side with differences highlighted (only each run's own method's adapter section), preview images by step,
+the exported adapters to download, and what to do with a run: resume a stopped or failed one (a ``train --resume``
+job), clone its recipe into the recipe editor, delete it (after a confirmation; see ``run_actions.py``)."""
 from __future__ import annotations
 
 import functools
@@ -9,14 +11,23 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from ..config import RecipeError
 from ..run_folder import PREVIEWS_DIR, RunFolder
 from ..tracking import TrackingError, list_runs, read_run
-from .common import workspace
-from .runs_data import (adapter_files, filter_runs, local_artifact_dir, metric_frame, params_diff, preview_steps,
-                        run_dir_for, run_dirs_by_id, runs_table, zip_folder)
+from .commands import TrainRequest
+from .common import PAGES, queue, show_problems, workspace
+from .jobs import ACTIVE
+from .page_recipes import _PENDING as RECIPES_PENDING  # the recipe the Recipes page selects when it opens next
+from .paths import PathNotAllowed
+from .run_actions import clone_recipe, delete_run
+from .runs_data import (RESUMABLE, adapter_files, default_run, filter_runs, local_artifact_dir, metric_frame,
+                        own_method_params, params_diff, preview_steps, run_dir_for, run_dirs_by_id, runs_table,
+                        zip_folder)
 from .workspace import EXPERIMENT, Workspace
 
 CURVES = (("loss", "Training loss"), ("lr", "Learning rate"), ("holdout_loss", "Held-out loss"))
+_FLASH = "runs_flash"
+_CONFIRM = "runs_confirm_delete"  # the run id whose deletion waits for a confirmation
 
 
 @st.cache_data(ttl=3, show_spinner=False)
@@ -33,6 +44,8 @@ def render() -> None:
     ws = workspace()
     uri = ws.tracking_uri()
     st.title("Runs")
+    if _FLASH in st.session_state:
+        st.success(st.session_state.pop(_FLASH))
     try:
         runs = _list(uri)
     except TrackingError as exc:
@@ -53,7 +66,8 @@ def render() -> None:
         "holdout_loss": st.column_config.NumberColumn(format="%.4f")})
     labels = {row.run_id: f"{row.run} · {row.run_id[:8]} · {row.status}" for row in shown.itertuples()}
     wanted = st.query_params.get("run_id")
-    default = [wanted] if wanted in labels else list(labels)[:1]
+    newest_finished = default_run(shown)
+    default = [wanted] if wanted in labels else ([newest_finished] if newest_finished else [])
     chosen = st.multiselect("Runs to look at (several overlay their curves)", list(labels), default=default,
                             format_func=labels.get, key="runs_chosen")
     if not chosen:
@@ -65,7 +79,9 @@ def render() -> None:
     by_id = run_dirs_by_id(ws)
     for tab, (label, run) in zip(st.tabs(list(details)), details.items()):
         with tab:
-            _run_files(ws, run, run_dir_for(ws, run, by_id))
+            run_dir = run_dir_for(ws, run, by_id)
+            _run_files(ws, run, run_dir)
+            _actions(ws, run, run_dir)
 
 
 def _curves(details: dict[str, dict[str, Any]]) -> None:
@@ -84,7 +100,8 @@ def _curves(details: dict[str, dict[str, Any]]) -> None:
 def _params(details: dict[str, dict[str, Any]]) -> None:
     st.subheader("Parameters")
     only = st.checkbox("Only parameters that differ", value=len(details) > 1, key="runs_only_diff")
-    frame = params_diff({label: run["params"] for label, run in details.items()}, only_differences=only)
+    frame = params_diff({label: own_method_params(run["params"]) for label, run in details.items()},
+                        only_differences=only)
     if frame.empty:
         st.caption("The chosen runs have identical parameters." if only else "No parameters logged.")
         return
@@ -120,3 +137,84 @@ def _run_files(ws: Workspace, run: dict[str, Any], run_dir: Path | None) -> None
             st.download_button(f"Download {path.name}", data=functools.partial(path.read_bytes),
                                file_name=path.name, mime="application/octet-stream", on_click="ignore",
                                key=f"dl-{run['run_id']}-{path.name}")
+
+
+def _actions(ws: Workspace, run: dict[str, Any], run_dir: Path | None) -> None:
+    """Resume (stopped or failed runs with a checkpoint), clone into the recipe editor, delete (confirmed)."""
+    run_id, name = run["run_id"], run.get("run_name") or run["run_id"][:8]
+    st.markdown("**Actions**")
+    resume_col, clone_col, delete_col = st.columns(3)
+    folder = RunFolder(run_dir) if run_dir else None
+    if run["status"] in RESUMABLE and folder is not None and folder.latest_checkpoint() is not None:
+        if resume_col.button("Resume this run", key=f"runs_resume-{run_id}",
+                             help="Continue from its newest checkpoint (cascade-studio train --resume) as a job"):
+            _resume(ws, folder.path)
+    elif run["status"] in RESUMABLE:
+        resume_col.caption("Cannot resume: it saved no checkpoint before it stopped; start it again instead.")
+    if folder is not None and folder.recipe_file.is_file() and clone_col.button(
+            "Clone into the recipe editor", key=f"runs_clone-{run_id}",
+            help="Save this run's recipe as a new recipe and open it on the Recipes page"):
+        _clone(ws, folder.path)
+    if delete_col.button("Delete this run", key=f"runs_delete-{run_id}"):
+        st.session_state[_CONFIRM] = run_id
+    if st.session_state.get(_CONFIRM) == run_id:
+        where = f"its folder {run_dir} moves to {ws.deleted_runs_dir}/ and " if run_dir else ""
+        st.warning(f"Delete run **{name}**? {where}its MLflow run is marked deleted (restorable with `mlflow runs "
+                   "restore`).")
+        yes, no = st.columns(2)
+        if yes.button(f"Yes, delete {name}", key=f"runs_delete_yes-{run_id}", type="primary"):
+            _delete(ws, run, run_dir)
+        if no.button("Keep it", key=f"runs_delete_no-{run_id}"):
+            st.session_state.pop(_CONFIRM, None)
+            st.rerun()
+
+
+def _resume(ws: Workspace, run_dir: Path) -> None:
+    request = TrainRequest.resuming(ws, run_dir)
+    job_queue = queue()
+    try:
+        request.validate(ws)
+        job = job_queue.enqueue("train", f"resume {request.run_name}", request.to_args(),
+                                run_dir=str(request.run_dir(ws)))
+    except RecipeError as exc:
+        show_problems(exc.problems, "This run cannot be resumed")
+        return
+    except (ValueError, PathNotAllowed) as exc:
+        st.error(f"Cannot resume: {exc}")
+        return
+    job_queue.pump()  # start at once when nothing else runs
+    st.session_state[_FLASH] = f"Queued {job.label} (job {job.id}); follow it on the Launch page."
+    st.rerun()
+
+
+def _clone(ws: Workspace, run_dir: Path) -> None:
+    try:
+        path = clone_recipe(ws, run_dir)
+    except RecipeError as exc:
+        show_problems(exc.problems, "This run's recipe no longer validates, so it was not cloned")
+        return
+    except (OSError, PathNotAllowed) as exc:
+        st.error(f"Not cloned: {exc}")
+        return
+    st.session_state[RECIPES_PENDING] = f"saved: {path.name}"
+    try:
+        st.switch_page(PAGES["recipes"])
+    except st.errors.StreamlitAPIException:  # this page alone (no navigation): say where the clone is
+        st.session_state[_FLASH] = f"Cloned into {path}; open it on the Recipes page."
+        st.rerun()
+
+
+def _delete(ws: Workspace, run: dict[str, Any], run_dir: Path | None) -> None:
+    busy = [str(j.run_dir) for j in queue().jobs() if j.status in ACTIVE and j.run_dir]
+    try:
+        folder = run_dir if run_dir else ws.runs_dir / (run.get("run_name") or run["run_id"])
+        moved = delete_run(ws, folder, [run["run_id"]], busy)
+    except (ValueError, TrackingError) as exc:
+        st.error(f"Not deleted: {exc}")
+        return
+    st.session_state.pop(_CONFIRM, None)
+    st.session_state.pop("runs_chosen", None)  # open on the default run again
+    _list.clear()
+    st.session_state[_FLASH] = (f"Deleted run {run.get('run_name')}: MLflow marks it deleted" +
+                                (f"; its folder is now {moved}" if run_dir else "") + ".")
+    st.rerun()

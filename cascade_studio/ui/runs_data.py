@@ -14,12 +14,16 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 import yaml
 
+from ..adapters import catalog
 from ..run_folder import RunFolder, preview_files
 from .workspace import Workspace
 
 __all__ = ["runs_table", "filter_runs", "metric_frame", "params_diff", "run_dirs_by_id", "run_dir_for",
            "preview_steps", "local_artifact_dir", "adapter_files", "zip_folder", "checkpoint_steps", "checkpoint_dirs",
-           "run_method", "run_preset", "run_prompts"]
+           "run_method", "run_preset", "run_prompts", "default_run", "own_method_params", "RESUMABLE"]
+
+# MLflow statuses of runs that stopped before their end (cancelled = KILLED): the Runs page offers to resume them.
+RESUMABLE = ("FAILED", "KILLED")
 
 def runs_table(runs: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per MLflow run (``tracking.list_runs`` output), newest first."""
@@ -59,6 +63,21 @@ def metric_frame(histories: dict[str, dict[str, list[dict[str, Any]]]], metric: 
     rows = [{"run": label, "step": int(point["step"]), "value": float(point["value"])}
             for label, metrics in histories.items() for point in metrics.get(metric, [])]
     return pd.DataFrame(rows, columns=["run", "step", "value"])
+
+
+def default_run(table: pd.DataFrame) -> Optional[str]:
+    """The run the Runs page opens on: the newest FINISHED one (``table`` is newest first), else the newest."""
+    finished = table[table["status"] == "FINISHED"]
+    chosen = finished if not finished.empty else table
+    return None if chosen.empty else str(chosen["run_id"].iloc[0])
+
+
+def own_method_params(params: dict[str, str]) -> dict[str, str]:
+    """A run's parameters without the adapter sections of the methods it did not use (every method's section
+    is in every recipe, so every run logs them all; the catalog names the methods)."""
+    method = params.get("adapter.method")
+    others = tuple(f"adapter.{m.name}." for m in catalog.methods() if m.name != method)
+    return {key: value for key, value in params.items() if not key.startswith(others)}
 
 
 def params_diff(params: dict[str, dict[str, str]], only_differences: bool = False) -> pd.DataFrame:

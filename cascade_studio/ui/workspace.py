@@ -7,6 +7,7 @@ Layout under the workspace (the same one ``run.py`` writes, plus the studio's ow
     jobs/<id>.json|.log      the job queue (see jobs.py)
     runs/<name>/             training runs (their layout: ``cascade_studio/run_folder.py``)
     compare/<date-time>/     outputs of ``cascade-studio compare`` (grid.png, cells/, manifest.json)
+    deleted-runs/<name>-<time>/  run folders deleted on the Runs page (moved aside, not erased)
     mlflow.db, mlartifacts/  MLflow's SQLite store and artifacts
 
 No torch, no Streamlit.
@@ -77,6 +78,11 @@ class Workspace:
     def comparisons_dir(self) -> Path:
         # The same folder `cascade-studio compare` writes to by default, so CLI comparisons show up here too.
         return self.root / "compare"
+
+    @property
+    def deleted_runs_dir(self) -> Path:
+        """Where the Runs page moves a deleted run's folder (outside runs/, so no page lists it again)."""
+        return self.root / "deleted-runs"
 
     @property
     def shipped_recipes_dir(self) -> Path:
