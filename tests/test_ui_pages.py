@@ -136,6 +136,22 @@ def test_yaml_view_validates_text_and_saves_it(ws: Workspace) -> None:
     assert "# Tiny LoRA" in (ws.recipes_dir / "evil.yaml").read_text()  # the text as typed, comments kept
 
 
+def test_recipe_form_shows_what_the_previews_cost_and_warns_when_they_dominate(ws: Workspace) -> None:
+    at = page("recipes")
+    preview = TINY.preview
+    per_column = len(preview.prompts) * len(preview.seeds) * preview.steps * 2  # cfg 4: guided
+    previews = TINY.train.max_steps // preview.every
+    total = 2 * per_column + (previews - 1) * per_column
+    [info] = [i.value for i in at.info if "Preview cost" in i.value]
+    assert f"= **{per_column:,}** Stage C evaluations per column" in info
+    assert f"{previews} preview(s) over the run: **{total:,}** evaluations" in info
+    by_key(at.number_input, "-preview.every").set_value(1)
+    by_key(at.number_input, "-preview.steps").set_value(50)
+    at.run()
+    [warning] = [w.value for w in at.warning if "Preview cost" in w.value]
+    assert f"{TINY.train.max_steps} preview(s) over the run" in warning and "lower `preview.steps`" in warning
+
+
 # --------------------------------------------------------------------------------------------------- data
 @pytest.fixture()
 def dataset(ws: Workspace) -> Path:

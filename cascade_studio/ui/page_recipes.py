@@ -9,6 +9,7 @@ from typing import Any
 import streamlit as st
 
 from ..config import RecipeError, load_recipe_text
+from ..trainers.preview_cost import PREVIEW_SHARE_WARNING, preview_cost
 from .common import show_problems, workspace
 from .paths import PathNotAllowed
 from .recipe_form import (SECTION_TITLES, FormField, form_fields, from_widget, get_dotted, load_form_data,
@@ -77,6 +78,7 @@ def _form(ws: Workspace, entry: RecipeEntry, data: dict, source_key: str) -> Non
     fields = form_fields()
     edited = copy.deepcopy(data)
     slots: dict[str, Any] = {}
+    cost_slot = None
     summary = st.container()
     sections = list(dict.fromkeys(f.section for f in fields))
     for section in sections:
@@ -92,7 +94,11 @@ def _form(ws: Workspace, entry: RecipeEntry, data: dict, source_key: str) -> Non
                     set_dotted(edited, field.path, from_widget(field, raw))
                     slots[field.path] = st.empty()  # filled with this field's problems after validation
                 shown += 1
+            if section == "preview":
+                cost_slot = st.empty()  # what the previews cost, once the recipe validates
     recipe, problems = validate_data(edited)
+    if recipe is not None and cost_slot is not None:
+        _show_preview_cost(cost_slot, recipe)
     by_field, _ = problems_by_field(problems, list(slots))  # the rest shows in the summary
     for path, found in by_field.items():
         slots[path].error("\n".join(f"{p}" for p in found))
@@ -111,6 +117,15 @@ def _form(ws: Workspace, entry: RecipeEntry, data: dict, source_key: str) -> Non
             st.error(f"Not saved: fix the {len(problems)} problem(s) above first.")
         else:
             _save(ws, name, recipe_yaml(recipe), overwrite)
+
+
+def _show_preview_cost(slot, recipe) -> None:
+    cost = preview_cost(recipe)
+    if cost.share > PREVIEW_SHARE_WARNING:
+        slot.warning(f"**Preview cost.** {cost.describe()} That slows the run noticeably: lower `preview.steps`, "
+                     "render less often (`preview.every`) or use fewer prompts or seeds.")
+    else:
+        slot.info(f"**Preview cost.** {cost.describe()}")
 
 
 def _save(ws: Workspace, name: str, text: str, overwrite: bool) -> None:
