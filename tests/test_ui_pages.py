@@ -265,9 +265,71 @@ def test_a_crashed_job_shows_as_failed_with_its_log_tail(ws: Workspace) -> None:
         time.sleep(0.2)
     at.run()
     assert not at.exception
-    assert "Failed: exited with code 1" in texts(at.error)
-    log = "\n".join(c.value for c in at.code)
-    assert "RuntimeError: the trainer fell over" in log
+    # the clear message first (the exception that ended the log), the traceback folded below it
+    assert "**Failed:** RuntimeError: the trainer fell over (exit code 1)" in texts(at.error)
+    [folded] = [e for e in at.expander if e.label == "Traceback and log"]
+    log = "\n".join(c.value for c in folded.code)
+    assert "Traceback (most recent call last)" in log and "RuntimeError: the trainer fell over" in log
+
+
+def test_the_ready_line_shows_the_overrides_the_memory_plan_and_the_form_resets_after_queue(ws: Workspace) -> None:
+    at = page("launch")
+    at.text_area(key="launch_overrides").set_value("train.max_steps=4\npreview.seeds=[0, 1]").run()
+    ready = texts(at.success)
+    assert "with 2 override(s)" in ready and "- `train.max_steps` = `4`" in ready
+    assert "- `preview.seeds` = `[0, 1]`" in ready
+    assert re.search(r"fits in 0\.\d of 24 GiB", texts(at.info)), texts(at.info)  # tiny: mostly the CUDA context
+    # a batch the card cannot hold: the planner's switches, then one click adds them to the overrides
+    at.text_area(key="launch_overrides").set_value("train.max_steps=4\ntrain.batch_size=512").run()
+    at.number_input(key="launch_gpu_gb").set_value(1.0).run()
+    warning = texts(at.warning)
+    assert re.search(r"\*\*\d+\.\d GiB does not fit in 1 GiB\*\*", warning), warning
+    assert "- `train.gradient_checkpointing=true` ->" in warning
+    at.button(key="launch_apply_switches").click().run()
+    overrides = at.text_area(key="launch_overrides").value.splitlines()
+    assert overrides[0] == "train.max_steps=4" and "train.gradient_checkpointing=true" in overrides
+    assert "fits in" in texts(at.info)
+    at.button(key="launch_queue").click().run()
+    [job] = JobQueue(ws).jobs()
+    assert job.args["overrides"] == overrides
+    # the form is fresh: no overrides, one process, a new run name; clicking again queues nothing more
+    assert at.text_area(key="launch_overrides").value == "" and at.number_input(key="launch_processes").value == 1
+    assert at.text_input(key=f"launch_name-{TINY_LORA}-1").value == "tiny-lora-2"
+    at.button(key="launch_queue").click().run()
+    assert len(JobQueue(ws).jobs()) == 1 and "Already queued from this form" in texts(at.info)
+
+
+def test_the_running_card_shows_speed_and_peak_memory_beside_the_loss(ws: Workspace) -> None:
+    at = page("launch")
+    at.button(key="launch_queue").click().run()
+    [job] = JobQueue(ws).jobs()
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True)
+    step = {"event": "step", "time": time.time(), "step": 3, "max_steps": 10, "loss": 0.25, "lr": 1e-4,
+            "eta_seconds": 12.0, "it_per_s": 2.5, "peak_memory_mb": 1536.0}
+    (run_dir / "events.jsonl").write_text(json.dumps(step) + "\n")
+    at.run()
+    [bar] = at.get("progress")
+    assert bar.proto.text == "step 3/10 · loss 0.2500 · lr 1.00e-04 · 2.50 it/s · peak memory 1.50 GiB · ETA 0:12"
+
+
+def test_the_app_tells_the_user_once_when_a_job_ends(ws: Workspace) -> None:
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.switch_page("views/launch.py").run()
+    at.text_input(key=f"launch_name-{TINY_LORA}-0").set_value("crashes").run()
+    at.button(key="launch_queue").click().run()
+    assert "Running: train crashes" in texts(at.sidebar.caption)
+    queue = JobQueue(ws)
+    deadline = time.monotonic() + 30
+    while queue.jobs()[0].status == "running" and time.monotonic() < deadline:
+        queue.pump()
+        time.sleep(0.2)
+    at.switch_page("views/runs.py").run()  # on any page
+    [toast] = at.toast
+    assert toast.value.startswith("train crashes") and "failed. RuntimeError: the trainer fell over" in toast.value
+    assert toast.icon == ":material/error:" and "No job is running." in texts(at.sidebar.caption)
+    at.run()
+    assert not at.toast  # once per job
 
 
 # --------------------------------------------------------------------------------------------------- runs

@@ -3,7 +3,9 @@
 - train: ``accelerate launch ... -m cascade_studio.train <recipe> <overrides>`` (``cli.accelerate_command``),
   for a recipe that validates with the studio's overrides (its workspace and run name);
 - compare: ``python -m cascade_studio.cli compare --columns ... --prompt=... --seeds ... --out ...``;
-- export: ``python -m cascade_studio.cli export <run or checkpoint> --format F --out FILE``.
+- export: ``python -m cascade_studio.cli export <run or checkpoint> --format F --out FILE``;
+- plan: ``python -m cascade_studio.cli plan <recipe> <overrides> --gpu-gb N --json`` (the Launch page's memory
+  estimate: the planner builds Stage C on the meta device, which needs torch, so it runs in a child process).
 
 Every path in them is confined to the workspace (or recipes/ for recipe files), and every path setting of a
 launched recipe, from its file or an override, must pass the studio's path policy (``ui/paths.py``) both when
@@ -31,7 +33,7 @@ from .paths import PathNotAllowed, safe_filename
 from .workspace import Workspace
 
 __all__ = ["TrainRequest", "CompareRequest", "Column", "export_argv", "default_run_name", "train_command",
-           "compare_argv", "CLI", "new_comparison_dir", "parse_seeds"]
+           "compare_argv", "CLI", "new_comparison_dir", "parse_seeds", "plan_argv"]
 
 CLI = [sys.executable, "-m", "cascade_studio.cli"]
 # The studio sets these itself; a user override of them would send the run somewhere the studio does not look.
@@ -120,6 +122,10 @@ class TrainRequest:
         return {"recipe": self.recipe, "run_name": self.run_name, "overrides": list(self.overrides),
                 "processes": int(self.processes)}
 
+    def parsed_overrides(self) -> list[tuple[str, Any]]:
+        """(dotted key, value as the recipe will read it) of every override; raises ``ValueError`` for a bad one."""
+        return [parse_override(text) for text in self.overrides]
+
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "TrainRequest":
         return cls(str(args["recipe"]), str(args["run_name"]), tuple(args.get("overrides", ())),
@@ -135,6 +141,12 @@ def train_command(request: TrainRequest, workspace: Workspace) -> tuple[list[str
     argv = accelerate_command(request.recipe, request.all_overrides(workspace), request.processes)
     env = launch_env(request.processes)
     return argv + ["--no-progress"], env  # progress bars would fill the log; the studio reads events instead
+
+
+def plan_argv(request: TrainRequest, workspace: Workspace, gpu_gib: float) -> list[str]:
+    """``cascade-studio plan --json`` for a train request: its recipe with its overrides, on a ``gpu_gib`` card."""
+    recipe = workspace.confine_recipe(request.recipe)
+    return [*CLI, "plan", str(recipe), *request.overrides, "--gpu-gb", f"{float(gpu_gib):g}", "--json"]
 
 
 # ------------------------------------------------------------------------------------------------ compare
