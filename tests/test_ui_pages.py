@@ -473,15 +473,81 @@ def test_compare_page_shows_the_grid_with_each_columns_settings(ws: Workspace) -
                             {"index": 1, "label": "lora tiny-lora x0.5", "spec": "run:x@0.5",
                              "adapters": [{"method": "lora", "origin": "run", "weight": 0.5, "step": None,
                                            "mlflow_run_id": "abc123", "path": "/ws/runs/x/export/x.safetensors"}]}]}
+    for col, size in ((0, (20, 20)), (1, (24, 16))):
+        Image.new("RGB", size, "red").save(folder / "cells" / f"r0_c{col}.png")
+    manifest["cells"] = [{"row": 0, "col": c, "file": f"cells/r0_c{c}.png"} for c in (0, 1)]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     at = page("compare")
     markdown = "\n".join(m.value for m in at.markdown)
     assert "Column 1: base" in markdown and "Column 2: lora tiny-lora x0.5" in markdown
     captions = "\n".join(c.value for c in at.caption)
     assert "method: lora · origin: run · weight: 0.5 · mlflow_run_id: abc123" in captions
-    assert len(at.get("image")) == 1
-    assert sorted(d.proto.label for d in at.get("download_button")) == ["Download grid.png",
+    assert sorted(d.proto.label for d in at.get("download_button")) == ["Download grid.png", "Download r0_c0.png",
                                                                          "Download the comparison (zip)"]
+    # the full-size view of one cell: the picked cell's own file
+    at.selectbox(key=f"cmp_cell_col-{folder.name}").set_value(1).run()
+    grid, cell = at.get("image")
+    assert cell.proto.imgs[0].caption == "lora tiny-lora x0.5 · a red circle (seed 0) · r0_c1.png"
+    assert "Download r0_c1.png" in [d.proto.label for d in at.get("download_button")]
+
+
+def test_compare_takes_adapter_files_from_outside_each_column_with_its_strength(ws: Workspace, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    run_dir = make_run(ws, "tiny-lora", "f" * 32)
+    exported = run_dir / "export" / "tiny-lora-comfyui.safetensors"
+    at = page("compare")
+    at.file_uploader(key="cmp_upload").upload("not really.safetensors", b"nonsense bytes").run()
+    assert "Not added: not really.safetensors is not a safetensors adapter file" in texts(at.error)
+    at.file_uploader(key="cmp_upload").set_value(("style v2.safetensors", exported.read_bytes(),
+                                                  "application/octet-stream")).run()
+    uploaded = ws.adapters_dir / "style-v2.safetensors"
+    assert uploaded.read_bytes() == exported.read_bytes() and at.multiselect(key="cmp_files").value == [str(uploaded)]
+    outside = tmp_path / "elsewhere" / "ext.safetensors"
+    outside.parent.mkdir()
+    shutil.copy(exported, outside)
+    at.text_input(key="cmp_path").set_value(str(outside)).run()
+    at.button(key="cmp_add_path").click().run()
+    assert "is outside the folders the studio may use" in texts(at.error)
+    monkeypatch.setenv("CASCADE_STUDIO_ALLOW_PATHS", str(outside.parent))  # cascade-studio ui --allow-path
+    at.button(key="cmp_add_path").click().run()
+    assert at.multiselect(key="cmp_files").value == [str(uploaded), str(outside)]
+    at.multiselect(key="cmp_runs").set_value([str(run_dir)]).run()
+    strengths = {w.label: w for w in at.number_input if w.label.startswith("Strength: ")}
+    assert set(strengths) == {"Strength: adapters/style-v2.safetensors", f"Strength: {outside}",
+                              "Strength: run tiny-lora"}
+    strengths["Strength: run tiny-lora"].set_value(0.5)
+    strengths["Strength: adapters/style-v2.safetensors"].set_value(-0.8)
+    at.run()
+    at.button(key="cmp_run").click().run()
+    [job] = JobQueue(ws).jobs()
+    argv = compare_argv(CompareRequest.from_args(job.args), Workspace.from_env(root=ws.root))
+    specs = argv[argv.index("--columns") + 1:argv.index(f"--prompt={TINY.preview.prompts[0]}")]
+    assert specs == ["base", f"run:{run_dir}@0.5", f"{uploaded}@-0.8", str(outside)]
+
+
+def test_compare_settings_are_saved_and_opened_again(ws: Workspace) -> None:
+    kept, gone = make_run(ws, "kept", "a" * 32), make_run(ws, "gone", "b" * 32)
+    at = page("compare")
+    at.multiselect(key="cmp_runs").set_value([str(kept), str(gone)]).run()
+    [w for w in at.number_input if w.label == "Strength: run kept"][0].set_value(0.7)
+    at.text_area(key=f"cmp_prompts-{kept}").set_value("a green square\na red circle")
+    at.text_input(key="cmp_seeds").set_value("3 4")
+    at.number_input(key="cmp_steps").set_value(5)
+    at.text_input(key="cmp_save_name").set_value("my grid")
+    at.run()
+    at.button(key="cmp_save").click().run()
+    saved = ws.comparison_settings_dir / "my-grid.json"
+    assert f"Saved the settings as `{saved}`" in texts(at.success)
+    assert json.loads(saved.read_text())["seeds"] == [3, 4]
+    shutil.rmtree(gone)
+    at = page("compare")  # later, in a fresh session
+    at.selectbox(key="cmp_open").set_value(str(saved))
+    at.button(key="cmp_open_go").click().run()
+    assert at.multiselect(key="cmp_runs").value == [str(kept)]
+    assert at.text_area(key=f"cmp_prompts-{kept}").value == "a green square\na red circle"
+    assert (at.text_input(key="cmp_seeds").value, at.number_input(key="cmp_steps").value) == ("3 4", 5)
+    assert [w.value for w in at.number_input if w.label == "Strength: run kept"] == [0.7]
+    assert f"run:{gone}: {gone} does not exist" in texts(at.warning)
 
 
 # ------------------------------------------------------------------------------------------------- export

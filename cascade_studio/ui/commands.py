@@ -7,7 +7,8 @@
 - plan: ``python -m cascade_studio.cli plan <recipe> <overrides> --gpu-gb N --json`` (the Launch page's memory
   estimate: the planner builds Stage C on the meta device, which needs torch, so it runs in a child process).
 
-Every path in them is confined to the workspace (or recipes/ for recipe files), and every path setting of a
+Every path in them is confined to the workspace (or recipes/ for recipe files; an adapter file of a comparison
+to the folders the path policy allows), and every path setting of a
 launched recipe, from its file or an override, must pass the studio's path policy (``ui/paths.py``) both when
 the job is queued and when the runner starts it. Prompts are passed as
 ``--prompt=<text>`` so a prompt that starts with ``-`` is still a prompt, not an option.
@@ -193,8 +194,9 @@ class CompareRequest:
             if column.kind not in ("base", "run", "ckpt", "file"):
                 found.append(f"unknown column kind {column.kind!r}")
             elif column.kind != "base":
-                try:
-                    path = workspace.confine_workspace(column.target)
+                try:  # an adapter file may come from any folder the path policy allows; runs live in the workspace
+                    path = (workspace.policy().check(column.target) if column.kind == "file"
+                            else workspace.confine_workspace(column.target))
                 except PathNotAllowed as exc:
                     found.append(str(exc))
                     continue

@@ -11,7 +11,7 @@ import streamlit as st
 from ..config import RecipeError, load_recipe_text
 from ..trainers.preview_cost import PREVIEW_SHARE_WARNING, preview_cost
 from .common import show_problems, workspace
-from .paths import PathNotAllowed
+from .paths import RELATIVE_PATHS_HELP, PathNotAllowed
 from .recipe_form import (SECTION_TITLES, FormField, form_fields, from_widget, get_dotted, load_form_data,
                           problems_by_field, recipe_yaml, save_recipe_text, set_dotted, to_widget, validate_data)
 from .workspace import RecipeEntry, Workspace
@@ -26,7 +26,7 @@ def render() -> None:
     ws = workspace()
     st.title("Recipes")
     st.caption("Shipped recipes (recipes/) are read-only: edit one here and save it under a new name in "
-               f"`{ws.recipes_dir}`. Relative paths in a recipe start at the repository root.")
+               f"`{ws.recipes_dir}`. {RELATIVE_PATHS_HELP}")
     if _FLASH in st.session_state:
         st.success(st.session_state.pop(_FLASH))
     entries = ws.list_recipes()

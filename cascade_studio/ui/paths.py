@@ -30,8 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-__all__ = ["ALLOW_PATHS_ENV", "PathNotAllowed", "PathPolicy", "allowed_paths_from_env", "confine", "hf_hub_cache",
+__all__ = ["ALLOW_PATHS_ENV", "RELATIVE_PATHS_HELP", "PathNotAllowed", "PathPolicy", "allowed_paths_from_env", "confine", "hf_hub_cache",
            "is_inside", "path_settings", "safe_filename"]
+
+# Where a relative path starts, said the same way on every page and in every path setting's tooltip: the studio
+# runs from the repository root and starts every job there (workspace.ensure_repo_cwd, PathPolicy.base).
+RELATIVE_PATHS_HELP = ("In the studio, relative paths start at the repository root (where the studio and every job "
+                       "it starts run), e.g. datasets/tiny-shapes.")
 
 # Set by ``cascade-studio ui --allow-path DIR`` (os.pathsep-separated); inherited by the job runners it starts.
 ALLOW_PATHS_ENV = "CASCADE_STUDIO_ALLOW_PATHS"

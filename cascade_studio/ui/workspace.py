@@ -7,6 +7,8 @@ Layout under the workspace (the same one ``run.py`` writes, plus the studio's ow
     jobs/<id>.json|.log      the job queue (see jobs.py)
     runs/<name>/             training runs (their layout: ``cascade_studio/run_folder.py``)
     compare/<date-time>/     outputs of ``cascade-studio compare`` (grid.png, cells/, manifest.json)
+    compare-settings/<name>.json   comparison settings saved on the Compare page
+    adapters/<name>.safetensors    adapter files uploaded on the Compare page
     mlflow.db, mlartifacts/  MLflow's SQLite store and artifacts
 
 No torch, no Streamlit.
@@ -77,6 +79,14 @@ class Workspace:
     def comparisons_dir(self) -> Path:
         # The same folder `cascade-studio compare` writes to by default, so CLI comparisons show up here too.
         return self.root / "compare"
+
+    @property
+    def comparison_settings_dir(self) -> Path:
+        return self.root / "compare-settings"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
 
     @property
     def shipped_recipes_dir(self) -> Path:
