@@ -136,6 +136,23 @@ def test_yaml_view_validates_text_and_saves_it(ws: Workspace) -> None:
     assert "# Tiny LoRA" in (ws.recipes_dir / "evil.yaml").read_text()  # the text as typed, comments kept
 
 
+def test_recipe_list_paths_and_save_names_say_one_thing_each(ws: Workspace) -> None:
+    from cascade_studio.ui.paths import NAME_RULE, RELATIVE_PATHS_HELP
+
+    at = page("recipes")
+    groups = [label.rsplit("/", 1)[0] for label in at.selectbox(key="recipes_select").options]
+    runs = [g for i, g in enumerate(groups) if i == 0 or groups[i - 1] != g]
+    assert len(runs) == len(set(runs)) and runs[:2] == ["shipped: tiny", "shipped: toy"]  # grouped, CPU ones first
+    # where relative paths start: the page and every path setting's tooltip say it with the same words
+    assert RELATIVE_PATHS_HELP in texts(at.caption)
+    assert RELATIVE_PATHS_HELP in by_key(at.text_input, "-data.path").help
+    assert RELATIVE_PATHS_HELP not in by_key(at.text_input, "-optimizer.lr").help
+    # one default save name in both tabs: the recipe's name for a shipped recipe
+    form_name = [w for w in at.text_input if w.key and w.key.startswith("saveas-")][0]
+    yaml_name = [w for w in at.text_input if w.key and w.key.startswith("yaml-saveas-")][0]
+    assert form_name.value == yaml_name.value == TINY.name and NAME_RULE in form_name.help
+
+
 def test_recipe_form_shows_what_the_previews_cost_and_warns_when_they_dominate(ws: Workspace) -> None:
     at = page("recipes")
     preview = TINY.preview
@@ -246,6 +263,11 @@ def test_launch_queues_a_validated_recipe_then_queues_the_next_behind_it(ws: Wor
 
 def test_launch_refuses_an_invalid_recipe_and_lists_its_problems(ws: Workspace) -> None:
     at = page("launch")
+    at.text_input(key=f"launch_name-{TINY_LORA}-0").set_value("my run_1!").run()
+    # the rule in code spans: Markdown shows every character of it and of the names
+    assert "The run name `my run_1!` may only use letters, digits, `.`, `-` and `_`; e.g. `my-run_1`" \
+        in texts(at.error)
+    at.text_input(key=f"launch_name-{TINY_LORA}-0").set_value("tiny-lora").run()
     at.text_area(key="launch_overrides").set_value("train.max_steps=0\nmodel.preset=huge").run()
     errors = texts(at.error)
     assert "2 problem(s)" in errors and "train.max_steps" in errors and "model.preset" in errors
@@ -267,11 +289,13 @@ def test_a_crashed_job_shows_as_failed_with_its_log_tail(ws: Workspace) -> None:
     assert not at.exception
     # the clear message first (the exception that ended the log), the traceback folded below it
     assert "**Failed:** RuntimeError: the trainer fell over (exit code 1)" in texts(at.error)
+    assert "**train crashes (shipped: tiny/lora.yaml)** · failed :material/error:" in texts(at.markdown)
     [folded] = [e for e in at.expander if e.label == "Traceback and log"]
     log = "\n".join(c.value for c in folded.code)
     assert "Traceback (most recent call last)" in log and "RuntimeError: the trainer fell over" in log
 
 
+@pytest.mark.slow  # three planner runs in child processes: 12-20 s on two busy cores
 def test_the_ready_line_shows_the_overrides_the_memory_plan_and_the_form_resets_after_queue(ws: Workspace) -> None:
     at = page("launch")
     at.text_area(key="launch_overrides").set_value("train.max_steps=4\npreview.seeds=[0, 1]").run()
@@ -280,7 +304,7 @@ def test_the_ready_line_shows_the_overrides_the_memory_plan_and_the_form_resets_
     assert "- `preview.seeds` = `[0, 1]`" in ready
     assert re.search(r"fits in 0\.\d of 24 GiB", texts(at.info)), texts(at.info)  # tiny: mostly the CUDA context
     # a batch the card cannot hold: the planner's switches, then one click adds them to the overrides
-    at.text_area(key="launch_overrides").set_value("train.max_steps=4\ntrain.batch_size=512").run()
+    at.text_area(key="launch_overrides").set_value("train.max_steps=4\ntrain.batch_size=512")
     at.number_input(key="launch_gpu_gb").set_value(1.0).run()
     warning = texts(at.warning)
     assert re.search(r"\*\*\d+\.\d GiB does not fit in 1 GiB\*\*", warning), warning

@@ -30,7 +30,7 @@ from ..adapters import catalog
 from ..config import Problem, RecipeError, load_recipe, parse_override
 from ..models.presets import PRESETS
 from ..run_folder import RunFolder
-from .paths import PathNotAllowed, safe_filename
+from .paths import NAME_RULE, PathNotAllowed, safe_filename
 from .workspace import Workspace
 
 __all__ = ["TrainRequest", "CompareRequest", "Column", "export_argv", "default_run_name", "train_command",
@@ -72,8 +72,8 @@ class TrainRequest:
         """Raise ``RecipeError`` (every recipe problem) or ``ValueError`` (what to change) unless launchable."""
         workspace.confine_recipe(self.recipe)
         if safe_filename(self.run_name) != self.run_name:
-            raise ValueError(f"run name {self.run_name!r} may only use letters, digits, '.', '-', '_'; "
-                             f"e.g. {safe_filename(self.run_name)}")
+            raise ValueError(f"The run name `{self.run_name}` may only use {NAME_RULE}; e.g. "
+                             f"`{safe_filename(self.run_name)}`")
         if not 1 <= int(self.processes) <= 8:
             raise ValueError("processes must be between 1 and 8")
         for text in self.overrides:

@@ -65,8 +65,8 @@ def start_queue_worker() -> None:
 
 
 def status_badge(status: str) -> str:
-    """A job status as Markdown: its Material icon and the word (readable without any icon font, too)."""
-    return f"{STATUS_ICONS.get(status, '')} {status}".strip()
+    """A job status as Markdown: the word, then its Material icon (the word reads without any icon font, too)."""
+    return f"{status} {STATUS_ICONS.get(status, '')}".strip()
 
 
 @st.fragment(run_every=SIDEBAR_REFRESH_S)

@@ -27,7 +27,7 @@ from ..trainers.plan import DEFAULT_GPU_GIB, GiB
 from .commands import TrainRequest, default_run_name, plan_argv
 from .common import format_eta, page_link, queue, show_problems, status_badge, workspace
 from .jobs import ACTIVE, FAILED, FINISHED, Job, JobQueue, failure_message, job_progress
-from .paths import PathNotAllowed
+from .paths import NAME_RULE, PathNotAllowed
 from .workspace import Workspace
 
 REFRESH_S = 2.0
@@ -66,8 +66,7 @@ def render() -> None:
     name_key = f"launch_name-{entry.path}-{st.session_state.get(_LAUNCHES, 0)}"
     suggested = default_run_name(ws, _recipe_name(entry.path), taken)
     run_name = st.text_input("Run name", value=suggested, key=name_key,
-                             help=f"Names the run folder {ws.runs_dir}/<name> and the MLflow run; letters, digits, "
-                                  "'.', '-', '_'")
+                             help=f"Names the run folder `{ws.runs_dir}/<name>` and the MLflow run; {NAME_RULE}")
     overrides_text = st.text_area("Overrides (optional)", key=_OVERRIDES, height=80,
                                   help="One dotted setting per line, e.g. train.max_steps=200; validated together "
                                        "with the recipe (workspace and name are set by the studio)")
