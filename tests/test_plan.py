@@ -192,6 +192,24 @@ def test_big_recipe_fits_in_12_gb_with_every_part_printed(capsys, monkeypatch):
     assert 6.69 < peak < 12
 
 
+def test_plan_json_is_the_same_plan_as_data_with_the_switches_that_make_it_fit(capsys, monkeypatch):
+    """What the studio's Launch page reads: the table's numbers, and for a recipe that does not fit, the switches."""
+    import json
+
+    monkeypatch.chdir(REPO)
+    recipe = "recipes/lora/stage-c-big-style.yaml"
+    data = json.loads(_plan_cli(recipe, "--gpu-gb", "12", "--json", capsys=capsys))
+    table = _plan_cli(recipe, "--gpu-gb", "12", capsys=capsys)
+    assert data["fits"] and data["budget"] == 12 * 2**30 and data["switches"] == []
+    assert f"{data['peak'] / 2**30:8.2f} GiB" in table.split("predicted peak")[1].splitlines()[0]
+    assert data["peak"] == sum(data["parts"].values())
+    tight = json.loads(_plan_cli(recipe, "train.gradient_checkpointing=false", "train.batch_size=4", "--gpu-gb", "12",
+                                 "--json", capsys=capsys))
+    assert not tight["fits"] and tight["switches_fit"] and tight["peak"] > tight["budget"]
+    assert tight["switches"][0]["override"] == "train.gradient_checkpointing=true"
+    assert tight["switches"][-1]["peak"] <= tight["budget"] < tight["peak"]
+
+
 def test_big_recipe_without_checkpointing_is_advised_to_enable_it(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     out = _plan_cli("recipes/lora/stage-c-big-style.yaml", "train.gradient_checkpointing=false", "--gpu-gb", "10",

@@ -58,6 +58,11 @@ def test_cli_run_says_where_the_mlflow_run_and_the_adapters_are(trained):
     assert [p["step"] for p in run["metrics"]["loss"]] == list(range(1, 101))
     assert {"adapter/tiny-lora-comfyui.safetensors", "recipe.yaml"} <= set(run["artifacts"])
     assert run["params"]["adapter.lora.rank"] == "8"
+    # the studio shows speed and peak memory beside the loss from the run's events: the values MLflow got
+    steps = [e for e in read_events(run_dir) if e["event"] == "step"]
+    for key, digits in (("it_per_s", 3), ("peak_memory_mb", 1)):
+        logged = {p["step"]: p["value"] for p in run["metrics"][key]}
+        assert [e[key] for e in steps] == [round(logged[e["step"]], digits) for e in steps] and steps[-1][key] > 0
 
 
 @pytest.mark.slow

@@ -136,6 +136,39 @@ def test_yaml_view_validates_text_and_saves_it(ws: Workspace) -> None:
     assert "# Tiny LoRA" in (ws.recipes_dir / "evil.yaml").read_text()  # the text as typed, comments kept
 
 
+def test_recipe_list_paths_and_save_names_say_one_thing_each(ws: Workspace) -> None:
+    from cascade_studio.ui.paths import NAME_RULE, RELATIVE_PATHS_HELP
+
+    at = page("recipes")
+    groups = [label.rsplit("/", 1)[0] for label in at.selectbox(key="recipes_select").options]
+    runs = [g for i, g in enumerate(groups) if i == 0 or groups[i - 1] != g]
+    assert len(runs) == len(set(runs)) and runs[:2] == ["shipped: tiny", "shipped: toy"]  # grouped, CPU ones first
+    # where relative paths start: the page and every path setting's tooltip say it with the same words
+    assert RELATIVE_PATHS_HELP in texts(at.caption)
+    assert RELATIVE_PATHS_HELP in by_key(at.text_input, "-data.path").help
+    assert RELATIVE_PATHS_HELP not in by_key(at.text_input, "-optimizer.lr").help
+    # one default save name in both tabs: the recipe's name for a shipped recipe
+    form_name = [w for w in at.text_input if w.key and w.key.startswith("saveas-")][0]
+    yaml_name = [w for w in at.text_input if w.key and w.key.startswith("yaml-saveas-")][0]
+    assert form_name.value == yaml_name.value == TINY.name and NAME_RULE in form_name.help
+
+
+def test_recipe_form_shows_what_the_previews_cost_and_warns_when_they_dominate(ws: Workspace) -> None:
+    at = page("recipes")
+    preview = TINY.preview
+    per_column = len(preview.prompts) * len(preview.seeds) * preview.steps * 2  # cfg 4: guided
+    previews = TINY.train.max_steps // preview.every
+    total = 2 * per_column + (previews - 1) * per_column
+    [info] = [i.value for i in at.info if "Preview cost" in i.value]
+    assert f"= **{per_column:,}** Stage C evaluations per column" in info
+    assert f"{previews} preview(s) over the run: **{total:,}** evaluations" in info
+    by_key(at.number_input, "-preview.every").set_value(1)
+    by_key(at.number_input, "-preview.steps").set_value(50)
+    at.run()
+    [warning] = [w.value for w in at.warning if "Preview cost" in w.value]
+    assert f"{TINY.train.max_steps} preview(s) over the run" in warning and "lower `preview.steps`" in warning
+
+
 # --------------------------------------------------------------------------------------------------- data
 @pytest.fixture()
 def dataset(ws: Workspace) -> Path:
@@ -230,6 +263,11 @@ def test_launch_queues_a_validated_recipe_then_queues_the_next_behind_it(ws: Wor
 
 def test_launch_refuses_an_invalid_recipe_and_lists_its_problems(ws: Workspace) -> None:
     at = page("launch")
+    at.text_input(key=f"launch_name-{TINY_LORA}-0").set_value("my run_1!").run()
+    # the rule in code spans: Markdown shows every character of it and of the names
+    assert "The run name `my run_1!` may only use letters, digits, `.`, `-` and `_`; e.g. `my-run_1`" \
+        in texts(at.error)
+    at.text_input(key=f"launch_name-{TINY_LORA}-0").set_value("tiny-lora").run()
     at.text_area(key="launch_overrides").set_value("train.max_steps=0\nmodel.preset=huge").run()
     errors = texts(at.error)
     assert "2 problem(s)" in errors and "train.max_steps" in errors and "model.preset" in errors
@@ -249,9 +287,73 @@ def test_a_crashed_job_shows_as_failed_with_its_log_tail(ws: Workspace) -> None:
         time.sleep(0.2)
     at.run()
     assert not at.exception
-    assert "Failed: exited with code 1" in texts(at.error)
-    log = "\n".join(c.value for c in at.code)
-    assert "RuntimeError: the trainer fell over" in log
+    # the clear message first (the exception that ended the log), the traceback folded below it
+    assert "**Failed:** RuntimeError: the trainer fell over (exit code 1)" in texts(at.error)
+    assert "**train crashes (shipped: tiny/lora.yaml)** · failed :material/error:" in texts(at.markdown)
+    [folded] = [e for e in at.expander if e.label == "Traceback and log"]
+    log = "\n".join(c.value for c in folded.code)
+    assert "Traceback (most recent call last)" in log and "RuntimeError: the trainer fell over" in log
+
+
+@pytest.mark.slow  # three planner runs in child processes: 12-20 s on two busy cores
+def test_the_ready_line_shows_the_overrides_the_memory_plan_and_the_form_resets_after_queue(ws: Workspace) -> None:
+    at = page("launch")
+    at.text_area(key="launch_overrides").set_value("train.max_steps=4\npreview.seeds=[0, 1]").run()
+    ready = texts(at.success)
+    assert "with 2 override(s)" in ready and "- `train.max_steps` = `4`" in ready
+    assert "- `preview.seeds` = `[0, 1]`" in ready
+    assert re.search(r"fits in 0\.\d of 24 GiB", texts(at.info)), texts(at.info)  # tiny: mostly the CUDA context
+    # a batch the card cannot hold: the planner's switches, then one click adds them to the overrides
+    at.text_area(key="launch_overrides").set_value("train.max_steps=4\ntrain.batch_size=512")
+    at.number_input(key="launch_gpu_gb").set_value(1.0).run()
+    warning = texts(at.warning)
+    assert re.search(r"\*\*\d+\.\d GiB does not fit in 1 GiB\*\*", warning), warning
+    assert "- `train.gradient_checkpointing=true` ->" in warning
+    at.button(key="launch_apply_switches").click().run()
+    overrides = at.text_area(key="launch_overrides").value.splitlines()
+    assert overrides[0] == "train.max_steps=4" and "train.gradient_checkpointing=true" in overrides
+    assert "fits in" in texts(at.info)
+    at.button(key="launch_queue").click().run()
+    [job] = JobQueue(ws).jobs()
+    assert job.args["overrides"] == overrides
+    # the form is fresh: no overrides, one process, a new run name; clicking again queues nothing more
+    assert at.text_area(key="launch_overrides").value == "" and at.number_input(key="launch_processes").value == 1
+    assert at.text_input(key=f"launch_name-{TINY_LORA}-1").value == "tiny-lora-2"
+    at.button(key="launch_queue").click().run()
+    assert len(JobQueue(ws).jobs()) == 1 and "Already queued from this form" in texts(at.info)
+
+
+def test_the_running_card_shows_speed_and_peak_memory_beside_the_loss(ws: Workspace) -> None:
+    at = page("launch")
+    at.button(key="launch_queue").click().run()
+    [job] = JobQueue(ws).jobs()
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True)
+    step = {"event": "step", "time": time.time(), "step": 3, "max_steps": 10, "loss": 0.25, "lr": 1e-4,
+            "eta_seconds": 12.0, "it_per_s": 2.5, "peak_memory_mb": 1536.0}
+    (run_dir / "events.jsonl").write_text(json.dumps(step) + "\n")
+    at.run()
+    [bar] = at.get("progress")
+    assert bar.proto.text == "step 3/10 · loss 0.2500 · lr 1.00e-04 · 2.50 it/s · peak memory 1.50 GiB · ETA 0:12"
+
+
+def test_the_app_tells_the_user_once_when_a_job_ends(ws: Workspace) -> None:
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.switch_page("views/launch.py").run()
+    at.text_input(key=f"launch_name-{TINY_LORA}-0").set_value("crashes").run()
+    at.button(key="launch_queue").click().run()
+    assert "Running: train crashes" in texts(at.sidebar.caption)
+    queue = JobQueue(ws)
+    deadline = time.monotonic() + 30
+    while queue.jobs()[0].status == "running" and time.monotonic() < deadline:
+        queue.pump()
+        time.sleep(0.2)
+    at.switch_page("views/runs.py").run()  # on any page
+    [toast] = at.toast
+    assert toast.value.startswith("train crashes") and "failed. RuntimeError: the trainer fell over" in toast.value
+    assert toast.icon == ":material/error:" and "No job is running." in texts(at.sidebar.caption)
+    at.run()
+    assert not at.toast  # once per job
 
 
 # --------------------------------------------------------------------------------------------------- runs
@@ -395,15 +497,81 @@ def test_compare_page_shows_the_grid_with_each_columns_settings(ws: Workspace) -
                             {"index": 1, "label": "lora tiny-lora x0.5", "spec": "run:x@0.5",
                              "adapters": [{"method": "lora", "origin": "run", "weight": 0.5, "step": None,
                                            "mlflow_run_id": "abc123", "path": "/ws/runs/x/export/x.safetensors"}]}]}
+    for col, size in ((0, (20, 20)), (1, (24, 16))):
+        Image.new("RGB", size, "red").save(folder / "cells" / f"r0_c{col}.png")
+    manifest["cells"] = [{"row": 0, "col": c, "file": f"cells/r0_c{c}.png"} for c in (0, 1)]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     at = page("compare")
     markdown = "\n".join(m.value for m in at.markdown)
     assert "Column 1: base" in markdown and "Column 2: lora tiny-lora x0.5" in markdown
     captions = "\n".join(c.value for c in at.caption)
     assert "method: lora · origin: run · weight: 0.5 · mlflow_run_id: abc123" in captions
-    assert len(at.get("image")) == 1
-    assert sorted(d.proto.label for d in at.get("download_button")) == ["Download grid.png",
+    assert sorted(d.proto.label for d in at.get("download_button")) == ["Download grid.png", "Download r0_c0.png",
                                                                          "Download the comparison (zip)"]
+    # the full-size view of one cell: the picked cell's own file
+    at.selectbox(key=f"cmp_cell_col-{folder.name}").set_value(1).run()
+    grid, cell = at.get("image")
+    assert cell.proto.imgs[0].caption == "lora tiny-lora x0.5 · a red circle (seed 0) · r0_c1.png"
+    assert "Download r0_c1.png" in [d.proto.label for d in at.get("download_button")]
+
+
+def test_compare_takes_adapter_files_from_outside_each_column_with_its_strength(ws: Workspace, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    run_dir = make_run(ws, "tiny-lora", "f" * 32)
+    exported = run_dir / "export" / "tiny-lora-comfyui.safetensors"
+    at = page("compare")
+    at.file_uploader(key="cmp_upload").upload("not really.safetensors", b"nonsense bytes").run()
+    assert "Not added: not really.safetensors is not a safetensors adapter file" in texts(at.error)
+    at.file_uploader(key="cmp_upload").set_value(("style v2.safetensors", exported.read_bytes(),
+                                                  "application/octet-stream")).run()
+    uploaded = ws.adapters_dir / "style-v2.safetensors"
+    assert uploaded.read_bytes() == exported.read_bytes() and at.multiselect(key="cmp_files").value == [str(uploaded)]
+    outside = tmp_path / "elsewhere" / "ext.safetensors"
+    outside.parent.mkdir()
+    shutil.copy(exported, outside)
+    at.text_input(key="cmp_path").set_value(str(outside)).run()
+    at.button(key="cmp_add_path").click().run()
+    assert "is outside the folders the studio may use" in texts(at.error)
+    monkeypatch.setenv("CASCADE_STUDIO_ALLOW_PATHS", str(outside.parent))  # cascade-studio ui --allow-path
+    at.button(key="cmp_add_path").click().run()
+    assert at.multiselect(key="cmp_files").value == [str(uploaded), str(outside)]
+    at.multiselect(key="cmp_runs").set_value([str(run_dir)]).run()
+    strengths = {w.label: w for w in at.number_input if w.label.startswith("Strength: ")}
+    assert set(strengths) == {"Strength: adapters/style-v2.safetensors", f"Strength: {outside}",
+                              "Strength: run tiny-lora"}
+    strengths["Strength: run tiny-lora"].set_value(0.5)
+    strengths["Strength: adapters/style-v2.safetensors"].set_value(-0.8)
+    at.run()
+    at.button(key="cmp_run").click().run()
+    [job] = JobQueue(ws).jobs()
+    argv = compare_argv(CompareRequest.from_args(job.args), Workspace.from_env(root=ws.root))
+    specs = argv[argv.index("--columns") + 1:argv.index(f"--prompt={TINY.preview.prompts[0]}")]
+    assert specs == ["base", f"run:{run_dir}@0.5", f"{uploaded}@-0.8", str(outside)]
+
+
+def test_compare_settings_are_saved_and_opened_again(ws: Workspace) -> None:
+    kept, gone = make_run(ws, "kept", "a" * 32), make_run(ws, "gone", "b" * 32)
+    at = page("compare")
+    at.multiselect(key="cmp_runs").set_value([str(kept), str(gone)]).run()
+    [w for w in at.number_input if w.label == "Strength: run kept"][0].set_value(0.7)
+    at.text_area(key=f"cmp_prompts-{kept}").set_value("a green square\na red circle")
+    at.text_input(key="cmp_seeds").set_value("3 4")
+    at.number_input(key="cmp_steps").set_value(5)
+    at.text_input(key="cmp_save_name").set_value("my grid")
+    at.run()
+    at.button(key="cmp_save").click().run()
+    saved = ws.comparison_settings_dir / "my-grid.json"
+    assert f"Saved the settings as `{saved}`" in texts(at.success)
+    assert json.loads(saved.read_text())["seeds"] == [3, 4]
+    shutil.rmtree(gone)
+    at = page("compare")  # later, in a fresh session
+    at.selectbox(key="cmp_open").set_value(str(saved))
+    at.button(key="cmp_open_go").click().run()
+    assert at.multiselect(key="cmp_runs").value == [str(kept)]
+    assert at.text_area(key=f"cmp_prompts-{kept}").value == "a green square\na red circle"
+    assert (at.text_input(key="cmp_seeds").value, at.number_input(key="cmp_steps").value) == ("3 4", 5)
+    assert [w.value for w in at.number_input if w.label == "Strength: run kept"] == [0.7]
+    assert f"run:{gone}: {gone} does not exist" in texts(at.warning)
 
 
 # ------------------------------------------------------------------------------------------------- export

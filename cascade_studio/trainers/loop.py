@@ -241,7 +241,8 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
                 tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
                 remaining = (settings.max_steps - step) * (time.perf_counter() - t0) / max(1, step - start_step)
                 events.emit("step", step=step, max_steps=settings.max_steps, loss=mean_loss, lr=lr,
-                            eta_seconds=round(remaining, 1))
+                            eta_seconds=round(remaining, 1), it_per_s=round(metrics["it_per_s"], 3),
+                            peak_memory_mb=round(metrics["peak_memory_mb"], 1))
         run_state.nonfinite_in_a_row = nonfinite_in_a_row
         run_state.skipped_steps_total = result.skipped_nonfinite
         if preview is not None and settings.preview_every and step % settings.preview_every == 0:

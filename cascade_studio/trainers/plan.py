@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 GiB = 2**30
+DEFAULT_GPU_GIB = 24.0  # the card `cascade-studio plan` and the studio plan for unless told otherwise
 BYTES = {"fp32": 4, "bf16": 2}
 COND_TOKENS_TEXT = 77
 LATENT_STRIDE = 32  # the effnet compressor: 768 px -> 24x24 latents at every preset
@@ -542,6 +543,15 @@ def format_plan(plan: MemoryPlan, budget: int | None = None, advice: Advice | No
     elif advice is not None:
         lines.append("No switch is left to apply; use a smaller preset, resolution or a larger GPU.")
     return "\n".join(lines)
+
+
+def plan_summary(plan: MemoryPlan, budget: int, advice: Advice | None = None) -> dict[str, Any]:
+    """The plan as plain data (``cascade-studio plan --json``; the studio's Launch page reads it): bytes per part,
+    the peak, the budget, whether it fits and, when it does not, the switches that would make it fit."""
+    return {"recipe_method": plan.setup.method, "preset": plan.setup.preset, "device": plan.setup.device,
+            "parts": dict(plan.parts), "peak": plan.peak, "budget": budget, "fits": plan.peak <= budget,
+            "switches": [{"override": o, "cost": c, "peak": p} for o, c, p in (advice.applied if advice else [])],
+            "switches_fit": bool(advice and advice.fits)}
 
 
 # ------------------------------------------------------------------------------------------------ measurement

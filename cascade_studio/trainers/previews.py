@@ -2,7 +2,9 @@
 
 Every preview of a run (and of every run with the same recipe prompts and seeds) starts from the same noise, so
 grids can be compared across steps and across runs. Text embeddings of the preview prompts are computed once,
-before the text encoder is freed.
+before the text encoder is freed. The base column never changes during a run (the base is frozen and the adapter
+is switched off for it), so it is sampled at the first preview only and its pictures are reused afterwards: later
+previews cost half as much (``preview_cost.py`` counts it; the studio's recipe form shows it).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def preview_text(text_encoder, prompts: list[str]):
 
 
 def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Path, text, reference: dict | None,
-                    method_inputs: Callable | None, method_cfg: Any) -> Callable[[int], None]:
+                    method_inputs: Callable | None, method_cfg: Any) -> "PreviewRenderer":
     """A function ``preview(step)`` that renders and logs a grid (rows: prompt x seed; columns: base, adapter)."""
     from ..inference.grid import make_grid
     from ..inference.pipeline import (GenerateSettings, TextEmbeddings, initial_noise, sample_stage_c,
@@ -46,6 +48,19 @@ def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Pa
 
     control_image = _control_to_image(extra_cond.get("control"))
 
+    def sample(emb, settings, noise, previewer, enabled: bool):
+        model.set_enabled(adapter.name, enabled)
+        try:
+            latents = sample_stage_c(model, emb, settings, extra_cond=extra_cond, extra_uncond=extra_uncond,
+                                     noise=noise)
+        finally:
+            model.set_enabled(adapter.name, True)
+        with torch.no_grad():
+            pixels = previewer(latents.to(next(previewer.parameters()).device).float())
+        return _to_image(pixels[0])
+
+    renderer = PreviewRenderer()
+
     def render(step: int) -> None:
         previewer = models.previewer()
         h, w = stage_c_latent_size(size, size)
@@ -57,15 +72,9 @@ def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Pa
                 settings = GenerateSettings(prompt=prompt, seed=seed, steps_c=recipe.preview.steps,
                                             cfg_c=recipe.preview.cfg, width=size, height=size, dtype="fp32")
                 noise = initial_noise((1, 16, h, w), seed)
-                row = []
-                for enabled in (False, True):
-                    model.set_enabled(adapter.name, enabled)
-                    latents = sample_stage_c(model, emb, settings, extra_cond=extra_cond, extra_uncond=extra_uncond,
-                                             noise=noise)
-                    with torch.no_grad():
-                        pixels = previewer(latents.to(next(previewer.parameters()).device).float())
-                    row.append(_to_image(pixels[0]))
-                model.set_enabled(adapter.name, True)
+                if (p, seed) not in renderer.base_images:  # the first preview: the base never changes afterwards
+                    renderer.base_images[(p, seed)] = sample(emb, settings, noise, previewer, enabled=False)
+                row = [renderer.base_images[(p, seed)], sample(emb, settings, noise, previewer, enabled=True)]
                 if control_image is not None:
                     row.insert(0, control_image)
                 rows.append(row)
@@ -78,7 +87,19 @@ def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Pa
         tracker.log_image(grid, f"{PREVIEWS_DIR}/{out.name}")
         events.emit("preview", step=step, path=str(out))
 
-    return render
+    renderer.render = render
+    return renderer
+
+
+class PreviewRenderer:
+    """``preview(step)``; ``base_images[(prompt index, seed)]`` holds the base column, sampled once per run."""
+
+    def __init__(self) -> None:
+        self.base_images: dict[tuple[int, int], Any] = {}
+        self.render: Callable[[int], None] = lambda step: None
+
+    def __call__(self, step: int) -> None:
+        self.render(step)
 
 
 def _to_image(pixels: torch.Tensor):

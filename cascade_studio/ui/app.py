@@ -6,8 +6,7 @@ killed job can only ever show up here as a failed job.
 """
 import streamlit as st
 
-from cascade_studio.ui.common import PAGES, queue, start_queue_worker, workspace
-from cascade_studio.ui.jobs import job_progress
+from cascade_studio.ui.common import PAGES, sidebar_status, start_queue_worker, workspace
 from cascade_studio.ui.workspace import ensure_repo_cwd
 
 st.set_page_config(page_title="Cascade Studio", layout="wide")
@@ -22,10 +21,6 @@ start_queue_worker()
 with st.sidebar:
     ws = workspace()
     st.caption(f"Workspace: `{ws.root}`")
-    running = queue().running()
-    if running is not None:
-        progress = job_progress(running)
-        step = f" · step {progress.step}/{progress.max_steps}" if progress.max_steps else ""
-        st.caption(f"Running: {running.label}{step}")
+    sidebar_status()  # refreshes itself every few seconds on every page; toasts when a job ends
 
 navigation.run()

@@ -4,9 +4,12 @@
   for a recipe that validates with the studio's overrides (its workspace and run name); with ``--resume`` for a
   run folder of the workspace that has a checkpoint, with the ``recipe.yaml`` that run saved;
 - compare: ``python -m cascade_studio.cli compare --columns ... --prompt=... --seeds ... --out ...``;
-- export: ``python -m cascade_studio.cli export <run or checkpoint> --format F --out FILE``.
+- export: ``python -m cascade_studio.cli export <run or checkpoint> --format F --out FILE``;
+- plan: ``python -m cascade_studio.cli plan <recipe> <overrides> --gpu-gb N --json`` (the Launch page's memory
+  estimate: the planner builds Stage C on the meta device, which needs torch, so it runs in a child process).
 
-Every path in them is confined to the workspace (or recipes/ for recipe files), and every path setting of a
+Every path in them is confined to the workspace (or recipes/ for recipe files; an adapter file of a comparison
+to the folders the path policy allows), and every path setting of a
 launched recipe, from its file or an override, must pass the studio's path policy (``ui/paths.py``) both when
 the job is queued and when the runner starts it. Prompts are passed as
 ``--prompt=<text>`` so a prompt that starts with ``-`` is still a prompt, not an option.
@@ -28,11 +31,11 @@ from ..adapters import catalog
 from ..config import Problem, RecipeError, load_recipe, parse_override
 from ..models.presets import PRESETS
 from ..run_folder import RunFolder
-from .paths import PathNotAllowed, safe_filename
+from .paths import NAME_RULE, PathNotAllowed, safe_filename
 from .workspace import Workspace
 
 __all__ = ["TrainRequest", "CompareRequest", "Column", "export_argv", "default_run_name", "train_command",
-           "compare_argv", "CLI", "new_comparison_dir", "parse_seeds"]
+           "compare_argv", "CLI", "new_comparison_dir", "parse_seeds", "plan_argv"]
 
 CLI = [sys.executable, "-m", "cascade_studio.cli"]
 # The studio sets these itself; a user override of them would send the run somewhere the studio does not look.
@@ -80,8 +83,8 @@ class TrainRequest:
         else:
             workspace.confine_recipe(self.recipe)
         if safe_filename(self.run_name) != self.run_name:
-            raise ValueError(f"run name {self.run_name!r} may only use letters, digits, '.', '-', '_'; "
-                             f"e.g. {safe_filename(self.run_name)}")
+            raise ValueError(f"The run name `{self.run_name}` may only use {NAME_RULE}; e.g. "
+                             f"`{safe_filename(self.run_name)}`")
         if not 1 <= int(self.processes) <= 8:
             raise ValueError("processes must be between 1 and 8")
         for text in self.overrides:
@@ -144,6 +147,10 @@ class TrainRequest:
                 "processes": int(self.processes)}
         return {**args, "resume": True} if self.resume else args
 
+    def parsed_overrides(self) -> list[tuple[str, Any]]:
+        """(dotted key, value as the recipe will read it) of every override; raises ``ValueError`` for a bad one."""
+        return [parse_override(text) for text in self.overrides]
+
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "TrainRequest":
         return cls(str(args["recipe"]), str(args["run_name"]), tuple(args.get("overrides", ())),
@@ -160,6 +167,12 @@ def train_command(request: TrainRequest, workspace: Workspace) -> tuple[list[str
                               resume=request.resume)
     env = launch_env(request.processes)
     return argv + ["--no-progress"], env  # progress bars would fill the log; the studio reads events instead
+
+
+def plan_argv(request: TrainRequest, workspace: Workspace, gpu_gib: float) -> list[str]:
+    """``cascade-studio plan --json`` for a train request: its recipe with its overrides, on a ``gpu_gib`` card."""
+    recipe = workspace.confine_recipe(request.recipe)
+    return [*CLI, "plan", str(recipe), *request.overrides, "--gpu-gb", f"{float(gpu_gib):g}", "--json"]
 
 
 # ------------------------------------------------------------------------------------------------ compare
@@ -206,9 +219,9 @@ class CompareRequest:
             if column.kind not in ("base", "run", "ckpt", "file"):
                 found.append(f"unknown column kind {column.kind!r}")
             elif column.kind != "base":
-                try:  # an adapter file may be anywhere the studio's path policy allows; runs are in the workspace
-                    path = workspace.policy().check(column.target) if column.kind == "file" \
-                        else workspace.confine_workspace(column.target)
+                try:  # an adapter file may come from any folder the path policy allows; runs live in the workspace
+                    path = (workspace.policy().check(column.target) if column.kind == "file"
+                            else workspace.confine_workspace(column.target))
                 except PathNotAllowed as exc:
                     found.append(str(exc))
                     continue

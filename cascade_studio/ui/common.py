@@ -1,4 +1,5 @@
-"""Streamlit pieces every page shares: the workspace, the job queue and its background worker, problem lists."""
+"""Streamlit pieces every page shares: the workspace, the job queue and its background worker, the sidebar's job
+status and end-of-job notifications, status badges, problem lists."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,7 @@ from typing import Any, Iterable, Optional
 
 import streamlit as st
 
-from .jobs import JobQueue
+from .jobs import CANCELLED, FAILED, FINISHED, TERMINAL, Job, JobQueue, failure_message, job_progress
 from .workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -18,6 +19,12 @@ logger = logging.getLogger(__name__)
 # Off in the AppTest suite (tests pump the queue themselves, with stand-in runners).
 WORKER_ENV = "CASCADE_STUDIO_QUEUE_WORKER"
 WORKER_INTERVAL_S = 2.0
+SIDEBAR_REFRESH_S = 2.0
+# Streamlit's own Material icons: they draw without an emoji font (a bare Linux desktop shows tofu for emoji).
+STATUS_ICONS = {FINISHED: ":material/check_circle:", FAILED: ":material/error:", CANCELLED: ":material/cancel:",
+                "running": ":material/progress_activity:", "queued": ":material/schedule:"}
+_NOTIFIED = "jobs_notified"  # ids of ended jobs this session has already told the user about
+_SESSION_START = "jobs_session_start"
 PAGES = {"recipes": "views/recipes.py", "data": "views/data.py", "launch": "views/launch.py",
          "runs": "views/runs.py", "compare": "views/compare.py", "generate": "views/generate.py",
          "export": "views/export.py"}
@@ -56,6 +63,46 @@ def start_queue_worker() -> None:
     """Start the background queue worker once per server (unless ``CASCADE_STUDIO_QUEUE_WORKER=0``)."""
     if os.environ.get(WORKER_ENV, "1") != "0":
         _queue_worker(str(workspace().root))
+
+
+def status_badge(status: str) -> str:
+    """A job status as Markdown: the word, then its Material icon (the word reads without any icon font, too)."""
+    return f"{status} {STATUS_ICONS.get(status, '')}".strip()
+
+
+@st.fragment(run_every=SIDEBAR_REFRESH_S)
+def sidebar_status() -> None:
+    """The sidebar's job status, refreshed on its own timer on every page, and a toast when a job ends."""
+    job_queue = queue()
+    job_queue.pump()  # cheap and idempotent; notices a job that just ended even where no worker thread runs
+    jobs = job_queue.jobs()
+    running = next((j for j in jobs if j.status == "running"), None)
+    if running is not None:
+        progress = job_progress(running)
+        step = f" · step {progress.step}/{progress.max_steps}" if progress.max_steps else ""
+        st.caption(f"{STATUS_ICONS['running']} Running: {running.label}{step}")
+    else:
+        st.caption("No job is running.")
+    queued = sum(1 for j in jobs if j.status == "queued")
+    if queued:
+        st.caption(f"{STATUS_ICONS['queued']} {queued} queued")
+    notify_ended_jobs(job_queue, jobs)
+
+
+def notify_ended_jobs(job_queue: JobQueue, jobs: Iterable[Job]) -> None:
+    """A toast for every job that ended since this browser session began, once per job (on the next rerun)."""
+    start = st.session_state.setdefault(_SESSION_START, time.time())
+    notified: set[str] = st.session_state.setdefault(_NOTIFIED, set())
+    for job in jobs:
+        if job.status not in TERMINAL or job.id in notified:
+            continue
+        notified.add(job.id)
+        if (job.ended or 0) < start:
+            continue  # ended before this session: the Launch page lists it, no news
+        text = f"{job.label}: {job.status}"
+        if job.status == FAILED:
+            text += f". {failure_message(job, job_queue.log_tail(job, 40))}"
+        st.toast(text, icon=STATUS_ICONS[job.status])
 
 
 def show_problems(problems: Iterable[Any], title: str = "") -> None:

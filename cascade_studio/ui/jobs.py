@@ -18,6 +18,7 @@ ends its MLflow run as KILLED); a job still alive ``cancel_grace_s`` later gets 
 from __future__ import annotations
 
 import json
+import re
 import os
 import secrets
 import signal
@@ -34,7 +35,7 @@ from ..trainers.events import read_events
 from .workspace import Workspace
 
 __all__ = ["Job", "JobError", "JobQueue", "Progress", "ACTIVE", "TERMINAL", "job_progress", "group_alive",
-           "write_exit", "read_exit", "group_members"]
+           "write_exit", "read_exit", "group_members", "failure_message"]
 
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED = "queued", "running", "finished", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
@@ -154,6 +155,8 @@ class Progress:
     eta_seconds: Optional[float] = None
     run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
+    it_per_s: Optional[float] = None  # optimizer steps per second of the last logged step
+    peak_memory_mb: Optional[float] = None  # peak accelerator memory (the host's peak RSS on a CPU) so far
     outcome: Optional[str] = None  # finished | failed | killed
     error: Optional[str] = None
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -181,12 +184,33 @@ def job_progress(job: Job) -> Progress:
             progress.max_steps = event.get("max_steps")
             progress.loss, progress.lr = event.get("loss"), event.get("lr")
             progress.eta_seconds = event.get("eta_seconds")
+            progress.it_per_s, progress.peak_memory_mb = event.get("it_per_s"), event.get("peak_memory_mb")
             if progress.loss is not None:
                 progress.losses.append((progress.step, float(progress.loss)))
         elif kind in ("finished", "failed", "killed"):
             progress.outcome = kind
             progress.error = event.get("error")
     return progress
+
+
+# ---------------------------------------------------------------------------------------------- failures
+# What a failed job says when neither its runner nor its events recorded why; failure_message then looks in the log.
+_GENERIC_FAILURE = "exited with code {code}; see the log below"
+_NO_EXIT_RECORD = "the job stopped without recording an exit code (killed from outside?); see the log below"
+# The last line of a Python traceback: "RuntimeError: ...", "torch.OutOfMemoryError: ...", "KeyboardInterrupt".
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Exit)\b(?::.*)?$")
+
+
+def failure_message(job: Job, log: str) -> str:
+    """The clear message of a failed job, to show before its log: what the runner or the trainer recorded, else
+    the exception that ended the log (with the exit code), else the generic reason."""
+    reason = job.error or "no reason was recorded"
+    if reason not in (_GENERIC_FAILURE.format(code=job.returncode), _NO_EXIT_RECORD):
+        return reason
+    last = next((line.strip() for line in reversed(log.splitlines()) if _EXCEPTION_LINE.match(line.strip())), None)
+    if last is None:
+        return reason
+    return f"{last} (exit code {job.returncode})" if job.returncode is not None else last
 
 
 # ------------------------------------------------------------------------------------------------- queue
@@ -360,10 +384,10 @@ class JobQueue:
 
     def _failure_reason(self, job: Job, record: Optional[dict[str, Any]]) -> str:
         if record is None:
-            return "the job stopped without recording an exit code (killed from outside?); see the log below"
+            return _NO_EXIT_RECORD
         if record.get("error"):
             return str(record["error"])
         progress = job_progress(job)
         if progress.error:
             return progress.error
-        return f"exited with code {job.returncode}; see the log below"
+        return _GENERIC_FAILURE.format(code=job.returncode)

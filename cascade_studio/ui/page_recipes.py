@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Any
+from typing import Any, Optional
 
 import streamlit as st
 
 from ..config import RecipeError, load_recipe_text
+from ..trainers.preview_cost import PREVIEW_SHARE_WARNING, preview_cost
 from .common import show_problems, workspace
-from .paths import PathNotAllowed
+from .paths import NAME_RULE, RELATIVE_PATHS_HELP, PathNotAllowed
 from .recipe_form import (SECTION_TITLES, FormField, form_fields, from_widget, get_dotted, load_form_data,
                           problems_by_field, recipe_yaml, save_recipe_text, set_dotted, to_widget, validate_data)
 from .workspace import RecipeEntry, Workspace
@@ -25,7 +26,7 @@ def render() -> None:
     ws = workspace()
     st.title("Recipes")
     st.caption("Shipped recipes (recipes/) are read-only: edit one here and save it under a new name in "
-               f"`{ws.recipes_dir}`. Relative paths in a recipe start at the repository root.")
+               f"`{ws.recipes_dir}`. {RELATIVE_PATHS_HELP}")
     if _FLASH in st.session_state:
         st.success(st.session_state.pop(_FLASH))
     entries = ws.list_recipes()
@@ -77,6 +78,7 @@ def _form(ws: Workspace, entry: RecipeEntry, data: dict, source_key: str) -> Non
     fields = form_fields()
     edited = copy.deepcopy(data)
     slots: dict[str, Any] = {}
+    cost_slot = None
     summary = st.container()
     sections = list(dict.fromkeys(f.section for f in fields))
     for section in sections:
@@ -92,7 +94,11 @@ def _form(ws: Workspace, entry: RecipeEntry, data: dict, source_key: str) -> Non
                     set_dotted(edited, field.path, from_widget(field, raw))
                     slots[field.path] = st.empty()  # filled with this field's problems after validation
                 shown += 1
+            if section == "preview":
+                cost_slot = st.empty()  # what the previews cost, once the recipe validates
     recipe, problems = validate_data(edited)
+    if recipe is not None and cost_slot is not None:
+        _show_preview_cost(cost_slot, recipe)
     by_field, _ = problems_by_field(problems, list(slots))  # the rest shows in the summary
     for path, found in by_field.items():
         slots[path].error("\n".join(f"{p}" for p in found))
@@ -103,14 +109,33 @@ def _form(ws: Workspace, entry: RecipeEntry, data: dict, source_key: str) -> Non
         else:
             st.success("Valid recipe.")
     st.divider()
-    name = st.text_input("Save as", value=str(edited.get("name") or entry.path.stem), key=f"saveas-{source_key}",
-                         help=f"File name in {ws.recipes_dir} (letters, digits, '-', '_'; .yaml is added)")
+    name = st.text_input("Save as", value=default_save_name(entry, edited.get("name")), key=f"saveas-{source_key}",
+                         help=_save_help(ws))
     overwrite = st.checkbox("Overwrite an existing file of that name", key=f"overwrite-{source_key}")
     if st.button("Save recipe", key=f"save-{source_key}", type="primary"):
         if recipe is None:
             st.error(f"Not saved: fix the {len(problems)} problem(s) above first.")
         else:
             _save(ws, name, recipe_yaml(recipe), overwrite)
+
+
+def _show_preview_cost(slot, recipe) -> None:
+    cost = preview_cost(recipe)
+    if cost.share > PREVIEW_SHARE_WARNING:
+        slot.warning(f"**Preview cost.** {cost.describe()} That slows the run noticeably: lower `preview.steps`, "
+                     "render less often (`preview.every`) or use fewer prompts or seeds.")
+    else:
+        slot.info(f"**Preview cost.** {cost.describe()}")
+
+
+def default_save_name(entry: RecipeEntry, recipe_name: Optional[str]) -> str:
+    """The one default for both tabs: a saved recipe is saved over itself (tick 'overwrite'); a shipped one (read-
+    only) under its recipe name, which is also the name its runs get."""
+    return entry.path.stem if not entry.shipped else str(recipe_name or entry.path.stem)
+
+
+def _save_help(ws: Workspace) -> str:
+    return f"File name in `{ws.recipes_dir}`: {NAME_RULE}; `.yaml` is added"
 
 
 def _save(ws: Workspace, name: str, text: str, overwrite: bool) -> None:
@@ -137,8 +162,8 @@ def _yaml_editor(ws: Workspace, entry: RecipeEntry, text: str, source_key: str) 
     else:
         st.success(f"Valid recipe: {recipe.adapter.method} on preset {recipe.model.preset}, "
                    f"{recipe.train.max_steps} steps.")
-    name = st.text_input("Save YAML as", value=entry.path.stem if not entry.shipped else f"{entry.path.stem}-copy",
-                         key=f"yaml-saveas-{source_key}", help=f"File name in {ws.recipes_dir}")
+    name = st.text_input("Save YAML as", value=default_save_name(entry, recipe.name if recipe else None),
+                         key=f"yaml-saveas-{source_key}", help=_save_help(ws))
     overwrite = st.checkbox("Overwrite an existing file of that name", key=f"yaml-overwrite-{source_key}")
     if st.button("Save YAML", key=f"yaml-save-{source_key}"):
         if recipe is None:

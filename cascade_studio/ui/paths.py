@@ -30,8 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-__all__ = ["ALLOW_PATHS_ENV", "PathNotAllowed", "PathPolicy", "allowed_paths_from_env", "confine", "hf_hub_cache",
+__all__ = ["ALLOW_PATHS_ENV", "NAME_RULE", "RELATIVE_PATHS_HELP", "PathNotAllowed", "PathPolicy", "allowed_paths_from_env", "confine", "hf_hub_cache",
            "is_inside", "path_settings", "safe_filename"]
+
+# Where a relative path starts, said the same way on every page and in every path setting's tooltip: the studio
+# runs from the repository root and starts every job there (workspace.ensure_repo_cwd, PathPolicy.base).
+RELATIVE_PATHS_HELP = ("In the studio, relative paths start at the repository root (where the studio and every job "
+                       "it starts run), e.g. datasets/tiny-shapes.")
 
 # Set by ``cascade-studio ui --allow-path DIR`` (os.pathsep-separated); inherited by the job runners it starts.
 ALLOW_PATHS_ENV = "CASCADE_STUDIO_ALLOW_PATHS"
@@ -243,6 +248,9 @@ class PathPolicy:
 
 # Letters, digits, dot, dash and underscore: portable on every filesystem and safe in a URL or an argv item.
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# The rule above in words, as Markdown (every page renders messages and tooltips as Markdown: code spans keep the
+# characters literal, where a bare '_' or '\\' is eaten).
+NAME_RULE = "letters, digits, `.`, `-` and `_`"
 _MAX_NAME = 64
 
 
@@ -259,7 +267,7 @@ def safe_filename(name: str, suffix: str = "") -> str:
     stem = re.sub(r"-{2,}", "-", stem).strip("-.")  # no hidden files, no "..", no dangling dashes
     stem = stem[:_MAX_NAME].rstrip("-.")
     if not stem:
-        raise PathNotAllowed(f"{name!r} has no usable characters for a file name; use letters, digits, '-', '_'")
+        raise PathNotAllowed(f"`{name}` has no usable characters for a file name; use {NAME_RULE}")
     result = stem + suffix
     assert PurePath(result).name == result  # nothing above can produce a separator; keep it that way
     return result

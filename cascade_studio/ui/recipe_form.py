@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import (FieldDoc, Problem, Recipe, RecipeError, describe_fields, dump_recipe_yaml, load_recipe,
                       load_recipe_text, recipe_to_dict)
-from .paths import safe_filename
+from .paths import RELATIVE_PATHS_HELP, path_settings, safe_filename
 
 __all__ = ["FormField", "form_fields", "to_widget", "from_widget", "set_dotted", "get_dotted", "validate_data",
            "problems_by_field", "save_recipe_text", "recipe_yaml", "load_form_data", "SECTION_TITLES"]
@@ -60,6 +60,8 @@ class FormField:
             extra += " One item per line."
         elif self.kind == "numbers":
             extra += " Comma-separated."
+        if self.path in path_settings():
+            extra += f" {RELATIVE_PATHS_HELP}"
         return f"{self.doc.doc}{extra} (type: {self.doc.type}; default: {default})"
 
 

@@ -8,6 +8,8 @@ Layout under the workspace (the same one ``run.py`` writes, plus the studio's ow
     runs/<name>/             training runs (their layout: ``cascade_studio/run_folder.py``)
     compare/<date-time>/     outputs of ``cascade-studio compare`` (grid.png, cells/, manifest.json)
     deleted-runs/<name>-<time>/  run folders deleted on the Runs page (moved aside, not erased)
+    compare-settings/<name>.json   comparison settings saved on the Compare page
+    adapters/<name>.safetensors    adapter files uploaded on the Compare page
     mlflow.db, mlartifacts/  MLflow's SQLite store and artifacts
 
 No torch, no Streamlit.
@@ -85,6 +87,14 @@ class Workspace:
         return self.root / "deleted-runs"
 
     @property
+    def comparison_settings_dir(self) -> Path:
+        return self.root / "compare-settings"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    @property
     def shipped_recipes_dir(self) -> Path:
         return self.repo_root / "recipes"
 
@@ -117,10 +127,17 @@ class Workspace:
 
     # --------------------------------------------------------------------------------------------- recipes
     def list_recipes(self) -> list[RecipeEntry]:
-        """Shipped recipes (``recipes/**``, tiny first, the tiny LoRA at the top) then the workspace's saved ones."""
-        shipped = sorted(self.shipped_recipes_dir.rglob("*.yaml"),
-                         key=lambda p: (p.parent.name != "tiny", p.name != "lora.yaml",
-                                        str(p.relative_to(self.shipped_recipes_dir))))
+        """Shipped recipes by group (their folder: the presets built in code first, tiny then toy, so they run on a
+        CPU; then the others by name; a group's LoRA first, so the tiny LoRA is at the top), then the workspace's
+        saved ones."""
+        from ..models.presets import PRESETS
+
+        def order(path: Path) -> tuple:
+            group = path.relative_to(self.shipped_recipes_dir).parent.as_posix()
+            built_in = group in PRESETS and PRESETS[group].built_in
+            return (not built_in, group != "tiny", group, path.name != "lora.yaml", path.name)
+
+        shipped = sorted(self.shipped_recipes_dir.rglob("*.yaml"), key=order)
         entries = [RecipeEntry(f"shipped: {p.relative_to(self.shipped_recipes_dir)}", p, True) for p in shipped]
         if self.recipes_dir.is_dir():
             entries += [RecipeEntry(f"saved: {p.name}", p, False) for p in sorted(self.recipes_dir.glob("*.yaml"))]
