@@ -76,7 +76,7 @@ def test_opens_on_the_newest_finished_run_with_its_own_method_params_and_heldout
 
 def test_resume_queues_the_studios_train_resume_command_for_a_stopped_run(ws, runs) -> None:
     at = page("runs")
-    assert not [b for b in at.button if b.key == f"runs_resume-{runs['done-too']}"]  # finished: nothing to resume
+    assert at.button(key=f"runs_resume-{runs['done-too']}").label == "Train further"  # finished: to more steps
     at.multiselect(key="runs_chosen").set_value([runs["stopped"]]).run()
     at.button(key=f"runs_resume-{runs['stopped']}").click().run()
     assert "Queued resume stopped" in texts(at.success), texts(at.error)
@@ -89,6 +89,17 @@ def test_resume_queues_the_studios_train_resume_command_for_a_stopped_run(ws, ru
     assert "--resume" in argv and 'name="stopped"' in argv
     at.button(key=f"runs_resume-{runs['stopped']}").click().run()  # the folder is taken by the queued job now
     assert "already writes to" in texts(at.error) and len(JobQueue(ws).jobs()) == 1
+
+
+def test_a_finished_run_trains_further_from_its_last_checkpoint(ws, runs) -> None:
+    at = page("runs")
+    assert at.number_input(key=f"runs_more_steps-{runs['done-too']}").value == 8  # twice its last checkpoint, 4
+    at.number_input(key=f"runs_more_steps-{runs['done-too']}").set_value(10).run()
+    at.button(key=f"runs_resume-{runs['done-too']}").click().run()
+    assert "Queued resume done-too" in texts(at.success), texts(at.error)
+    [job] = JobQueue(ws).jobs()
+    argv, _ = build(job, ws)
+    assert "--resume" in argv and "train.max_steps=10" in argv and 'name="done-too"' in argv
 
 
 def test_a_run_without_a_checkpoint_cannot_be_resumed(ws, runs) -> None:

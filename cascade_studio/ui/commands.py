@@ -63,10 +63,12 @@ class TrainRequest:
     resume: bool = False  # continue the run's folder from its newest sound checkpoint (``train --resume``)
 
     @classmethod
-    def resuming(cls, workspace: Workspace, run_dir: Path) -> "TrainRequest":
-        """Resume the run in ``run_dir`` with the recipe it saved (so nothing the adapter learns from changes)."""
+    def resuming(cls, workspace: Workspace, run_dir: Path, max_steps: int | None = None) -> "TrainRequest":
+        """Resume the run in ``run_dir`` with the recipe it saved (so nothing the adapter learns from changes);
+        ``max_steps`` trains a finished run further, to that step."""
         run = RunFolder(run_dir)
-        return cls(str(run.recipe_file), run.name, resume=True)
+        overrides = (f"train.max_steps={int(max_steps)}",) if max_steps is not None else ()
+        return cls(str(run.recipe_file), run.name, overrides, resume=True)
 
     def all_overrides(self, workspace: Workspace) -> list[str]:
         # JSON strings are valid YAML scalars: quoting keeps a name like "1e3" or "true" a string.

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from ..config import RecipeError
-from ..run_folder import PREVIEWS_DIR, RunFolder
+from ..run_folder import PREVIEWS_DIR, RunFolder, checkpoint_step
 from ..tracking import TrackingError, list_runs, read_run
 from .commands import TrainRequest
 from .common import PAGES, queue, show_problems, workspace
@@ -140,7 +140,8 @@ def _run_files(ws: Workspace, run: dict[str, Any], run_dir: Path | None) -> None
 
 
 def _actions(ws: Workspace, run: dict[str, Any], run_dir: Path | None) -> None:
-    """Resume (stopped or failed runs with a checkpoint), clone into the recipe editor, delete (confirmed)."""
+    """Resume (stopped or failed runs with a checkpoint) or train a finished run further, clone into the recipe
+    editor, delete (confirmed)."""
     run_id, name = run["run_id"], run.get("run_name") or run["run_id"][:8]
     st.markdown("**Actions**")
     resume_col, clone_col, delete_col = st.columns(3)
@@ -151,6 +152,14 @@ def _actions(ws: Workspace, run: dict[str, Any], run_dir: Path | None) -> None:
             _resume(ws, folder.path)
     elif run["status"] in RESUMABLE:
         resume_col.caption("Cannot resume: it saved no checkpoint before it stopped; start it again instead.")
+    elif folder is not None and (latest := folder.latest_checkpoint()) is not None:
+        done = checkpoint_step(latest)
+        target = resume_col.number_input("Train further, to step", min_value=done + 1, value=2 * done, step=done,
+                                         key=f"runs_more_steps-{run_id}")
+        if resume_col.button("Train further", key=f"runs_resume-{run_id}",
+                             help=f"Continue from its step-{done} checkpoint to the step above (cascade-studio train "
+                                  "--resume train.max_steps=N) as a job"):
+            _resume(ws, folder.path, max_steps=int(target))
     if folder is not None and folder.recipe_file.is_file() and clone_col.button(
             "Clone into the recipe editor", key=f"runs_clone-{run_id}",
             help="Save this run's recipe as a new recipe and open it on the Recipes page"):
@@ -169,8 +178,8 @@ def _actions(ws: Workspace, run: dict[str, Any], run_dir: Path | None) -> None:
             st.rerun()
 
 
-def _resume(ws: Workspace, run_dir: Path) -> None:
-    request = TrainRequest.resuming(ws, run_dir)
+def _resume(ws: Workspace, run_dir: Path, max_steps: int | None = None) -> None:
+    request = TrainRequest.resuming(ws, run_dir, max_steps)
     job_queue = queue()
     try:
         request.validate(ws)
