@@ -1,8 +1,9 @@
 """End to end in a real browser: ``cascade-studio ui`` in a subprocess, driven by headless Chromium (Playwright).
 
-Launches the tiny LoRA recipe from the Launch page, waits for it to finish, finds its loss chart on the Runs page,
-compares base vs the new adapter on the Compare page and sees the grid, exports it, and screenshots every page to
-test-artifacts/ (and the README's docs/screenshots/ when CASCADE_STUDIO_UPDATE_SCREENSHOTS=1). Debian's chromium is
+The walk: edit a caption on the Data page, launch the toy LoRA recipe, get told it finished, the run's actions on
+the Runs page, compare base vs the adapter (the taught colour measured on the cells), generate on the Generate page,
+export; every page is screenshotted to test-artifacts/ (and the README's docs/screenshots/ when
+CASCADE_STUDIO_UPDATE_SCREENSHOTS=1). Debian's chromium is
 required (``apt-get install -y chromium``; .ci/run installs it): without it this test fails, it never skips.
 """
 from __future__ import annotations
@@ -30,11 +31,10 @@ CHROMIUM = shutil.which("chromium") or "chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
-README_SHOTS = {"runs.png", "compare.png"}
-# A short run that still checkpoints and renders previews, so every page has something to show.
-OVERRIDES = "\n".join(["train.max_steps=6", "train.checkpoint_every=3", "preview.every=3", "preview.steps=4",
-                       "preview.prompts=[a small red circle]", "preview.seeds=[0]"])
-JOB_TIMEOUT_MS = 240_000
+# Every page the walk visits; the README's studio section shows them.
+README_SHOTS = {"recipes.png", "data.png", "launch.png", "runs.png", "compare.png", "generate.png", "export.png"}
+WALK_PROMPTS = ("a large purple circle", "a large purple square", "a small purple triangle", "a large purple triangle")
+JOB_TIMEOUT_MS = 600_000  # the toy LoRA trains 300 steps: about a minute and a half on 2 idle cores
 
 
 def _free_port() -> int:
@@ -84,13 +84,23 @@ def _stop(server: subprocess.Popen, workspace: Workspace) -> None:
                 os.killpg(job.pid, signal.SIGKILL)
 
 
-def test_studio_end_to_end_in_chromium(tmp_path: Path) -> None:
+def test_studio_walk_in_chromium(tmp_path: Path) -> None:
+    """The walk a new user takes: edit a caption on the Data page, launch the toy LoRA recipe on the purple split
+    from the Launch page, get told when it finishes, find the run's actions on the Runs page, compare base vs the
+    new adapter (the LoRA column shows the colour it was taught, measured on the cells' pixels), generate one
+    image on the Generate page and export. Every page is screenshotted on the way (docs/screenshots/ when
+    CASCADE_STUDIO_UPDATE_SCREENSHOTS=1)."""
     assert shutil.which("chromium"), "Debian's chromium is missing: apt-get install -y chromium (.ci/run does this)"
+    import numpy as np
+    from PIL import Image
     from playwright.sync_api import expect, sync_playwright
 
-    expect.set_options(timeout=60_000)  # the first scan imports torch in the server; CI machines are slow
+    from cascade_studio.demo import held_out_share, toy_shapes
 
+    expect.set_options(timeout=60_000)  # the first scan imports torch in the server; CI machines are slow
     workspace = Workspace(tmp_path / "ws")
+    data = toy_shapes().ensure_split("purple", workspace.root / "datasets")
+    captions_before = {p.name: p.read_text() for p in sorted(data.glob("*.txt"))}
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "wb")
@@ -108,55 +118,91 @@ def test_studio_end_to_end_in_chromium(tmp_path: Path) -> None:
             expect(page.get_by_text("Valid recipe.", exact=True)).to_be_visible()
             _shot(page, "recipes.png")
 
+            # Data: open the purple split and edit one caption in place.
             page.goto(f"{url}/data")
+            folder_box = page.get_by_label("Or type a folder path", exact=True)
+            folder_box.fill(str(data))
+            folder_box.press("Enter")
             expect(page.get_by_text("Usable images")).to_be_visible()
-            expect(page.get_by_text("small red circle").first).to_be_visible()
+            page.get_by_role("tab", name="Edit captions").click()
+            caption = page.get_by_label("Caption", exact=True)
+            expect(caption).to_be_visible()
+            edited = caption.input_value().strip() + ", flat colours"
+            caption.fill(edited)
+            caption.press("Control+Enter")
+            page.get_by_role("button", name="Save caption").click()
+            expect(page.get_by_text(re.compile("Saved"))).to_be_visible()
             _shot(page, "data.png")
+            changed = {p.name: p.read_text().strip() for p in sorted(data.glob("*.txt"))
+                       if p.read_text() != captions_before[p.name]}
+            assert list(changed.values()) == [edited], changed
 
-            # Launch: the tiny LoRA recipe is the default choice; shorten it with validated overrides.
+            # Launch the toy LoRA recipe on that folder; the end of the job is announced on whatever page is open.
             page.goto(f"{url}/launch")
-            expect(page.get_by_text("Ready:")).to_be_visible()
+            page.get_by_label("Recipe", exact=True).click()
+            page.get_by_role("option", name="shipped: toy/lora.yaml").click()
             overrides = page.get_by_label("Overrides (optional)", exact=True)
-            overrides.fill(OVERRIDES)
+            overrides.fill(f"data.path={data}")
             overrides.press("Control+Enter")
             expect(page.get_by_text("Ready:")).to_be_visible()
             page.get_by_role("button", name="Queue training").click()
-            expect(page.get_by_text("Queued train tiny-lora")).to_be_visible()
-            expect(page.get_by_text(re.compile(r"step [1-6]/6")).first).to_be_visible(timeout=JOB_TIMEOUT_MS)
+            expect(page.get_by_text(re.compile(r"Queued train toy-lora-purple"))).to_be_visible()
+            expect(page.get_by_text(re.compile(r"step \d+/300")).first).to_be_visible(timeout=JOB_TIMEOUT_MS)
             _shot(page, "launch.png")
-            expect(page.get_by_text("train tiny-lora (shipped: tiny/lora.yaml) · finished")).to_be_visible(
-                timeout=JOB_TIMEOUT_MS)
+            expect(page.get_by_test_id("stToast").filter(has_text="toy-lora-purple")).to_contain_text(
+                "finished", timeout=JOB_TIMEOUT_MS)
             job = JobQueue(workspace).jobs()[0]
             assert job.status == "finished", JobQueue(workspace).log_tail(job, 60)
 
             page.goto(f"{url}/runs")
             expect(page.get_by_text("Training loss")).to_be_visible()
-            expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible()
-            expect(page.get_by_text("Preview at step")).to_be_visible()
-            expect(page.get_by_role("button", name="Download tiny-lora-comfyui.safetensors")).to_be_visible()
+            for action in ("Train further", "Clone into the recipe editor", "Delete this run"):
+                expect(page.get_by_role("button", name=action)).to_be_visible()
             _shot(page, "runs.png")
 
-            # Compare base vs the new adapter (the run's exported LoRA), one prompt, one seed, few steps.
+            # Compare base vs the new adapter on purple prompts (a colour the toy base never saw).
             page.goto(f"{url}/compare")
             runs_box = page.get_by_label("Runs (their exported adapter, else the latest checkpoint)", exact=True)
             runs_box.click()
-            page.get_by_role("option", name="tiny-lora").click()
+            page.get_by_role("option", name="toy-lora-purple").click()
             page.keyboard.press("Escape")
-            steps = page.get_by_label("Stage C steps", exact=True)
-            steps.fill("4")
-            steps.press("Enter")
-            expect(page.get_by_role("button", name="Run comparison")).to_be_enabled()
+            prompts = page.get_by_label("Prompts (one per line)", exact=True)
+            expect(prompts).to_have_count(1)  # the box is keyed on the first run: the old one goes on the rerun
+            prompts.fill("\n".join(WALK_PROMPTS))
+            prompts.press("Control+Enter")
+            seeds = page.get_by_label("Seeds", exact=True)
+            seeds.fill("0 1")
+            seeds.press("Enter")
             page.get_by_role("button", name="Run comparison").click()
-            expect(page.get_by_text("Column 2: lora tiny-lora")).to_be_visible(timeout=JOB_TIMEOUT_MS)
-            grid = page.locator("[data-testid='stImage'] img").first
-            expect(grid).to_be_visible()
-            assert grid.evaluate("img => img.naturalWidth") > 0
+            expect(page.get_by_text(re.compile("Column 2: lora toy-lora-purple"))).to_be_visible(
+                timeout=JOB_TIMEOUT_MS)
+            expect(page.locator("[data-testid='stImage'] img").first).to_be_visible()
             _shot(page, "compare.png")
-            assert len(list(workspace.comparisons_dir.glob("*/grid.png"))) == 1
+            [grid] = list(workspace.comparisons_dir.glob("*/grid.png"))
+            columns = [[np.asarray(Image.open(p).convert("RGB")) for p in sorted(grid.parent.glob(f"cells/r*_c{c}.png"))]
+                       for c in (0, 1)]
+            assert len(columns[1]) == 2 * len(WALK_PROMPTS)
+            base_share, lora_share = (held_out_share(column, "purple") for column in columns)
+            assert lora_share >= 0.6 and base_share <= 0.25, (base_share, lora_share)
+
+            # Generate one image with the run's adapter.
+            page.goto(f"{url}/generate")
+            prompt = page.get_by_label("Prompt", exact=True)
+            prompt.fill("a large purple circle")
+            prompt.press("Control+Enter")
+            page.get_by_role("button", name="Generate", exact=True).click()
+            generate_job = lambda: [j for j in JobQueue(workspace).jobs() if j.label.startswith("generate")]  # noqa: E731
+            expect(page.locator("[data-testid='stImage'] img").first).to_be_visible(timeout=JOB_TIMEOUT_MS)
+            _shot(page, "generate.png")
+            [done] = generate_job()
+            assert done.status == "finished", JobQueue(workspace).log_tail(done, 60)
+            cells = sorted(Path(done.run_dir).glob("cells/*.png"))
+            assert cells and all(Image.open(p).size[0] > 0 for p in cells), cells
 
             page.goto(f"{url}/export")
             page.get_by_role("button", name="Export", exact=True).click()
-            expect(page.get_by_text("Exported tiny-lora-step6-comfyui.safetensors")).to_be_visible(timeout=120_000)
+            expect(page.get_by_text(re.compile(r"Exported toy-lora-purple-step300-comfyui.safetensors"))).to_be_visible(
+                timeout=120_000)
             _shot(page, "export.png")
             browser.close()
     finally:
