@@ -88,7 +88,8 @@ def test_studio_walk_in_chromium(tmp_path: Path) -> None:
     """The walk a new user takes: edit a caption on the Data page, launch the toy LoRA recipe on the purple split
     from the Launch page, get told when it finishes, find the run's actions on the Runs page, compare base vs the
     new adapter (the LoRA column shows the colour it was taught, measured on the cells' pixels), generate one
-    image on the Generate page and export. Every page is screenshotted on the way (docs/screenshots/ when
+    image on the Generate page and export. The grid the page shows is the grid `cascade-studio compare` makes.
+    Every page is screenshotted on the way (docs/screenshots/ when
     CASCADE_STUDIO_UPDATE_SCREENSHOTS=1)."""
     assert shutil.which("chromium"), "Debian's chromium is missing: apt-get install -y chromium (.ci/run does this)"
     import numpy as np
@@ -176,9 +177,12 @@ def test_studio_walk_in_chromium(tmp_path: Path) -> None:
             page.get_by_role("button", name="Run comparison").click()
             expect(page.get_by_text(re.compile("Column 2: lora toy-lora-purple"))).to_be_visible(
                 timeout=JOB_TIMEOUT_MS)
-            expect(page.locator("[data-testid='stImage'] img").first).to_be_visible()
+            shown_grid = page.locator("[data-testid='stImage'] img").first
+            expect(shown_grid).to_be_visible()
+            shown = _served_image(page, url, shown_grid)
             _shot(page, "compare.png")
             [grid] = list(workspace.comparisons_dir.glob("*/grid.png"))
+            _assert_same_grid_as_the_command(grid, shown, workspace, tmp_path / "cli")
             columns = [[np.asarray(Image.open(p).convert("RGB")) for p in sorted(grid.parent.glob(f"cells/r*_c{c}.png"))]
                        for c in (0, 1)]
             assert len(columns[1]) == 2 * len(WALK_PROMPTS)
@@ -226,72 +230,28 @@ def _served_image(page, base_url: str, img):
         return np.asarray(image.convert("RGB"))
 
 
-def test_compare_page_shows_the_same_grid_as_the_compare_command(toy_workspace: Path, tmp_path: Path) -> None:
-    """The demo's LoRA (trained by the demo's own function) compared with the toy base on the Compare page in
-    Chromium, and with ``cascade-studio compare`` in a fresh process: the grid the page shows is the command's
-    grid, pixel for pixel (no channel of any pixel more than 2/255 apart; both processes sample with one torch
-    thread, so the tolerance only absorbs rounding). The page's <img> is fetched as the browser received it."""
-    assert shutil.which("chromium"), "Debian's chromium is missing: apt-get install -y chromium (.ci/run does this)"
+def _assert_same_grid_as_the_command(page_grid: Path, shown, workspace: Workspace, out: Path) -> None:
+    """The grid the Compare page saved and the one the browser received are the grid ``cascade-studio compare``
+    makes in a fresh process with the same columns, prompts and seeds: no channel of any pixel more than 2/255
+    apart (both processes sample with one torch thread, as conftest.py sets; the tolerance only absorbs rounding)."""
+    import json
+
     import numpy as np
     from PIL import Image
-    from playwright.sync_api import expect, sync_playwright
 
-    from cascade_studio.demo import DEMO_SEEDS, LORA_PROMPTS, train_lora
-
-    expect.set_options(timeout=60_000)
-    adapter = train_lora(toy_workspace)
-    workspace = Workspace(toy_workspace)
-    # One torch thread in both processes that sample (the studio's job and the command), as conftest.py sets here.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cli_out = tmp_path / "cli"
+    manifest = json.loads((page_grid.parent / "manifest.json").read_text())
+    prompts, seeds = manifest["prompts"], [str(seed) for seed in manifest["seeds"]]
+    [run_dir] = [p for p in workspace.runs_dir.iterdir() if p.is_dir()]
     done = subprocess.run([str(Path(sys.executable).with_name("cascade-studio")), "compare", "--preset", "toy",
-                           "--columns", "base", f"lora:{adapter}", *[f"--prompt={p}" for p in LORA_PROMPTS],
-                           "--seeds", *map(str, DEMO_SEEDS), "--out", str(cli_out), "--workspace", str(toy_workspace),
-                           "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+                           "--columns", "base", f"run:{run_dir}", *[f"--prompt={p}" for p in prompts],
+                           "--seeds", *seeds, "--out", str(out), "--workspace", str(workspace.root), "--no-progress"],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    with Image.open(cli_out / "grid.png") as image:
+    with Image.open(out / "grid.png") as image:
         cli_grid = np.asarray(image.convert("RGB"))
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "cascade_studio.cli", "ui", "--workspace", str(workspace.root),
-                               "--port", str(port)], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True, env=env)
-    try:
-        _wait_http(f"{url}/_stcore/health", 90)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(f"{url}/compare")
-            files_box = page.get_by_label("Adapter files", exact=True)
-            files_box.click()
-            page.get_by_role("option", name=str(adapter.relative_to(workspace.root))).click()
-            page.keyboard.press("Escape")
-            prompts = page.get_by_label("Prompts (one per line)", exact=True)
-            prompts.fill("\n".join(LORA_PROMPTS))
-            prompts.press("Control+Enter")
-            seeds = page.get_by_label("Seeds", exact=True)
-            seeds.fill(" ".join(map(str, DEMO_SEEDS)))
-            seeds.press("Enter")
-            page.get_by_role("button", name="Run comparison").click()
-            expect(page.get_by_text(f"Column 2: lora {adapter.stem} x1")).to_be_visible(timeout=JOB_TIMEOUT_MS)
-            grid = page.locator("[data-testid='stImage'] img").first
-            expect(grid).to_be_visible()
-            shown = _served_image(page, url, grid)
-            _shot(page, "compare-toy-lora.png")
-            browser.close()
-    finally:
-        _stop(server, workspace)
-        log.close()
-    saved = list(workspace.comparisons_dir.glob("*/grid.png"))
-    assert len(saved) == 1, saved
-    with Image.open(saved[0]) as image:
-        page_grid = np.asarray(image.convert("RGB"))
-    for name, grid_pixels in (("the grid the page saved", page_grid), ("the grid the page shows", shown)):
-        assert grid_pixels.shape == cli_grid.shape, f"{name}: {grid_pixels.shape} vs the command's {cli_grid.shape}"
-        difference = np.abs(grid_pixels.astype(int) - cli_grid.astype(int)).max()
+    with Image.open(page_grid) as image:
+        saved = np.asarray(image.convert("RGB"))
+    for name, pixels in (("the grid the page saved", saved), ("the grid the page shows", shown)):
+        assert pixels.shape == cli_grid.shape, f"{name}: {pixels.shape} vs the command's {cli_grid.shape}"
+        difference = np.abs(pixels.astype(int) - cli_grid.astype(int)).max()
         assert difference <= 2, f"{name} differs from the command's grid by up to {difference}/255"
-    server_log = (tmp_path / "server.log").read_text(errors="replace")
-    assert "Traceback" not in server_log, server_log[-3000:]
