@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -259,3 +260,24 @@ def test_loss_weightings_follow_their_formulas():
         assert diffusion_loss(pred, target, lsnr, weighting=kind).item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="unknown loss weighting"):
         loss_weight(lsnr, "snr")
+
+
+# ---------------------------------------------------------------- the sampler registry
+
+
+def test_named_samplers_are_the_eta_samplers_exactly_and_unknown_names_list_the_known_ones() -> None:
+    from cascade_studio.diffusion import DEFAULT_SAMPLER, get_sampler, sample_with, sampler_names
+
+    def model(x, r, cond):
+        return 0.3 * x + 0.1 * r.view(-1, 1, 1, 1) + cond.view(-1, 1, 1, 1)
+
+    cond, uncond = {"cond": torch.tensor([0.5, -0.2])}, {"cond": torch.zeros(2)}
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(7))
+    for name, eta in (("ddpm", 1.0), ("ddim", 0.0)):
+        def run(fn, **extra):
+            return fn(model, noise.shape, cond, uncond, 5, 4.0, 0.7, 2.0, noise=noise,
+                      generator=torch.Generator().manual_seed(3), **extra)
+        assert torch.equal(run(functools.partial(sample_with, name)), run(sample, eta=eta)), name
+    assert DEFAULT_SAMPLER == "ddpm" and {"ddpm", "ddim"} <= set(sampler_names())
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'; choose one of ddpm, ddim"):
+        get_sampler("dpm")

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from ..adapters import catalog
+from ..diffusion.samplers import DEFAULT_SAMPLER, sampler_help, sampler_names
 from ..models.presets import PRESETS
 from .errors import Problem
 from .fields import setting
@@ -204,6 +205,8 @@ class PreviewConfig:
     prompts: tuple[str, ...] = setting(("a photograph of a red fox in the snow",), "Prompts to render; each is "
                                        "rendered once per seed.", example=["a red circle"])
     seeds: tuple[int, ...] = setting((0,), "Seeds to render each prompt with.", minimum=0, example=[0, 1])
+    sampler: str = setting(DEFAULT_SAMPLER, "Stage C sampler of the previews: " + sampler_help() + ".",
+                           choices=sampler_names())
     steps: int = setting(20, "Stage C sampling steps (20 is the published setting).", minimum=1, example=20)
     cfg: float = setting(4.0, "Classifier-free guidance scale (4 is the published setting).", minimum=0,
                          example=4.0)

@@ -17,7 +17,7 @@ import torch
 from cascade_studio.diffusion.schedule import logsnr as schedule_logsnr
 from cascade_studio.diffusion.schedule import noise_condition, vp_scalers
 
-__all__ = ["sample", "batch_cfg_inputs", "ddim_step"]
+__all__ = ["sample", "sample_ddim", "sample_ddpm", "batch_cfg_inputs", "ddim_step", "guide_eps"]
 
 # Guards the std ratio of the rho rescale against an all-constant prediction (the official code adds 1e-9 too).
 _STD_EPS = 1e-9
@@ -119,6 +119,29 @@ def ddim_step(
     return x_next, x0
 
 
+def guide_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, cfg: float | torch.Tensor, rho: float,
+              per_sample: bool = False) -> torch.Tensor:
+    """Classifier-free guidance: ``lerp(uncond, cond, cfg)``, then rescaled towards the conditional prediction's
+    standard deviation with ``rho`` (0 = plain CFG).
+
+    The sampler takes the standard deviation over the whole batch, as the official code does; ``per_sample``
+    takes it per sample (training, where every sample has its own guidance scale). ``cfg`` may be a per-sample
+    tensor [B].
+    """
+    if isinstance(cfg, torch.Tensor) and cfg.dim() > 0:
+        cfg = _per_sample(cfg.to(eps_cond), eps_cond)
+    eps = eps_uncond + (eps_cond - eps_uncond) * cfg if isinstance(cfg, torch.Tensor) else \
+        torch.lerp(eps_uncond, eps_cond, cfg)
+    if rho > 0:
+        if per_sample:
+            dims = tuple(range(1, eps.dim()))
+            ratio = eps_cond.std(dim=dims, keepdim=True) / (eps.std(dim=dims, keepdim=True) + _STD_EPS)
+        else:
+            ratio = eps_cond.std() / (eps.std() + _STD_EPS)
+        eps = rho * (eps * ratio) + (1 - rho) * eps
+    return eps
+
+
 def _first_device(inputs: Mapping[str, Any] | None) -> torch.device | None:
     for value in (inputs or {}).values():
         if isinstance(value, torch.Tensor):
@@ -202,14 +225,20 @@ def sample(
         r = noise_condition(lsnr_now)
         if guided:
             both = model(torch.cat([x, x], dim=0), r.repeat(2), **inputs).float()
-            eps_cond, eps_uncond = both.chunk(2)
-            eps = torch.lerp(eps_uncond, eps_cond, cfg)
-            if rho > 0:
-                ratio = eps_cond.std() / (eps.std() + _STD_EPS)
-                eps = rho * (eps * ratio) + (1 - rho) * eps
+            eps = guide_eps(*both.chunk(2), cfg, rho)
         else:
             eps = model(x, r, **inputs).float()
         x, x0 = ddim_step(x, eps, lsnr_now, grid[i + 1].expand(batch), eta, generator)
         if callback is not None:
             callback(i + 1, steps, x)
     return x0 if return_x0 else x
+
+
+def sample_ddpm(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``sample`` with eta = 1 (ancestral, "DDPM"): the official default, registered as ``ddpm``."""
+    return sample(*args, eta=1.0, **kwargs)
+
+
+def sample_ddim(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``sample`` with eta = 0 (deterministic DDIM), registered as ``ddim``."""
+    return sample(*args, eta=0.0, **kwargs)
