@@ -11,6 +11,7 @@ _EXPORTS = {
     "sampler": ("batch_cfg_inputs", "ddim_step", "guide_eps", "sample", "sample_ddim", "sample_ddpm"),
     "schedule": ("add_noise", "diffusion_loss", "LOSS_WEIGHTS", "logsnr", "logsnr_limits", "loss_weight",
                  "noise_condition", "offset_noise", "p2_weight", "sample_t", "vp_scalers"),
+    "lcm": ("consistency_scalings", "consistency_x0", "lcm_times", "sample_lcm"),
     "samplers": ("DEFAULT_SAMPLER", "SAMPLERS", "SamplerInfo", "get_sampler", "sample_with", "sampler_names"),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)

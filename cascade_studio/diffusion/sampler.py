@@ -17,7 +17,7 @@ import torch
 from cascade_studio.diffusion.schedule import logsnr as schedule_logsnr
 from cascade_studio.diffusion.schedule import noise_condition, vp_scalers
 
-__all__ = ["sample", "sample_ddim", "sample_ddpm", "batch_cfg_inputs", "ddim_step", "guide_eps"]
+__all__ = ["sample", "start_state", "sample_ddim", "sample_ddpm", "batch_cfg_inputs", "ddim_step", "guide_eps"]
 
 # Guards the std ratio of the rho rescale against an all-constant prediction (the official code adds 1e-9 too).
 _STD_EPS = 1e-9
@@ -153,6 +153,55 @@ def _first_device(inputs: Mapping[str, Any] | None) -> torch.device | None:
     return None
 
 
+def start_state(
+    shape: tuple[int, ...] | torch.Size,
+    times: torch.Tensor,
+    shift: float,
+    cond: Mapping[str, Any],
+    steps: int,
+    x_init: torch.Tensor | None,
+    t_start: float,
+    generator: torch.Generator | None,
+    noise: torch.Tensor | None,
+    device: torch.device | str | None,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.device | str]:
+    """What every sampler starts from: ``(x, logSNR grid of times, batch, device)``.
+
+    ``x`` is the starting noise (``noise``, else drawn from ``generator``), or ``x_init`` noised to ``times[0]``
+    (img2img). The device is the caller's, else that of the noise, ``x_init`` or the first conditioning tensor.
+    """
+    if steps < 1:
+        raise ValueError(f"sample: steps must be at least 1, got {steps}")
+    if not 0.0 < t_start <= 1.0:
+        raise ValueError(f"sample: t_start must be in (0, 1], got {t_start}")
+    shape = tuple(x_init.shape) if x_init is not None else tuple(shape)
+    if device is None:
+        for candidate in (noise, x_init):
+            if candidate is not None:
+                device = candidate.device
+                break
+        else:
+            device = _first_device(cond) or torch.device("cpu")
+    batch = shape[0]
+
+    if noise is None:
+        noise = _randn(shape, generator, device)
+    noise = noise.to(device=device, dtype=torch.float32)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"sample: noise has shape {tuple(noise.shape)} but the latents are {shape}")
+
+    # The official sampler computes the whole logSNR grid once, then takes (i, i+1) pairs.
+    grid = schedule_logsnr(times, shift=shift).to(device)
+
+    if x_init is not None:
+        a0, b0 = vp_scalers(grid[0].expand(batch))
+        x_init = x_init.to(device=device, dtype=torch.float32)
+        x = _per_sample(a0, x_init) * x_init + _per_sample(b0, x_init) * noise
+    else:
+        x = noise.clone()
+    return x, grid, batch, device
+
+
 def sample(
     model: Callable[..., torch.Tensor],
     shape: tuple[int, ...] | torch.Size,
@@ -185,36 +234,8 @@ def sample(
       prediction instead of x at t = 0 (the official pipeline decodes x0).
     Everything runs in float32; wrap the model if it needs another dtype.
     """
-    if steps < 1:
-        raise ValueError(f"sample: steps must be at least 1, got {steps}")
-    if not 0.0 < t_start <= 1.0:
-        raise ValueError(f"sample: t_start must be in (0, 1], got {t_start}")
-    shape = tuple(x_init.shape) if x_init is not None else tuple(shape)
-    if device is None:
-        for candidate in (noise, x_init):
-            if candidate is not None:
-                device = candidate.device
-                break
-        else:
-            device = _first_device(cond) or torch.device("cpu")
-    batch = shape[0]
-
-    if noise is None:
-        noise = _randn(shape, generator, device)
-    noise = noise.to(device=device, dtype=torch.float32)
-    if tuple(noise.shape) != shape:
-        raise ValueError(f"sample: noise has shape {tuple(noise.shape)} but the latents are {shape}")
-
-    # The official sampler computes the whole logSNR grid once, then takes (i, i+1) pairs.
     times = torch.linspace(t_start, 0.0, steps + 1)
-    grid = schedule_logsnr(times, shift=shift).to(device)
-
-    if x_init is not None:
-        a0, b0 = vp_scalers(grid[0].expand(batch))
-        x_init = x_init.to(device=device, dtype=torch.float32)
-        x = _per_sample(a0, x_init) * x_init + _per_sample(b0, x_init) * noise
-    else:
-        x = noise.clone()
+    x, grid, batch, device = start_state(shape, times, shift, cond, steps, x_init, t_start, generator, noise, device)
 
     guided = uncond is not None and cfg != 1
     inputs = batch_cfg_inputs(cond, uncond) if guided else dict(cond)

@@ -36,6 +36,8 @@ SAMPLERS: dict[str, SamplerInfo] = {info.name: info for info in (
     SamplerInfo("ddpm", "ancestral DDIM with eta 1, the official Stable Cascade default", True,
                 "cascade_studio.diffusion.sampler:sample_ddpm"),
     SamplerInfo("ddim", "deterministic DDIM (eta 0)", True, "cascade_studio.diffusion.sampler:sample_ddim"),
+    SamplerInfo("lcm", "multistep consistency sampling for LCM-LoRAs, 2-8 steps, no CFG pass", False,
+                "cascade_studio.diffusion.lcm:sample_lcm"),
 )}
 # The published pipelines sample Stage C and Stage B with the ancestral ("DDPM", eta 1) sampler.
 DEFAULT_SAMPLER = "ddpm"
