@@ -7,7 +7,8 @@ validation, the CLI, the studio's forms and pages, export, the planner and infer
 export formats exist from this catalog and nowhere else (the layout of peft's ``tuners/<method>/``, each
 registered once).
 
-Methods come from the built-in import list :data:`BUILTIN_METHODS`, then from installed packages' entry points
+Methods come from the built-in import list :data:`BUILTIN_METHODS` (the folders of ``adapters/`` with a
+``config.py``), then from installed packages' entry points
 in the ``cascade_studio.methods`` group and from the ``CASCADE_STUDIO_METHODS`` environment variable
 (comma-separated module names); each such module is imported once and registers its record. A recipe only
 names a registered method: it never carries an import path (config is data, not code).
@@ -25,8 +26,21 @@ __all__ = ["BUILTIN_METHODS", "PLUGIN_ENV", "ENTRY_POINT_GROUP", "ExportFormat",
            "names", "get", "by_alias", "all_formats", "recipe_method", "method_section", "control_column",
            "export_formats", "format_help"]
 
+# The order the first built-in methods are listed in (CLI flags, the studio's forms); any other folder is after them.
+_LISTED_FIRST = ("lora", "controlnet", "ip_adapter")
+
+
+def _builtin_methods() -> tuple[str, ...]:
+    """The built-in methods: every folder of ``adapters/`` holding a ``config.py`` (which registers its record),
+    so a new method is one new folder and no edit here."""
+    from pathlib import Path
+
+    folders = sorted(path.parent.name for path in Path(__file__).resolve().parent.glob("*/config.py"))
+    return tuple(n for n in _LISTED_FIRST if n in folders) + tuple(n for n in folders if n not in _LISTED_FIRST)
+
+
 # The catalog's import list: the built-in methods' folders (each has a config.py that registers its record).
-BUILTIN_METHODS = ("lora", "controlnet", "ip_adapter")
+BUILTIN_METHODS = _builtin_methods()
 PLUGIN_ENV = "CASCADE_STUDIO_METHODS"
 ENTRY_POINT_GROUP = "cascade_studio.methods"
 
