@@ -88,7 +88,10 @@ class Method:
     it in grid labels; ``weight_name`` / ``weight_prefix`` say what an adapter spec's ``@WEIGHT`` is for it
     (``x0.8``, ``strength 0.7``). ``check`` adds the section's cross-field rules to validation;
     ``control_column`` returns the data column / sidecar suffix of pre-made control images the method reads
-    from the dataset (None: it needs none); ``command_line`` its options on generate and compare.
+    from the dataset (None: it needs none); ``command_line`` its options on generate and compare. ``kind_of``
+    names methods whose files this method's files also are (an LCM-LoRA file is a LoRA file): a spec or flag
+    asking for one of them (``lora:``, ``--lora``) accepts this method's files, which still load through this
+    method.
     """
 
     name: str
@@ -104,6 +107,7 @@ class Method:
     check: Optional[Check] = None
     control_column: Callable[[Any], Optional[str]] = field(default=lambda section: None)
     command_line: Optional[CommandLine] = None
+    kind_of: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
