@@ -189,9 +189,11 @@ def _load_all() -> None:
 
 
 def methods() -> tuple[Method, ...]:
-    """Every registered method, built-in ones first, in registration order."""
+    """Every registered method: the built-in ones in ``BUILTIN_METHODS`` order (whatever imported their config
+    modules first), then the others in registration order."""
     _load_all()
-    return tuple(_REGISTRY.values())
+    rank = {name: index for index, name in enumerate(BUILTIN_METHODS)}
+    return tuple(sorted(_REGISTRY.values(), key=lambda m: rank.get(m.name, len(rank))))
 
 
 def names() -> tuple[str, ...]:
