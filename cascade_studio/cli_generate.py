@@ -13,6 +13,7 @@ _STAGES = ("stage_c", "stage_b", "stage_a", "previewer", "text_encoder", "effnet
 
 
 _SPEC_HELP = "<adapter spec syntax>"
+_COLUMN_HELP = "<compare column syntax>"
 
 
 class _SpecHelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -24,6 +25,11 @@ class _SpecHelpFormatter(argparse.RawDescriptionHelpFormatter):
             from .inference.adapters import SPEC_SYNTAX
 
             text = SPEC_SYNTAX
+        elif text == _COLUMN_HELP:
+            from .inference.adapters import SPEC_SYNTAX
+            from .inference.compare import COLUMN_SYNTAX
+
+            text = COLUMN_SYNTAX + "\n\n" + SPEC_SYNTAX
         super().add_text(text)
 
 
@@ -47,9 +53,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    from .diffusion.samplers import DEFAULT_SAMPLER, sampler_help, sampler_names
+
     p.add_argument("--negative-prompt", default="")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sampler_names(),
+                   help=f"Stage C sampler (default {DEFAULT_SAMPLER}): {sampler_help()}")
     p.add_argument("--steps", type=int, default=20, help="Stage C steps (published: 20)")
-    p.add_argument("--cfg", type=float, default=4.0, help="Stage C guidance (published: 4)")
+    p.add_argument("--cfg", type=float, default=4.0, help="Stage C guidance (published: 4; unguided samplers "
+                   "ignore it)")
     p.add_argument("--shift", type=float, default=2.0, help="Stage C schedule shift (published: 2)")
     p.add_argument("--steps-b", type=int, default=10)
     p.add_argument("--cfg-b", type=float, default=1.1)
@@ -80,7 +91,7 @@ def _sampling_kwargs(args) -> dict:
     from .models import get_preset
 
     size = get_preset(args.preset).generate_resolution
-    kwargs = dict(negative_prompt=args.negative_prompt, steps_c=args.steps, cfg_c=args.cfg, shift_c=args.shift,
+    kwargs = dict(negative_prompt=args.negative_prompt, sampler=args.sampler, steps_c=args.steps, cfg_c=args.cfg, shift_c=args.shift,
                   steps_b=args.steps_b, cfg_b=args.cfg_b, width=args.width or size, height=args.height or size)
     if args.dtype:
         kwargs["dtype"] = args.dtype
@@ -160,10 +171,12 @@ def _add_compare(sub) -> None:
         description="Compare adapters side by side. Every cell of a row shares the starting noise, so only the "
                     "adapter differs; the base column is exactly what `generate` makes with the same settings. "
                     "A column is 'base' or an adapter spec; join adapters into one column with '+'. Writes "
-                    "grid.png, cells/r{row}_c{col}.png, manifest.json and manifest.csv to --out.",
-        epilog=_SPEC_HELP, formatter_class=_SpecHelpFormatter)
+                    "grid.png, cells/r{row}_c{col}.png, manifest.json and manifest.csv to --out. A column may "
+                    "carry its own sampler, steps and cfg after '::' (see below).",
+        epilog=_COLUMN_HELP, formatter_class=_SpecHelpFormatter)
     p.add_argument("--columns", nargs="+", required=True, metavar="COLUMN",
-                   help="e.g. base lora:a.safetensors run:<id> ckpt:workspace/runs/x@20 ckpt:workspace/runs/x@40")
+                   help="e.g. base lora:a.safetensors run:<id> ckpt:workspace/runs/x@20 ckpt:workspace/runs/x@40 "
+                        "lora:lcm.safetensors::lcm,steps=4 (column syntax below)")
     p.add_argument("--prompt", action="append", required=True, help="caption (repeat for several rows)")
     p.add_argument("--seed", "--seeds", dest="seeds", nargs="+", type=int, default=[0],
                    help="one row per prompt and seed")

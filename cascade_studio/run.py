@@ -120,6 +120,13 @@ class _Run:
     def method_inputs(self):
         return _method_fn(self.method, "training_inputs")
 
+    @property
+    def loss_step(self):
+        """The method's own training objective (hook ``training_loss``), else the published diffusion loss."""
+        from .trainers.steps import diffusion_training_loss
+
+        return _method_fn(self.method, "training_loss") or diffusion_training_loss
+
 
 def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool, progress: bool) -> RunResult:
     """The phases after the run folder is locked (``train``), one function each, in order."""
@@ -318,7 +325,8 @@ def _heldout(run: _Run) -> float | None:
         with torch.no_grad():
             return heldout_loss(run.unwrapped, batches, c_clip_img=run.models.c_clip_img(),
                                 shift=run.recipe.train.shift, seed=run.recipe.train.seed,
-                                method_inputs=run.method_inputs, method_cfg=run.method_cfg)
+                                method_inputs=run.method_inputs, method_cfg=run.method_cfg,
+                                loss_step=run.loss_step)
     finally:
         for module, training in modes:
             module.training = training
@@ -360,7 +368,7 @@ def _train_loop(run: _Run):
     loop = run_loop(accelerator=run.accelerator, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                     dataset=train_set, sampler=run.sampler, settings=settings, tracker=run.tracker,
                     events=run.events, checkpoints=run.checkpoints, run_state=run.run_state,
-                    method_inputs=run.method_inputs, method_cfg=run.method_cfg, extras=extras,
+                    method_inputs=run.method_inputs, method_cfg=run.method_cfg, extras=extras, loss_step=run.loss_step,
                     save_adapter=functools.partial(_save_adapter_tensors, run.adapter), preview=preview,
                     evaluate=functools.partial(_log_heldout, run) if is_main and recipe.train.eval_every else None,
                     start_step=run.start_step, progress=run.progress)

@@ -70,7 +70,7 @@ def toy_workspace(tmp_path_factory) -> Path:
 # The longest test files (minutes each: they train the toy ControlNet and IP-Adapter recipes, run every shipped
 # recipe on the meta device, and the published recipes' settings on the tiny model), then the rest of the files
 # with slow tests, then the fast ones.
-LONGEST_FILES = ("test_toy_controlnet.py", "test_toy_ip_adapter.py", "test_device_dry_run.py",
+LONGEST_FILES = ("test_toy_controlnet.py", "test_toy_ip_adapter.py", "test_lcm.py", "test_device_dry_run.py",
                  "test_published_settings.py")
 
 

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import yaml
 
+from cascade_studio.adapters import catalog
+
 REPO = Path(__file__).resolve().parents[1]
-PUBLISHED = sorted(p for group in ("lora", "controlnet", "ip_adapter") for p in (REPO / "recipes" / group).glob("*.yaml"))
+# The published recipes live in one folder per method, named as the method (recipes/lora, recipes/lcm, ...).
+PUBLISHED = sorted(p for group in catalog.BUILTIN_METHODS for p in (REPO / "recipes" / group).glob("*.yaml"))
 TINY = sorted((REPO / "recipes" / "tiny").glob("*.yaml"))
 TOY = sorted((REPO / "recipes" / "toy").glob("*.yaml"))
 SHIPPED = PUBLISHED + TINY + TOY

@@ -234,3 +234,43 @@ def test_run_and_checkpoint_columns_compare_and_link_to_mlflow(runs, files, tmp_
     logged = read_run(runs.uri, compare_runs[0]["run_id"])
     assert logged["tags"][COMPARED_RUNS_TAG] == runs.run_id
     assert {"grid.png", "manifest.json", "manifest.csv"} <= set(logged["artifacts"])
+
+
+def test_a_column_carries_its_own_sampler_steps_and_cfg(files, tmp_path, capsys):
+    """`COLUMN::sampler,steps=N,cfg=X` samples that column as `generate --sampler ... --steps N --cfg X` would,
+    from the row's shared starting noise; the other columns keep the comparison's settings."""
+    out = tmp_path / "cmp"
+    columns = ["base", "base::ddim,steps=3", f"lora:{files.lora}::sampler=ddim,steps=3,cfg=2"]
+    code, _, err = run_cli(["compare", "--columns", *columns, "--prompt", PROMPTS[0], "--seed", "5", *FAST,
+                            "--out", out, "--no-progress", "--save-latents"], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["sampler"] == "ddpm" and manifest["settings"]["steps_c"] == 2
+    assert [c["sampling"] for c in manifest["columns"]] == [
+        {"sampler": "ddpm", "steps_c": 2, "cfg_c": 4.0}, {"sampler": "ddim", "steps_c": 3, "cfg_c": 4.0},
+        {"sampler": "ddim", "steps_c": 3, "cfg_c": 2.0}]
+    assert [c["label"] for c in manifest["columns"]][:2] == ["base", "base [ddim, 3 steps]"]
+    with open(out / "manifest.csv", newline="") as handle:
+        assert [(r["sampler"], r["steps_c"], r["cfg_c"]) for r in csv.DictReader(handle)] == [
+            ("ddpm", "2", "4.0"), ("ddim", "3", "4.0"), ("ddim", "3", "2.0")]
+    for col, flags in ((0, []), (1, ["--sampler", "ddim", "--steps", "3"]),
+                       (2, ["--sampler", "ddim", "--steps", "3", "--cfg", "2", "--lora", files.lora])):
+        gen = tmp_path / f"gen{col}.png"
+        code, _, err = run_cli(["generate", "--prompt", PROMPTS[0], "--seed", "5", "--preview", *FAST, *flags,
+                                "--out", gen], capsys)
+        assert code == 0, err
+        assert np.array_equal(pixels(gen), pixels(out / "cells" / f"r0_c{col}.png")), col
+    latents = load_file(str(out / "latents.safetensors"))
+    assert (latents["r0_c1"] - latents["r0_c0"]).abs().mean() > 0.01  # the sampler really changed
+
+
+@pytest.mark.parametrize("column, message", [
+    ("base::euler", "sampler='euler' must be one of ddpm, ddim"),
+    ("base::steps=0", "steps='0' must be a whole number of at least 1"),
+    ("base::eta=1", "unknown setting 'eta'"),
+])
+def test_bad_column_settings_fail_before_any_model_loads(column, message, tmp_path, capsys):
+    code, _, err = run_cli(["compare", "--columns", column, "--prompt", "x", *FAST, "--out", tmp_path / "c",
+                            "--no-progress"], capsys)
+    assert code != 0 and message in err and "Traceback" not in err
+    assert not (tmp_path / "c" / "grid.png").exists()

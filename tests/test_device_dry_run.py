@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from device_checks import GeneratorDeviceCheck
+from cascade_studio.adapters import catalog
 from recipe_transplant import REPO, SHIPPED, recipe_id, transplant
 
 from cascade_studio import devices
@@ -109,7 +110,7 @@ def test_every_shipped_recipe_runs_on_another_device(recipe, workspace, on_devic
     for path in result.exports:  # every export format of the recipe, each a file of its method
         target = path / "adapter_model.safetensors" if path.is_dir() else path
         with safe_open(str(target), framework="pt") as f:
-            assert f.metadata()["cascade_studio.method"] in ("lora", "controlnet", "ip_adapter")
+            assert f.metadata()["cascade_studio.method"] in catalog.names()
             assert len(list(f.keys())) > 0
     _model_on_meta(result, on_device)
     if recipe in RESUMED:

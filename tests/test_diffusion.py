@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -259,3 +260,72 @@ def test_loss_weightings_follow_their_formulas():
         assert diffusion_loss(pred, target, lsnr, weighting=kind).item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="unknown loss weighting"):
         loss_weight(lsnr, "snr")
+
+
+# ---------------------------------------------------------------- the sampler registry
+
+
+def test_named_samplers_are_the_eta_samplers_exactly_and_unknown_names_list_the_known_ones() -> None:
+    from cascade_studio.diffusion import DEFAULT_SAMPLER, get_sampler, sample_with, sampler_names
+
+    def model(x, r, cond):
+        return 0.3 * x + 0.1 * r.view(-1, 1, 1, 1) + cond.view(-1, 1, 1, 1)
+
+    cond, uncond = {"cond": torch.tensor([0.5, -0.2])}, {"cond": torch.zeros(2)}
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(7))
+    for name, eta in (("ddpm", 1.0), ("ddim", 0.0)):
+        def run(fn, **extra):
+            return fn(model, noise.shape, cond, uncond, 5, 4.0, 0.7, 2.0, noise=noise,
+                      generator=torch.Generator().manual_seed(3), **extra)
+        assert torch.equal(run(functools.partial(sample_with, name)), run(sample, eta=eta)), name
+    assert DEFAULT_SAMPLER == "ddpm" and {"ddpm", "ddim"} <= set(sampler_names())
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'; choose one of ddpm, ddim"):
+        get_sampler("dpm")
+
+
+# ---------------------------------------------------------------- the LCM sampler
+
+
+def test_consistency_scalings_hold_the_boundary_and_hand_over_to_the_prediction() -> None:
+    from cascade_studio.diffusion import consistency_scalings
+
+    c_skip, c_out = consistency_scalings(torch.tensor([0.0, 0.001, 0.01, 0.5, 1.0]))
+    assert c_skip[0] == 1 and c_out[0] == 0  # f(x, 0) = x exactly
+    assert torch.all(c_skip[1:] < 0.003) and torch.all(c_out[2:] > 0.9999)
+    assert torch.all(c_skip[1:] ** 2 + c_out[1:] ** 2 <= 1 + 1e-6)
+
+
+def test_lcm_sampler_lands_on_the_clean_latent_an_exact_model_points_to_in_one_call_per_step() -> None:
+    """A model whose ε is exact for one clean latent x0* (it recovers a, b from the noise level r): every step's
+    consistency output is x0*, whatever the step count; each step is one unguided call of the cond batch only."""
+    from cascade_studio.diffusion import sample_with, sampler_names, get_sampler
+
+    target = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(11))
+    calls = []
+
+    def model(x, r, cond):
+        calls.append(x.shape[0])
+        a, b = vp_scalers(logsnr(r))  # noise_condition inverts the unshifted schedule: r -> t -> logSNR
+        a, b = a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
+        return (x - a * target) / b
+
+    assert "lcm" in sampler_names() and not get_sampler("lcm").guided
+    for steps in (1, 4):
+        calls.clear()
+        out = sample_with("lcm", model, target.shape, {"cond": torch.ones(2)}, {"cond": torch.zeros(2)}, steps,
+                          4.0, 0.7, 2.0, generator=torch.Generator().manual_seed(0),
+                          noise=torch.randn(target.shape, generator=torch.Generator().manual_seed(1)))
+        assert calls == [2] * steps  # no CFG pass: the batch is never doubled
+        torch.testing.assert_close(out, target, atol=2e-3, rtol=1e-3)
+
+
+def test_lcm_sampler_renoises_between_steps_from_its_generator() -> None:
+    from cascade_studio.diffusion import sample_lcm
+
+    def model(x, r, cond):  # a poor model: its x0 depends on the noise it sees
+        return 0.5 * x
+
+    noise = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    runs = [sample_lcm(model, noise.shape, {"cond": torch.ones(1)}, None, 4, 1.0, 0.0, 2.0, noise=noise,
+                       generator=torch.Generator().manual_seed(seed)) for seed in (5, 5, 6)]
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])

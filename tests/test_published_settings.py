@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+
+from cascade_studio.adapters import catalog
 from recipe_transplant import PUBLISHED, REPO, recipe_id, transplant
 from safetensors.torch import load_file
 
@@ -28,7 +30,7 @@ def workspace(tmp_path_factory):
 
 def test_every_method_has_published_recipes():
     methods = {yaml.safe_load(p.read_text())["adapter"]["method"] for p in PUBLISHED}
-    assert methods == {"lora", "controlnet", "ip_adapter"}
+    assert methods == set(catalog.BUILTIN_METHODS)
     settings = [yaml.safe_load(p.read_text()) for p in PUBLISHED]
     # the settings this file exists for are really in the published recipes
     assert all(s["model"]["dtype"] == "bf16" and s["train"]["mixed_precision"] == "bf16" for s in settings)

@@ -7,7 +7,8 @@ validation, the CLI, the studio's forms and pages, export, the planner and infer
 export formats exist from this catalog and nowhere else (the layout of peft's ``tuners/<method>/``, each
 registered once).
 
-Methods come from the built-in import list :data:`BUILTIN_METHODS`, then from installed packages' entry points
+Methods come from the built-in import list :data:`BUILTIN_METHODS` (the folders of ``adapters/`` with a
+``config.py``), then from installed packages' entry points
 in the ``cascade_studio.methods`` group and from the ``CASCADE_STUDIO_METHODS`` environment variable
 (comma-separated module names); each such module is imported once and registers its record. A recipe only
 names a registered method: it never carries an import path (config is data, not code).
@@ -25,8 +26,21 @@ __all__ = ["BUILTIN_METHODS", "PLUGIN_ENV", "ENTRY_POINT_GROUP", "ExportFormat",
            "names", "get", "by_alias", "all_formats", "recipe_method", "method_section", "control_column",
            "export_formats", "format_help"]
 
+# The order the first built-in methods are listed in (CLI flags, the studio's forms); any other folder is after them.
+_LISTED_FIRST = ("lora", "controlnet", "ip_adapter")
+
+
+def _builtin_methods() -> tuple[str, ...]:
+    """The built-in methods: every folder of ``adapters/`` holding a ``config.py`` (which registers its record),
+    so a new method is one new folder and no edit here."""
+    from pathlib import Path
+
+    folders = sorted(path.parent.name for path in Path(__file__).resolve().parent.glob("*/config.py"))
+    return tuple(n for n in _LISTED_FIRST if n in folders) + tuple(n for n in folders if n not in _LISTED_FIRST)
+
+
 # The catalog's import list: the built-in methods' folders (each has a config.py that registers its record).
-BUILTIN_METHODS = ("lora", "controlnet", "ip_adapter")
+BUILTIN_METHODS = _builtin_methods()
 PLUGIN_ENV = "CASCADE_STUDIO_METHODS"
 ENTRY_POINT_GROUP = "cascade_studio.methods"
 
@@ -74,7 +88,10 @@ class Method:
     it in grid labels; ``weight_name`` / ``weight_prefix`` say what an adapter spec's ``@WEIGHT`` is for it
     (``x0.8``, ``strength 0.7``). ``check`` adds the section's cross-field rules to validation;
     ``control_column`` returns the data column / sidecar suffix of pre-made control images the method reads
-    from the dataset (None: it needs none); ``command_line`` its options on generate and compare.
+    from the dataset (None: it needs none); ``command_line`` its options on generate and compare. ``kind_of``
+    names methods whose files this method's files also are (an LCM-LoRA file is a LoRA file): a spec or flag
+    asking for one of them (``lora:``, ``--lora``) accepts this method's files, which still load through this
+    method.
     """
 
     name: str
@@ -90,6 +107,7 @@ class Method:
     check: Optional[Check] = None
     control_column: Callable[[Any], Optional[str]] = field(default=lambda section: None)
     command_line: Optional[CommandLine] = None
+    kind_of: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -171,9 +189,11 @@ def _load_all() -> None:
 
 
 def methods() -> tuple[Method, ...]:
-    """Every registered method, built-in ones first, in registration order."""
+    """Every registered method: the built-in ones in ``BUILTIN_METHODS`` order (whatever imported their config
+    modules first), then the others in registration order."""
     _load_all()
-    return tuple(_REGISTRY.values())
+    rank = {name: index for index, name in enumerate(BUILTIN_METHODS)}
+    return tuple(sorted(_REGISTRY.values(), key=lambda m: rank.get(m.name, len(rank))))
 
 
 def names() -> tuple[str, ...]:

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from ..adapters import catalog
+from ..diffusion.samplers import DEFAULT_SAMPLER, sampler_help, sampler_names
 from ..models.presets import PRESETS
 from .errors import Problem
 from .fields import setting
@@ -211,6 +212,8 @@ class PreviewConfig:
     prompts: tuple[str, ...] = setting(("a photograph of a red fox in the snow",), "Prompts to render; each is "
                                        "rendered once per seed.", example=["a red circle"])
     seeds: tuple[int, ...] = setting((0,), "Seeds to render each prompt with.", minimum=0, example=[0, 1])
+    sampler: str = setting(DEFAULT_SAMPLER, "Stage C sampler of the previews: " + sampler_help() + ".",
+                           choices=sampler_names())
     steps: int = setting(10, "Stage C sampling steps of a preview: 10 shows how training goes at half the cost of "
                          "the published 20 (every step is two Stage C evaluations per prompt and seed with "
                          "guidance; the studio's recipe form shows the total).", minimum=1, example=10)

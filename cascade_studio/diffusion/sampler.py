@@ -17,7 +17,7 @@ import torch
 from cascade_studio.diffusion.schedule import logsnr as schedule_logsnr
 from cascade_studio.diffusion.schedule import noise_condition, vp_scalers
 
-__all__ = ["sample", "batch_cfg_inputs", "ddim_step"]
+__all__ = ["sample", "start_state", "sample_ddim", "sample_ddpm", "batch_cfg_inputs", "ddim_step", "guide_eps"]
 
 # Guards the std ratio of the rho rescale against an all-constant prediction (the official code adds 1e-9 too).
 _STD_EPS = 1e-9
@@ -119,6 +119,29 @@ def ddim_step(
     return x_next, x0
 
 
+def guide_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, cfg: float | torch.Tensor, rho: float,
+              per_sample: bool = False) -> torch.Tensor:
+    """Classifier-free guidance: ``lerp(uncond, cond, cfg)``, then rescaled towards the conditional prediction's
+    standard deviation with ``rho`` (0 = plain CFG).
+
+    The sampler takes the standard deviation over the whole batch, as the official code does; ``per_sample``
+    takes it per sample (training, where every sample has its own guidance scale). ``cfg`` may be a per-sample
+    tensor [B].
+    """
+    if isinstance(cfg, torch.Tensor) and cfg.dim() > 0:
+        cfg = _per_sample(cfg.to(eps_cond), eps_cond)
+    eps = eps_uncond + (eps_cond - eps_uncond) * cfg if isinstance(cfg, torch.Tensor) else \
+        torch.lerp(eps_uncond, eps_cond, cfg)
+    if rho > 0:
+        if per_sample:
+            dims = tuple(range(1, eps.dim()))
+            ratio = eps_cond.std(dim=dims, keepdim=True) / (eps.std(dim=dims, keepdim=True) + _STD_EPS)
+        else:
+            ratio = eps_cond.std() / (eps.std() + _STD_EPS)
+        eps = rho * (eps * ratio) + (1 - rho) * eps
+    return eps
+
+
 def _first_device(inputs: Mapping[str, Any] | None) -> torch.device | None:
     for value in (inputs or {}).values():
         if isinstance(value, torch.Tensor):
@@ -128,6 +151,55 @@ def _first_device(inputs: Mapping[str, Any] | None) -> torch.device | None:
                 if isinstance(item, torch.Tensor):
                     return item.device
     return None
+
+
+def start_state(
+    shape: tuple[int, ...] | torch.Size,
+    times: torch.Tensor,
+    shift: float,
+    cond: Mapping[str, Any],
+    steps: int,
+    x_init: torch.Tensor | None,
+    t_start: float,
+    generator: torch.Generator | None,
+    noise: torch.Tensor | None,
+    device: torch.device | str | None,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.device | str]:
+    """What every sampler starts from: ``(x, logSNR grid of times, batch, device)``.
+
+    ``x`` is the starting noise (``noise``, else drawn from ``generator``), or ``x_init`` noised to ``times[0]``
+    (img2img). The device is the caller's, else that of the noise, ``x_init`` or the first conditioning tensor.
+    """
+    if steps < 1:
+        raise ValueError(f"sample: steps must be at least 1, got {steps}")
+    if not 0.0 < t_start <= 1.0:
+        raise ValueError(f"sample: t_start must be in (0, 1], got {t_start}")
+    shape = tuple(x_init.shape) if x_init is not None else tuple(shape)
+    if device is None:
+        for candidate in (noise, x_init):
+            if candidate is not None:
+                device = candidate.device
+                break
+        else:
+            device = _first_device(cond) or torch.device("cpu")
+    batch = shape[0]
+
+    if noise is None:
+        noise = _randn(shape, generator, device)
+    noise = noise.to(device=device, dtype=torch.float32)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"sample: noise has shape {tuple(noise.shape)} but the latents are {shape}")
+
+    # The official sampler computes the whole logSNR grid once, then takes (i, i+1) pairs.
+    grid = schedule_logsnr(times, shift=shift).to(device)
+
+    if x_init is not None:
+        a0, b0 = vp_scalers(grid[0].expand(batch))
+        x_init = x_init.to(device=device, dtype=torch.float32)
+        x = _per_sample(a0, x_init) * x_init + _per_sample(b0, x_init) * noise
+    else:
+        x = noise.clone()
+    return x, grid, batch, device
 
 
 def sample(
@@ -162,36 +234,8 @@ def sample(
       prediction instead of x at t = 0 (the official pipeline decodes x0).
     Everything runs in float32; wrap the model if it needs another dtype.
     """
-    if steps < 1:
-        raise ValueError(f"sample: steps must be at least 1, got {steps}")
-    if not 0.0 < t_start <= 1.0:
-        raise ValueError(f"sample: t_start must be in (0, 1], got {t_start}")
-    shape = tuple(x_init.shape) if x_init is not None else tuple(shape)
-    if device is None:
-        for candidate in (noise, x_init):
-            if candidate is not None:
-                device = candidate.device
-                break
-        else:
-            device = _first_device(cond) or torch.device("cpu")
-    batch = shape[0]
-
-    if noise is None:
-        noise = _randn(shape, generator, device)
-    noise = noise.to(device=device, dtype=torch.float32)
-    if tuple(noise.shape) != shape:
-        raise ValueError(f"sample: noise has shape {tuple(noise.shape)} but the latents are {shape}")
-
-    # The official sampler computes the whole logSNR grid once, then takes (i, i+1) pairs.
     times = torch.linspace(t_start, 0.0, steps + 1)
-    grid = schedule_logsnr(times, shift=shift).to(device)
-
-    if x_init is not None:
-        a0, b0 = vp_scalers(grid[0].expand(batch))
-        x_init = x_init.to(device=device, dtype=torch.float32)
-        x = _per_sample(a0, x_init) * x_init + _per_sample(b0, x_init) * noise
-    else:
-        x = noise.clone()
+    x, grid, batch, device = start_state(shape, times, shift, cond, steps, x_init, t_start, generator, noise, device)
 
     guided = uncond is not None and cfg != 1
     inputs = batch_cfg_inputs(cond, uncond) if guided else dict(cond)
@@ -202,14 +246,20 @@ def sample(
         r = noise_condition(lsnr_now)
         if guided:
             both = model(torch.cat([x, x], dim=0), r.repeat(2), **inputs).float()
-            eps_cond, eps_uncond = both.chunk(2)
-            eps = torch.lerp(eps_uncond, eps_cond, cfg)
-            if rho > 0:
-                ratio = eps_cond.std() / (eps.std() + _STD_EPS)
-                eps = rho * (eps * ratio) + (1 - rho) * eps
+            eps = guide_eps(*both.chunk(2), cfg, rho)
         else:
             eps = model(x, r, **inputs).float()
         x, x0 = ddim_step(x, eps, lsnr_now, grid[i + 1].expand(batch), eta, generator)
         if callback is not None:
             callback(i + 1, steps, x)
     return x0 if return_x0 else x
+
+
+def sample_ddpm(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``sample`` with eta = 1 (ancestral, "DDPM"): the official default, registered as ``ddpm``."""
+    return sample(*args, eta=1.0, **kwargs)
+
+
+def sample_ddim(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``sample`` with eta = 0 (deterministic DDIM), registered as ``ddim``."""
+    return sample(*args, eta=0.0, **kwargs)

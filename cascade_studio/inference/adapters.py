@@ -295,7 +295,7 @@ def resolve_adapter(spec: AdapterSpec, workspace: str | Path = "workspace",
             ckpt_path = checkpoints[step]
         path = ckpt_path / ADAPTER_FILE
     method = detect_method(path)
-    if spec.method is not None and spec.method != method:
+    if spec.method is not None and spec.method != method and spec.method not in catalog.get(method).kind_of:
         raise AdapterMismatchError(f"{path}: asked for a {spec.method} but the file holds a {method}; give it as "
                                    f"a {catalog.get(method).short}: spec (or without a kind prefix: files say what "
                                    "they are)")

@@ -20,13 +20,14 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from cascade_studio.adapters.base import AdaptedStageC
+from cascade_studio.diffusion.samplers import DEFAULT_SAMPLER, get_sampler, sampler_names
 from cascade_studio.devices import to_host
 from cascade_studio.models.presets import get_preset
 from cascade_studio.inference.adapters import (AdapterInputs, AdapterSpec, ResolvedAdapter, adapter_context,
@@ -35,10 +36,21 @@ from cascade_studio.inference.grid import make_grid
 from cascade_studio.inference.pipeline import (CascadeComponents, GenerateSettings, ModelSpec, decode_latents,
                                                encode_prompts, sample_stage_c, stages_needed)
 
-__all__ = ["CompareSettings", "CompareResult", "Column", "parse_column", "run_compare", "DECODERS"]
+__all__ = ["CompareSettings", "CompareResult", "Column", "COLUMN_SYNTAX", "parse_column", "run_compare", "DECODERS"]
 
 DECODERS = ("previewer", "cascade")
 BASE = "base"
+# A column's own sampling settings follow its text after this separator (``lora:lcm.safetensors::lcm,steps=4``).
+SAMPLING_SEPARATOR = "::"
+# The settings a column may carry, by the name written after ``::`` and the GenerateSettings field each sets.
+COLUMN_SETTINGS = {"sampler": "sampler", "steps": "steps_c", "cfg": "cfg_c"}
+COLUMN_SYNTAX = f"""\
+Column: base | SPEC[+SPEC...] [::SETTING[,SETTING...]]
+  SPEC     an adapter spec (below); '+' joins several adapters into one column
+  SETTING  sampler=NAME, steps=N or cfg=X (Stage C) for this column only, instead of --sampler/--steps/--cfg;
+           a bare NAME is the sampler. Samplers: {', '.join(sampler_names())}
+  Every row still starts from the same noise in every column, so a grid can put the base at 20 guided steps
+  beside an LCM-LoRA at 4 unguided ones: --columns base::steps=20 lora:lcm.safetensors::lcm,steps=4"""
 COMPARE_EXPERIMENT = "compare"
 COMPARED_RUNS_TAG = "cascade_studio.compared_runs"
 
@@ -46,7 +58,9 @@ COMPARED_RUNS_TAG = "cascade_studio.compared_runs"
 @dataclass
 class CompareSettings:
     """Everything one comparison needs. ``columns`` are ``"base"`` or adapter specs (``SPEC_SYNTAX``); join
-    several adapters into one column with ``+`` (``lora:a.safetensors+cn:canny.safetensors``).
+    several adapters into one column with ``+`` (``lora:a.safetensors+cn:canny.safetensors``), and give a column
+    its own Stage C sampler, steps or guidance after ``::`` (``COLUMN_SYNTAX``: ``lora:lcm.safetensors::lcm,steps=4``;
+    ``sampler`` / ``steps_c`` / ``cfg_c`` are the other columns').
 
     ``control`` / ``control_mode`` / ``image_prompts`` / ``ip_multi`` apply to every ControlNet / IP-Adapter
     column. ``width`` / ``height`` / ``dtype`` / ``decoder`` default by preset (decoder: the previewer on
@@ -62,6 +76,7 @@ class CompareSettings:
     out_dir: str | Path = "compare"
     model: ModelSpec = field(default_factory=ModelSpec)
     negative_prompt: str = ""
+    sampler: str = DEFAULT_SAMPLER
     steps_c: int = 20
     cfg_c: float = 4.0
     shift_c: float = 2.0
@@ -95,7 +110,8 @@ class CompareSettings:
         """The GenerateSettings of one sampling call (what ``generate`` would be given for these cells)."""
         size = get_preset(self.model.preset).generate_resolution
         kwargs: dict[str, Any] = dict(
-            prompt=list(prompts), negative_prompt=self.negative_prompt, seed=int(seed), steps_c=self.steps_c,
+            prompt=list(prompts), negative_prompt=self.negative_prompt, seed=int(seed), sampler=self.sampler,
+            steps_c=self.steps_c,
             cfg_c=self.cfg_c, shift_c=self.shift_c, steps_b=self.steps_b, cfg_b=self.cfg_b,
             width=self.width or size, height=self.height or size, batch=1,
             preview=self.resolved_decoder() == "previewer")
@@ -117,14 +133,55 @@ class CompareResult:
 
 @dataclass
 class Column:
-    """One column: a label and its adapters (none for the base)."""
+    """One column: a label, its adapters (none for the base) and its own sampling settings (GenerateSettings
+    field -> value; empty: the comparison's)."""
 
     text: str
     adapters: list[ResolvedAdapter]
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        return " + ".join(a.label for a in self.adapters) if self.adapters else BASE
+        label = " + ".join(a.label for a in self.adapters) if self.adapters else BASE
+        if self.sampling:
+            words = [self.sampling["sampler"]] if "sampler" in self.sampling else []
+            if "steps_c" in self.sampling:
+                words.append(f"{self.sampling['steps_c']} steps")
+            if "cfg_c" in self.sampling:
+                words.append(f"cfg {self.sampling['cfg_c']:g}")
+            label += f" [{', '.join(words)}]"
+        return label
+
+    def settings(self, settings: GenerateSettings) -> GenerateSettings:
+        """``settings`` with this column's own sampling settings applied."""
+        return replace(settings, **self.sampling) if self.sampling else settings
+
+
+def parse_sampling(text: str, column: str) -> dict[str, Any]:
+    """A column's ``::`` settings (``lcm,steps=4``, ``sampler=ddim,cfg=2``) as GenerateSettings fields, checked
+    now so a typo fails before any model loads."""
+    sampling: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        key, value = (key.strip(), value.strip()) if eq else ("sampler", key.strip())
+        if key not in COLUMN_SETTINGS:
+            raise ValueError(f"column {column!r}: unknown setting {key!r} after '{SAMPLING_SEPARATOR}'; use "
+                             f"{', '.join(f'{k}=...' for k in COLUMN_SETTINGS)} (e.g. {SAMPLING_SEPARATOR}lcm,steps=4)")
+        try:
+            if key == "sampler":
+                parsed: Any = get_sampler(value).name
+            elif key == "steps":
+                parsed = int(value)
+                if parsed < 1:
+                    raise ValueError
+            else:
+                parsed = float(value)
+        except ValueError:
+            what = {"sampler": f"one of {', '.join(sampler_names())}", "steps": "a whole number of at least 1",
+                    "cfg": "a number"}[key]
+            raise ValueError(f"column {column!r}: {key}={value!r} must be {what}") from None
+        sampling[COLUMN_SETTINGS[key]] = parsed
+    return sampling
 
 
 @dataclass
@@ -140,11 +197,16 @@ def parse_column(column: str | AdapterSpec | Sequence[AdapterSpec], settings: Co
     """Resolve one column (``"base"``, a spec string with ``+`` joins, or AdapterSpecs) to files on disk."""
     defaults = dict(control=settings.control, control_mode=settings.control_mode,
                     image_prompts=tuple(settings.image_prompts) or None, multi_image=settings.ip_multi)
+    sampling: dict[str, Any] = {}
     if isinstance(column, str):
         text = column.strip()
-        if text.lower() == BASE:
-            return Column(BASE, [])
-        specs = [parse_adapter_spec(part, **defaults) for part in text.split("+")]
+        adapters_text, separator, settings_text = text.partition(SAMPLING_SEPARATOR)
+        if separator:
+            sampling = parse_sampling(settings_text, text)
+            adapters_text = adapters_text.strip()
+        if adapters_text.lower() == BASE:
+            return Column(text if separator else BASE, [], sampling)
+        specs = [parse_adapter_spec(part, **defaults) for part in adapters_text.split("+")]
     else:
         specs = [column] if isinstance(column, AdapterSpec) else list(column)
         specs = [spec.with_defaults(**defaults) for spec in specs]
@@ -153,7 +215,8 @@ def parse_column(column: str | AdapterSpec | Sequence[AdapterSpec], settings: Co
         if spec.merge:
             raise ValueError(f"column {text!r}: merged LoRAs cannot be compared (unmerging is exact only up to "
                              "float rounding, so later columns would drift from the base); drop --merge-lora")
-    return Column(text, [resolve_adapter(spec, settings.workspace, settings.tracking_uri) for spec in specs])
+    return Column(text, [resolve_adapter(spec, settings.workspace, settings.tracking_uri) for spec in specs],
+                  sampling)
 
 
 def _calls(settings: CompareSettings) -> tuple[list[tuple[str, int]], list[_Call]]:
@@ -251,7 +314,8 @@ def _sample_columns(components: CascadeComponents, columns: list[Column], calls:
                 per_call = []
                 for call, settings, text in zip(calls, call_settings, texts):
                     extra_cond, extra_uncond = inputs.build(loaded, settings.total_images)
-                    per_call.append(to_host(sample_stage_c(model, text, settings, extra_cond, extra_uncond)))
+                    per_call.append(to_host(sample_stage_c(model, text, column.settings(settings), extra_cond,
+                                                           extra_uncond)))
                     bar.update(1)
                 latents.append(per_call)
             finally:
@@ -294,8 +358,8 @@ def _manifest(settings: CompareSettings, decoder: str, first: GenerateSettings, 
         "grid": "grid.png",
         "latents": "latents.safetensors" if settings.save_latents else None,
         "model": asdict(settings.model),
-        "settings": {"negative_prompt": first.negative_prompt, "steps_c": first.steps_c, "cfg_c": first.cfg_c,
-                     "shift_c": first.shift_c, "steps_b": first.steps_b, "cfg_b": first.cfg_b, "eta": first.eta,
+        "settings": {"negative_prompt": first.negative_prompt, "sampler": first.sampler, "steps_c": first.steps_c,
+                     "cfg_c": first.cfg_c, "shift_c": first.shift_c, "steps_b": first.steps_b, "cfg_b": first.cfg_b,
                      "rho": first.rho, "width": first.width, "height": first.height, "dtype": first.dtype,
                      "decoder": decoder, "max_batch": settings.max_batch, "control": settings.control,
                      "control_mode": settings.control_mode, "image_prompts": list(settings.image_prompts),
@@ -304,7 +368,10 @@ def _manifest(settings: CompareSettings, decoder: str, first: GenerateSettings, 
         "seeds": [int(s) for s in settings.seeds],
         "rows": [{"index": i, "prompt": p, "seed": s, "batch_prompts": batch_of[i]} for i, (p, s) in enumerate(rows)],
         "columns": [{"index": i, "label": column.label, "spec": column.text,
-                     "adapters": [a.describe() for a in column.adapters]} for i, column in enumerate(columns)],
+                     "adapters": [a.describe() for a in column.adapters],
+                     # what this column sampled with: the comparison's settings unless its text overrides them
+                     "sampling": {name: getattr(column.settings(first), name) for name in COLUMN_SETTINGS.values()}}
+                    for i, column in enumerate(columns)],
         "cells": [{"row": r, "col": c, "file": cells[r][c].relative_to(out_dir).as_posix()}
                   for r in range(len(rows)) for c in range(len(columns))],
     }
@@ -327,6 +394,7 @@ def _write_csv(path: Path, manifest: dict[str, Any]) -> Path:
                 "adapter_paths": ";".join(a["path"] for a in column["adapters"]),
                 "adapter_settings": ";".join(f"{a['method']}={a['weight']:g}" for a in column["adapters"]),
                 **{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in manifest["settings"].items()},
+                **column["sampling"],  # the cell's own sampler, steps and cfg
             })
     return path
 

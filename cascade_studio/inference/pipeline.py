@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from cascade_studio.devices import to_host
-from cascade_studio.diffusion import sample
+from cascade_studio.diffusion.samplers import DEFAULT_SAMPLER, get_sampler, sample_with
 
 __all__ = [
     "DTYPES",
@@ -48,6 +48,8 @@ STAGE_A_COMPRESSION = 4
 STAGE_C_CHANNELS = 16  # EfficientNet latents (the effnet compressor's 16 channels) at every preset
 STAGE_A_CHANNELS = 4
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Stage B is sampled as published whatever Stage C's sampler is (adapters, LCM-LoRAs included, are Stage C's).
+STAGE_B_SAMPLER = DEFAULT_SAMPLER
 _FP16_NAMES = {"fp16", "float16", "half", "torch.float16"}
 
 # Random streams of one generation besides the Stage C starting noise (which uses `seed` itself, so compare
@@ -241,7 +243,8 @@ class CascadeComponents:
 class GenerateSettings:
     """Everything one generation needs besides the models; defaults are the published sampling settings.
 
-    `prompt` is one caption or a list of captions; `batch` images are made per caption. `width`/`height` are
+    `prompt` is one caption or a list of captions; `batch` images are made per caption. `sampler` is Stage C's
+    sampler by name (`diffusion.samplers`; Stage B always uses the published one). `width`/`height` are
     the output size in pixels. `preview=True` stops after Stage C and shows its latents through the previewer
     (8x the latent size, e.g. 192 px for 1024). `dtype` is 'bf16' or 'fp32' (fp16 overflows Stage C).
     """
@@ -255,7 +258,7 @@ class GenerateSettings:
     steps_b: int = 10
     cfg_b: float = 1.1
     shift_b: float = 1.0
-    eta: float = 1.0
+    sampler: str = DEFAULT_SAMPLER
     rho: float = 0.7
     width: int = 1024
     height: int = 1024
@@ -274,6 +277,10 @@ class GenerateSettings:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         problems = [f"{name} must be at least 1, got {getattr(self, name)}"
                     for name in ("steps_c", "steps_b", "width", "height", "batch") if getattr(self, name) < 1]
+        try:
+            get_sampler(self.sampler)
+        except ValueError as exc:
+            problems.append(str(exc))
         if not self.prompts:
             problems.append("prompt is an empty list; give at least one caption (an empty string is fine)")
         if problems:
@@ -477,9 +484,9 @@ def sample_stage_c(
     uncond = {**base_uncond, **shared, **extra_uncond}
     cond, uncond = ({k: _to_device(v, device) for k, v in d.items()} for d in (cond, uncond))
     with torch.no_grad(), _eval_mode(stage_c):
-        return sample(
-            _casting(stage_c, dtype), shape, cond, uncond, settings.steps_c, settings.cfg_c, settings.rho,
-            settings.shift_c, settings.eta, generator=_generator(settings.seed, _STREAM_STAGE_C_STEPS),
+        return sample_with(
+            settings.sampler, _casting(stage_c, dtype), shape, cond, uncond, settings.steps_c, settings.cfg_c,
+            settings.rho, settings.shift_c, generator=_generator(settings.seed, _STREAM_STAGE_C_STEPS),
             noise=noise.to(device), callback=_step_callback(progress, "stage_c"), return_x0=True, device=device,
         )
 
@@ -553,9 +560,9 @@ def _sample_stage_b(
         cond = {"effnet": effnet, "clip": text.pooled.to(device)}
         uncond = {"effnet": torch.zeros_like(effnet), "clip": text.uncond_pooled.to(device)}
         with torch.no_grad(), _eval_mode(stage_b):
-            latents = sample(
-                _casting(stage_b, _module_dtype(stage_b, settings.torch_dtype)), shape, cond, uncond,
-                settings.steps_b, settings.cfg_b, settings.rho, settings.shift_b, settings.eta,
+            latents = sample_with(
+                STAGE_B_SAMPLER, _casting(stage_b, _module_dtype(stage_b, settings.torch_dtype)), shape, cond,
+                uncond, settings.steps_b, settings.cfg_b, settings.rho, settings.shift_b,
                 generator=_generator(settings.seed, _STREAM_STAGE_B_STEPS),
                 noise=initial_noise(shape, _derived_seed(settings.seed, _STREAM_STAGE_B_NOISE)).to(device),
                 callback=_step_callback(progress, "stage_b"), return_x0=True, device=device,

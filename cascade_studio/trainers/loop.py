@@ -24,7 +24,7 @@ from .checkpoints import RunState
 from .events import EventLog
 from .state_io import load_optimizer_state, save_optimizer_state
 from ..devices import host_floats
-from .steps import batch_to_device, diffusion_training_loss, heldout_loss, step_generator
+from .steps import LossStep, batch_to_device, heldout_loss, step_generator
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,15 +159,17 @@ def _check_in_step(dataset, indices: list[int], batch: dict[str, Any]) -> None:
 def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: InfiniteSampler,
              settings: LoopSettings, tracker, events: EventLog, checkpoints, run_state: RunState,
              method_inputs: Callable | None, method_cfg: Any, extras: dict[str, torch.Tensor],
+             loss_step: LossStep,
              save_adapter: Callable[[Path], None], preview: Callable[[int], None] | None = None,
              evaluate: Callable[[int], None] | None = None, start_step: int = 0,
              progress: bool = True) -> LoopResult:
     """Train from ``start_step`` to ``settings.max_steps``.
 
     Per optimizer step: ``grad_accum`` micro-batches (gradients all-reduced on the last one only, under
-    ``accelerator.no_sync`` before it), one host read (mean loss, gradient norm, whether every rank was finite),
-    then the optimizer step or a skip. ``evaluate(step)`` (the held-out loss) runs every ``eval_every`` steps
-    before the last; the run measures the last step itself, after training.
+    ``accelerator.no_sync`` before it), each scored by ``loss_step`` (the diffusion loss or the method's own
+    ``training_loss``), one host read (mean loss, gradient norm, whether every rank was finite), then the
+    optimizer step or a skip. ``evaluate(step)`` (the held-out loss) runs every ``eval_every`` steps before the
+    last; the run measures the last step itself, after training.
     """
     from tqdm.auto import tqdm
 
@@ -197,7 +199,7 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
             # Only the last micro-batch all-reduces gradients across processes (DDP); the others accumulate locally.
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    loss = diffusion_training_loss(
+                    loss = loss_step(
                         model, batch, c_clip_img=settings.c_clip_img, caption_dropout=settings.caption_dropout,
                         shift=settings.shift, offset=settings.offset_noise, generator=g,
                         method_inputs=method_inputs, method_cfg=method_cfg)

@@ -69,7 +69,8 @@ def make_preview_fn(recipe, models, model, adapter, tracker, events, run_dir: Pa
             emb = TextEmbeddings(hidden=text.hidden[p:p + 1], pooled=text.pooled[p:p + 1],
                                  uncond_hidden=text.uncond_hidden[p:p + 1], uncond_pooled=text.uncond_pooled[p:p + 1])
             for seed in seeds:
-                settings = GenerateSettings(prompt=prompt, seed=seed, steps_c=recipe.preview.steps,
+                settings = GenerateSettings(prompt=prompt, seed=seed, sampler=recipe.preview.sampler,
+                                            steps_c=recipe.preview.steps,
                                             cfg_c=recipe.preview.cfg, width=size, height=size, dtype="fp32")
                 noise = initial_noise((1, 16, h, w), seed)
                 if (p, seed) not in renderer.base_images:  # the first preview: the base never changes afterwards

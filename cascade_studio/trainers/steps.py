@@ -75,6 +75,12 @@ def diffusion_training_loss(model: Callable, batch: dict[str, Any], *, c_clip_im
     return diffusion_loss(pred.float(), noise, lsnr.float())
 
 
+# What the loop calls for one micro-batch's loss: ``diffusion_training_loss`` or a method's own ``training_loss``
+# hook, with the same keyword arguments (``c_clip_img, caption_dropout, shift, offset, generator, method_inputs,
+# method_cfg``) and a scalar result. A method with its own objective (LCM distillation) supplies the hook.
+LossStep = Callable[..., torch.Tensor]
+
+
 def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Every tensor of a collated batch on ``device`` (non-blocking from pinned memory)."""
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -90,8 +96,10 @@ def model_device(model: Any) -> torch.device:
 
 @torch.no_grad()
 def heldout_loss(model: Callable, batches: list[dict[str, Any]], *, c_clip_img: int, shift: float, seed: int,
-                 repeats: int = 4, method_inputs: Callable | None = None, method_cfg: Any = None) -> float:
-    """Mean diffusion loss over ``batches`` with fixed t and noise (comparable across adapters and steps).
+                 repeats: int = 4, method_inputs: Callable | None = None, method_cfg: Any = None,
+                 loss_step: LossStep = diffusion_training_loss) -> float:
+    """Mean training loss (``loss_step``: the diffusion loss unless the method has its own) over ``batches`` with
+    fixed t and noise (comparable across adapters and steps).
 
     ``shift`` and ``seed`` are the run's (``train.shift``, ``train.seed``): no default of their own here.
 
@@ -106,7 +114,7 @@ def heldout_loss(model: Callable, batches: list[dict[str, Any]], *, c_clip_img: 
     for rep in range(repeats):
         for i, batch in enumerate(batches):
             g = step_generator(seed, i, stream=rep + 1)
-            loss = diffusion_training_loss(model, batch_to_device(batch, device), c_clip_img=c_clip_img,
+            loss = loss_step(model, batch_to_device(batch, device), c_clip_img=c_clip_img,
                                            caption_dropout=0.0, shift=shift, offset=0.0, generator=g,
                                            method_inputs=_no_dropout(method_inputs), method_cfg=method_cfg)
             n = batch["latents"].shape[0]

@@ -1,0 +1,91 @@
+"""Wall time of a 4-step LCM-LoRA generation against a 20-step guided generation of the same image (issue 19).
+
+For each preset (tiny, toy) the text encoder, Stage C and the previewer are loaded once; then, alternating and
+from the same seed, ``sample_stage_c`` + the previewer run with (a) the published settings (ddpm, 20 steps, cfg 4:
+two Stage C passes per step, as one doubled batch). Target: the LCM run <= 1/8 of the guided one on the base and (b) ``--sampler lcm --steps 4`` with an
+LCM-LoRA attached, unmerged (as ``generate --lora`` loads it) and merged (``--merge-lora``). Model loading and process start are left out: they
+are the same for both and would hide the sampler. Reports the median of ``--reps`` timed runs after a warm-up.
+
+    python benchmarks/bench_lcm.py [--reps 20] [--threads 1] [--batch 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(preset: str, reps: int, batch: int) -> dict:
+    import torch
+
+    from cascade_studio.adapters import catalog
+    from cascade_studio.adapters.base import AdaptedStageC
+    from cascade_studio.config import load_recipe
+    from cascade_studio.inference.pipeline import (CascadeComponents, GenerateSettings, decode_latents,
+                                                   encode_prompts, sample_stage_c)
+    from cascade_studio.models.presets import get_preset
+
+    size = get_preset(preset).generate_resolution
+    components = CascadeComponents(preset, device="cpu")
+    guided = GenerateSettings(prompt="a large red circle", seed=0, batch=batch, width=size, height=size,
+                              preview=True, dtype="fp32")
+    fast = GenerateSettings(prompt="a large red circle", seed=0, batch=batch, width=size, height=size,
+                            preview=True, dtype="fp32", sampler="lcm", steps_c=4)
+    with components.use("text_encoder") as text_encoder:
+        text = encode_prompts(text_encoder, guided)
+        del text_encoder
+    previewer = components.load("previewer")
+    decoding = CascadeComponents(preset, device="cpu", modules={"previewer": previewer})
+    base = AdaptedStageC(components.load("stage_c"))
+    lcm = AdaptedStageC(components.load("stage_c"))
+    record = catalog.get("lcm")  # the benchmark names the method it measures
+    recipe = load_recipe("recipes/toy/lcm.yaml")
+    record.load().create_adapter(recipe.adapter.lcm, lcm, None)
+    merged = AdaptedStageC(components.load("stage_c"))
+    record.load().create_adapter(recipe.adapter.lcm, merged, None).merge()  # as generate --merge-lora
+
+    def run(model, settings):
+        with torch.no_grad():
+            decode_latents(decoding, sample_stage_c(model, text, settings), settings)
+
+    guided_s = _time(lambda: run(base, guided), reps)
+    lcm_s = _time(lambda: run(lcm, fast), reps)
+    merged_s = _time(lambda: run(merged, fast), reps)
+    return {"preset": preset, "guided_s": guided_s, "lcm_s": lcm_s, "ratio": lcm_s / guided_s, "merged_s": merged_s,
+            "merged_ratio": merged_s / guided_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}, batch {args.batch}, "
+          f"median of {args.reps}")
+    print("| preset | batch | 20 steps ddpm, cfg 4 (s) | 4 steps lcm, LCM-LoRA (s) | ratio | merged LCM-LoRA (s) | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for preset in ("tiny", "toy"):
+        row = bench(preset, args.reps, args.batch)
+        print(f"| {preset} | {args.batch} | {row['guided_s']:.4f} | {row['lcm_s']:.4f} | {row['ratio']:.3f} | "
+              f"{row['merged_s']:.4f} | {row['merged_ratio']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
