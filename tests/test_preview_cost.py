@@ -82,5 +82,8 @@ def test_the_base_column_is_sampled_once_per_run_and_equals_a_fresh_one(setup, t
 def test_guidance_scale_one_halves_the_cost_and_no_previews_cost_nothing() -> None:
     unguided = preview_cost(load_recipe(REPO_ROOT / "recipes" / "tiny" / "lora.yaml", [*OVERRIDES, "preview.cfg=1"]))
     assert unguided.guidance == 1 and unguided.per_column == 6
+    consistency = preview_cost(load_recipe(REPO_ROOT / "recipes" / "tiny" / "lora.yaml",
+                                           [*OVERRIDES, "preview.sampler=lcm"]))  # an unguided sampler
+    assert consistency.guidance == 1 and consistency.per_column == 6
     off = preview_cost(load_recipe(REPO_ROOT / "recipes" / "tiny" / "lora.yaml", [*OVERRIDES, "preview.every=0"]))
     assert off.previews == 0 and off.total == 0 and "cost nothing" in off.describe()

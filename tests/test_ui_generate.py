@@ -68,3 +68,15 @@ def test_an_adapter_file_must_lie_under_an_allowed_folder(ws: Workspace, tmp_pat
     at.button(key="gen_go").click().run()
     [job] = JobQueue(ws).jobs()
     assert CompareRequest.from_args(job.args).columns[1] == Column("file", str(allowed / "mine.safetensors"))
+
+
+def test_an_unguided_sampler_samples_the_adapters_image_at_its_own_steps(ws: Workspace) -> None:
+    """The quick LCM-LoRA try: the adapter's image with the lcm sampler at 4 steps, the base image as published."""
+    make_run(ws, "tiny-lora", "c" * 32)
+    at = page("generate")
+    at.selectbox(key="gen_sampler").set_value("lcm").run()
+    assert at.number_input(key="gen_own_steps-lcm").value == 4
+    at.button(key="gen_go").click().run()
+    [job] = JobQueue(ws).jobs()
+    base, adapter = CompareRequest.from_args(job.args).columns
+    assert base.spec() == "base" and adapter.spec().endswith("::sampler=lcm,steps=4")

@@ -475,6 +475,27 @@ def test_compare_page_builds_the_command_and_queues_it(ws: Workspace) -> None:
     assert "Comparison running" in texts(at.info)
 
 
+def test_a_compare_column_samples_with_its_own_sampler_and_steps(ws: Workspace) -> None:
+    """An LCM-LoRA column at 4 unguided steps beside the base at the grid's 20: the command carries the column's
+    own sampling after '::' (inference/compare.py COLUMN_SYNTAX), the base column none."""
+    run_dir = make_run(ws, "tiny-lora", "e" * 32)
+    at = page("compare")
+    at.multiselect(key="cmp_runs").set_value([str(run_dir)]).run()
+    [run_sampler] = [s for s in at.selectbox if s.key.startswith("cmp_smp-") and "run" in s.label]
+    assert run_sampler.value == "the grid's"
+    run_sampler.set_value("lcm").run()
+    [own_steps] = [n for n in at.number_input if n.key.startswith("cmp_smp_steps-") and n.key.endswith("-lcm")]
+    assert own_steps.value == 4  # an unguided sampler's default
+    at.button(key="cmp_run").click().run()
+    [job] = JobQueue(ws).jobs()
+    request = CompareRequest.from_args(job.args)
+    argv = compare_argv(request, ws)
+    columns = argv[argv.index("--columns") + 1:argv.index("--columns") + 3]
+    assert columns == ["base", f"run:{run_dir}::sampler=lcm,steps=4"]
+    bad = CompareRequest((Column("base", sampler="nope"),), ("a",), out=str(ws.comparisons_dir / "x"))
+    assert any("unknown sampler 'nope'" in p for p in bad.problems(ws))
+
+
 def test_compare_page_refuses_an_empty_choice(ws: Workspace) -> None:
     at = page("compare")
     at.checkbox(key="cmp_base").uncheck()

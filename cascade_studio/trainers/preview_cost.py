@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..diffusion.samplers import get_sampler
+
 __all__ = ["PREVIEW_COLUMNS", "PREVIEW_SHARE_WARNING", "TRAINING_PASSES_PER_SAMPLE", "PreviewCost", "preview_cost"]
 
 # The sampled columns of a preview grid, in order (a ControlNet's hint column is drawn, not sampled).
@@ -82,5 +84,6 @@ def preview_cost(recipe: Any) -> PreviewCost:
     previews = train.max_steps // preview.every if preview.every else 0
     samples = train.max_steps * train.grad_accum * train.batch_size
     return PreviewCost(prompts=len(preview.prompts), seeds=len(preview.seeds), steps=preview.steps,
-                       guidance=2 if preview.cfg != 1 else 1, previews=previews,
+                       guidance=2 if get_sampler(preview.sampler).guided and preview.cfg != 1 else 1,
+                       previews=previews,
                        training=samples * TRAINING_PASSES_PER_SAMPLE)

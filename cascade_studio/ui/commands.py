@@ -29,6 +29,7 @@ import yaml
 
 from ..adapters import catalog
 from ..config import Problem, RecipeError, load_recipe, parse_override
+from ..diffusion.samplers import sampler_names
 from ..models.presets import PRESETS
 from ..run_folder import RunFolder
 from .paths import NAME_RULE, PathNotAllowed, safe_filename
@@ -186,17 +187,24 @@ class Column:
     target: str = ""
     step: Optional[int] = None
     weight: Optional[float] = None
+    sampler: Optional[str] = None  # this column's own Stage C sampler / steps (None = the grid's)
+    sampling_steps: Optional[int] = None
 
     def spec(self) -> str:
-        """The column as ``cascade-studio compare --columns`` reads it (``SPEC_SYNTAX`` in inference/adapters)."""
+        """The column as ``cascade-studio compare --columns`` reads it (``SPEC_SYNTAX`` in inference/adapters,
+        its own sampling after ``::``, ``COLUMN_SYNTAX`` in inference/compare)."""
         weight = f"@{self.weight:g}" if self.weight is not None else ""
         if self.kind == "base":
-            return "base"
-        if self.kind == "run":
-            return f"run:{self.target}{weight}"
-        if self.kind == "ckpt":
-            return f"ckpt:{self.target}@{self.step if self.step is not None else 'latest'}{weight}"
-        return f"{self.target}{weight}"
+            text = "base"
+        elif self.kind == "run":
+            text = f"run:{self.target}{weight}"
+        elif self.kind == "ckpt":
+            text = f"ckpt:{self.target}@{self.step if self.step is not None else 'latest'}{weight}"
+        else:
+            text = f"{self.target}{weight}"
+        own = ([f"sampler={self.sampler}"] if self.sampler else []) + \
+            ([f"steps={int(self.sampling_steps)}"] if self.sampling_steps else [])
+        return f"{text}::{','.join(own)}" if own else text
 
 
 @dataclass(frozen=True)
@@ -231,6 +239,10 @@ class CompareRequest:
                     found.append(f"{column.target} does not exist; pick a run, checkpoint or adapter file again")
             if column.weight is not None and not -10 <= column.weight <= 10:
                 found.append(f"weight {column.weight:g} of {column.spec()} is out of range; use -10..10")
+            if column.sampler is not None and column.sampler not in sampler_names():
+                found.append(f"unknown sampler {column.sampler!r}; choose one of {', '.join(sampler_names())}")
+            if column.sampling_steps is not None and not 1 <= column.sampling_steps <= 200:
+                found.append(f"steps {column.sampling_steps} of {column.spec()} must be between 1 and 200")
         if not self.prompts:
             found.append("write at least one prompt")
         if not self.seeds:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import streamlit as st
 
 from ..config import Recipe, describe_fields
+from ..diffusion.samplers import get_sampler, sampler_help, sampler_names
 from ..models.presets import PRESETS
 from .commands import Column, CompareRequest, compare_argv, new_comparison_dir, parse_seeds
 from .common import page_link, queue, show_problems, workspace
@@ -36,6 +37,7 @@ _EXTRA_FILES = "cmp_extra_files"  # adapter files added by path this session (ou
 _UPLOADED = "cmp_uploaded_id"  # the upload already saved (a rerun must not save it again)
 _PENDING = "cmp_pending_settings"  # opened settings, applied before the widgets are drawn
 _OPEN_FLASH = "cmp_open_flash"
+_GRID_SAMPLING = "the grid's"  # a column that samples as the grid does (--sampler/--steps)
 
 
 def _presets() -> list[str]:
@@ -74,6 +76,7 @@ def render() -> None:
         + [(Column("ckpt", k.rsplit("@", 1)[0], step=int(k.rsplit("@", 1)[1])), ckpt_options[k]) for k in chosen_ckpts] \
         + [(Column("file", f), file_options[f]) for f in chosen_files]
     columns = ([Column("base")] if base else []) + _strengths(picked)
+    columns = _own_sampling(columns, (["base"] if base else []) + [label for _, label in picked])
 
     first_run = Path(chosen_runs[0]) if chosen_runs else (Path(chosen_ckpts[0].rsplit("@", 1)[0])
                                                           if chosen_ckpts else None)
@@ -138,6 +141,26 @@ def _strengths(picked: list[tuple[Column, str]]) -> list[Column]:
                                                         key=_column_key(column))
         columns.append(dataclasses.replace(column, weight=None if weight == 1.0 else float(weight)))
     return columns
+
+
+def _own_sampling(columns: list[Column], labels: list[str]) -> list[Column]:
+    """A column may sample with its own sampler and steps (``COLUMN::sampler=..,steps=..``), e.g. an LCM-LoRA at
+    4 unguided steps beside the base at the grid's 20 guided ones; every row still shares its starting noise."""
+    if not columns:
+        return columns
+    with st.expander("Sampling per column (e.g. an LCM-LoRA at 4 steps beside the base at 20)"):
+        out = []
+        for column, label in zip(columns, labels):
+            key = _column_key(column).replace("cmp_w-", "")
+            left, right = st.columns(2)
+            sampler = left.selectbox(f"Sampler: {label}", [_GRID_SAMPLING, *sampler_names()], key=f"cmp_smp-{key}",
+                                     help=sampler_help())
+            own = sampler != _GRID_SAMPLING
+            default_steps = 20 if not own or get_sampler(sampler).guided else 4
+            steps = right.number_input(f"Steps: {label}", min_value=1, max_value=200, value=default_steps, step=1,
+                                       key=f"cmp_smp_steps-{key}-{sampler}", disabled=not own)
+            out.append(dataclasses.replace(column, sampler=sampler, sampling_steps=int(steps)) if own else column)
+        return out
 
 
 def _add_adapter_file(ws: Workspace) -> None:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import streamlit as st
 
+from ..diffusion.samplers import DEFAULT_SAMPLER, get_sampler, sampler_help, sampler_names
 from ..models.presets import PRESETS
 from .commands import Column, CompareRequest, new_comparison_dir
 from .common import page_link, queue, show_problems, workspace
@@ -57,9 +58,18 @@ def render() -> None:
     preset = d.selectbox("Base model preset", presets, index=presets.index(preset_default)
                          if preset_default in presets else 0, key=f"gen_preset-{run_dir}",
                          help="The preset the adapter was trained on")
+    sampler = st.selectbox("Sampler of the adapter's image", sampler_names(), key="gen_sampler",
+                           help=f"{sampler_help()}. The base image keeps the published sampler at the steps above; an "
+                                "unguided sampler (an LCM-LoRA's lcm) samples the adapter's image at its own steps.")
+    own_steps = None
+    if not get_sampler(sampler).guided:
+        own_steps = int(st.number_input(f"Steps with {sampler}", min_value=1, max_value=200, value=4, step=1,
+                                        key=f"gen_own_steps-{sampler}"))
     with_base = st.checkbox("Also draw the base model (same seed and noise)", value=True, key="gen_base")
+    own = dict(sampler=sampler, sampling_steps=own_steps) if sampler != DEFAULT_SAMPLER else {}
     columns = ([Column("base")] if with_base else []) + \
-        ([Column(adapter.kind, adapter.target, weight=None if strength == 1.0 else strength)] if adapter else [])
+        ([Column(adapter.kind, adapter.target, weight=None if strength == 1.0 else strength, **own)]
+         if adapter else [])
     out = new_comparison_dir(ws, taken=[str(j.run_dir) for j in queue().jobs() if j.status in ACTIVE])
     request = CompareRequest(tuple(columns), (prompt.strip(),) if prompt.strip() else (), (seed,), preset,
                              steps=steps, out=str(out))
