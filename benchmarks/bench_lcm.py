@@ -1,12 +1,15 @@
 """Wall time of a 4-step LCM-LoRA generation against a 20-step guided generation of the same image (issue 19).
 
-For each preset (tiny, toy) the text encoder, Stage C and the previewer are loaded once; then, alternating and
-from the same seed, ``sample_stage_c`` + the previewer run with (a) the published settings (ddpm, 20 steps, cfg 4:
-two Stage C passes per step, as one doubled batch). Target: the LCM run <= 1/8 of the guided one on the base and (b) ``--sampler lcm --steps 4`` with an
-LCM-LoRA attached, unmerged (as ``generate --lora`` loads it) and merged (``--merge-lora``). Model loading and process start are left out: they
-are the same for both and would hide the sampler. Reports the median of ``--reps`` timed runs after a warm-up.
+Target: the LCM run takes <= 1/8 of the guided one. For each preset (tiny, toy) the text encoder, Stage C and the
+previewer are loaded once; then, from the same seed, ``sample_stage_c`` + the previewer run with (a) the published
+settings on the base (ddpm, 20 steps, cfg 4: two Stage C passes per step, as one doubled batch) and (b)
+``--sampler lcm --steps 4`` with an LCM-LoRA attached, unmerged (as ``generate --lora`` loads it) and merged
+(``--merge-lora``). Model loading and process start are left out: they are the same for both and would hide the
+sampler. ``mid`` is Stage C alone at the LoRA benchmark's mid size (c 512, 24x24 latents, random weights: the time
+of a sampler does not depend on what the weights learnt), where the model's arithmetic, not the fixed cost of a
+call, sets the time, as at the real sizes. Reports the median of ``--reps`` timed runs after a warm-up.
 
-    python benchmarks/bench_lcm.py [--reps 20] [--threads 1] [--batch 1]
+    python benchmarks/bench_lcm.py [--reps 20] [--threads 1] [--batch 1] [--sizes tiny,toy,mid]
 """
 from __future__ import annotations
 
@@ -67,11 +70,48 @@ def bench(preset: str, reps: int, batch: int) -> dict:
             "merged_ratio": merged_s / guided_s}
 
 
+def bench_mid(reps: int, batch: int) -> dict:
+    """Stage C only, at the LoRA benchmark's mid size: guided ddpm 20 steps vs lcm 4 steps with the LoRA."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_lora import SIZES
+
+    from cascade_studio.adapters import catalog
+    from cascade_studio.adapters.base import AdaptedStageC
+    from cascade_studio.config import load_recipe
+    from cascade_studio.inference.pipeline import GenerateSettings, TextEmbeddings, sample_stage_c
+    from cascade_studio.models import build_stage_c
+    from cascade_studio.models.random_init import make_learnable
+
+    cfg, _, side, _, _ = SIZES["mid"]
+    torch.manual_seed(0)
+    stage_c = make_learnable(build_stage_c(**cfg)).eval().requires_grad_(False)
+    width = cfg.get("c_clip_text", 1280)
+    text = TextEmbeddings(torch.randn(batch, 77, width), torch.randn(batch, 1, width),
+                          torch.randn(batch, 77, width), torch.randn(batch, 1, width))
+    size = side * 128 // 3  # the pixel size whose Stage C latents are side x side (1024 -> 24)
+    guided = GenerateSettings(prompt=["x"] * batch, seed=0, width=size, height=size, preview=True, dtype="fp32")
+    fast = GenerateSettings(prompt=["x"] * batch, seed=0, width=size, height=size, preview=True, dtype="fp32",
+                            sampler="lcm", steps_c=4)
+    base = AdaptedStageC(stage_c)
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/lcm/stage-c-lite.yaml")
+    guided_s = _time(lambda: sample_stage_c(base, text, guided), reps)
+    catalog.get("lcm").load().create_adapter(recipe.adapter.lcm, base, None)
+    lcm_s = _time(lambda: sample_stage_c(base, text, fast), reps)
+    return {"preset": f"mid (c {cfg['c_hidden'][0]}, {side}x{side} latents, Stage C only)", "guided_s": guided_s,
+            "lcm_s": lcm_s, "ratio": lcm_s / guided_s, "merged_s": float("nan"), "merged_ratio": float("nan")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--sizes", default="tiny,toy,mid", help="comma list of tiny, toy, mid")
     args = parser.parse_args()
     import torch
 
@@ -81,8 +121,8 @@ def main() -> None:
           f"median of {args.reps}")
     print("| preset | batch | 20 steps ddpm, cfg 4 (s) | 4 steps lcm, LCM-LoRA (s) | ratio | merged LCM-LoRA (s) | ratio |")
     print("|---|---|---|---|---|---|---|")
-    for preset in ("tiny", "toy"):
-        row = bench(preset, args.reps, args.batch)
+    for preset in args.sizes.split(","):
+        row = bench_mid(max(3, args.reps // 5), args.batch) if preset == "mid" else bench(preset, args.reps, args.batch)
         print(f"| {preset} | {args.batch} | {row['guided_s']:.4f} | {row['lcm_s']:.4f} | {row['ratio']:.3f} | "
               f"{row['merged_s']:.4f} | {row['merged_ratio']:.3f} |")
 
