@@ -404,3 +404,13 @@ def test_a_run_name_that_is_not_a_folder_name_is_refused_in_words_markdown_keeps
     """The studio shows messages as Markdown, which ate the backslash of "contain / or \\" (issue 18 item 7)."""
     problem = _by_path(_problems(_minimal(name=name)))["name"]
     assert "slash" in problem.message and "backslash" in problem.message and "\\" not in problem.message
+
+
+def test_settings_the_trainer_does_not_apply_yet_are_refused_not_ignored():
+    """data.buckets and random crops were accepted and silently did nothing (every image trained as a center crop
+    of the square resolution); now each says so and what to write."""
+    problems = _by_path(_problems(_minimal(), ("data.buckets=true", "data.crop=random")))
+    assert "not applied by the trainer yet" in problems["data.buckets"].message
+    assert "data.buckets: false" in problems["data.buckets"].hint
+    assert "center" in problems["data.crop"].hint
+    assert load_recipe(_minimal(), ("data.buckets=false", "data.crop=center")).data.buckets is False

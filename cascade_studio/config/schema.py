@@ -119,8 +119,10 @@ class DataConfig:
     resolution: int = setting(768, "Training side length in pixels; a multiple of 32 (Stage C latents are 1/32 "
                               "of the image through the effnet compressor).", minimum=32, multiple_of=32,
                               example=768)
-    crop: str = setting("center", "How images are cropped to the training size.", choices=("center", "random"))
-    buckets: bool = setting(False, "Group images by aspect ratio instead of cropping to a square.")
+    crop: str = setting("center", "How images are cropped to the training size (center; random is not applied yet "
+                        "and is refused).", choices=("center", "random"))
+    buckets: bool = setting(False, "Group images by aspect ratio instead of cropping to a square (not applied by "
+                            "the trainer yet, so true is refused).")
     caption_dropout: float = setting(0.05, "Probability of training on an empty caption (enables classifier-"
                                      "free guidance).", minimum=0, maximum=1, example=0.05)
     max_images: Optional[int] = setting(None, "Use at most this many images; null = all.", minimum=1,
@@ -458,6 +460,13 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
     if ok("data.source", "data.path") and data.source != "hf_hub" and data.path is None:
         add("data.path", None, f"source {data.source} reads from data.path, which is not set",
             "point it at your data, e.g. datasets/tiny-shapes")
+    if ok("data.buckets") and data.buckets:
+        add("data.buckets", True, "aspect-ratio buckets are not applied by the trainer yet: every image is cropped "
+            "to the square data.resolution (the Data page's Buckets tab shows what bucketing would do)",
+            "set data.buckets: false (or leave it out)")
+    if ok("data.crop") and data.crop == "random":
+        add("data.crop", "random", "random crops are not applied yet: the encode-once cache crops each image once, "
+            "at its center", "set data.crop: center (or leave it out)")
     if ok("data.source", "data.name") and data.source == "hf_hub" and data.name is None:
         add("data.name", None, "source hf_hub needs the hub dataset name", "e.g. user/my-dataset")
 
