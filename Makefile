@@ -34,6 +34,7 @@ ui: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_lora.py
+	$(BIN)/python benchmarks/bench_lcm.py
 
 bench-demo: install
 	$(BIN)/python benchmarks/bench_demo.py

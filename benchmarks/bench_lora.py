@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402 - the sibling module, importable however the script is started
 VARIANTS = ("diffusers", "studio-speed", "studio-memory")
 TINY_TEXT = dict(c_clip_text=64, c_clip_text_pooled=64, c_clip_img=32)
 SIZES = {
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = _run_worker(["--cache-worker"])
     print(f"cache: {cache}", flush=True)
     report = render(results, tensor_peaks, cache, sizes, about, args, time.perf_counter() - started)
-    Path(args.out).write_text(report)
+    write_section("lora", report, Path(args.out))
     print(report)
     return 0
 
@@ -309,7 +311,7 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> 
         (f" --sizes {args.sizes}" if args.sizes != "tiny,mid" else "") + (" --lite" if args.lite else "") + \
         (f" --reps {args.reps}" if args.reps != 3 else "") + (f" --steps {args.steps}" if args.steps else "") + \
         (f" --threads {args.threads}" if args.threads else "")
-    lines = ["# LoRA step benchmark: Cascade Studio vs a diffusers + PEFT baseline", "",
+    lines = ["## LoRA step benchmark: Cascade Studio vs a diffusers + PEFT baseline (bench_lora.py)", "",
              f"Machine: {about}.", f"Command: `{command}` (or `make bench`), {seconds / 60:.1f} min in all.",
              f"Step time and RSS: median over {args.reps} processes per variant (variants alternate), each the "
              "median of its timed steps (5 tiny, 1 mid/lite, after one warm-up step). Tensor bytes: one more "
@@ -342,7 +344,7 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> 
         speed, memory = ratio("studio-speed", "step_s"), ratio("studio-memory", "rss_delta")
         spread = max(max(abs(statistics.median(r["step_s"]) / _median(results[("mid", v)], "step_s") - 1)
                          for r in results[("mid", v)]) for v in VARIANTS)
-        lines += ["## Targets (mid size)", "",
+        lines += ["### Targets (mid size)", "",
                   f"- step time, studio-speed / diffusers: **{speed:.2f}** (target <= 1.0: "
                   f"{'met' if speed <= 1.0 else 'NOT met'}); single processes scattered up to "
                   f"{100 * spread:.0f}% around their variant's median, so ratios within that are parity.",
@@ -354,7 +356,7 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> 
                   "+50%), and bitsandbytes' 8-bit AdamW runs unfused per tensor on the CPU (most of the tiny "
                   "overhead; on CUDA it is one fused kernel).", ""]
     lines += [
-              "## Encode-once cache (tiny preset, datasets/tiny-shapes)", "",
+              "### Encode-once cache (tiny preset, datasets/tiny-shapes)", "",
               "The tiny encoders are small; the real CLIP ViT-bigG text tower and EfficientNet encoder cost "
               "far more per image, so the real saving is larger.", "",
               "| images | epoch with encoders (s) | epoch from cache (s) | speed-up | first build incl. writes (s) |",
