@@ -106,3 +106,28 @@ def test_toy_lcm_lora_draws_in_4_unguided_steps_what_the_teacher_draws_in_30_gui
     assert hits >= 0.8 * len(wanted), f"prompted colour in {hits}/16 LCM-LoRA images: {list(zip(wanted, found))}"
     print(f"toy LCM-LoRA: trained in {seconds:.0f} s; MSE to teacher base-4 {base_4:.3f} vs LCM-4 {lcm_4:.3f} "
           f"({base_4 / lcm_4:.2f}x); prompted colour {hits}/16")
+
+
+def test_merge_lora_folds_an_lcm_lora_into_the_base_like_any_lora(tmp_path):
+    """`generate --lora lcm.safetensors --merge-lora`: the LCM-LoRA is folded into the base weights (it was left
+    unmerged: only the LoRA method's own entries were merged), with the unmerged outputs."""
+    from cascade_studio.adapters import catalog
+    from cascade_studio.adapters.base import AdaptedStageC
+    from cascade_studio.config import load_recipe
+    from cascade_studio.inference.adapters import adapter_context, load_adapters, parse_adapter_spec
+    from test_lora import randomize, tiny_inputs, tiny_stage_c
+
+    method = catalog.get("lcm").load()
+    teacher = AdaptedStageC(tiny_stage_c())
+    adapter = method.create_adapter(load_recipe(REPO / "recipes/tiny/lcm.yaml").adapter.lcm, teacher, None)
+    randomize(adapter)
+    path = method.export_adapter(adapter, tmp_path / "lcm.safetensors", "comfyui")
+    inputs = tiny_inputs()
+    outputs = {}
+    for merge in (False, True):
+        model = AdaptedStageC(tiny_stage_c())
+        [entry] = load_adapters(model, [parse_adapter_spec(f"lora:{path}", merge=merge)], adapter_context(model))
+        assert entry.resolved.method == "lcm" and entry.adapter.merged is merge
+        with torch.no_grad():
+            outputs[merge] = model(**inputs)
+    assert torch.allclose(outputs[True], outputs[False], atol=1e-5)

@@ -15,7 +15,7 @@ from .objective import training_loss  # noqa: F401  (the method's training_loss 
 from .plan import plan_adapter  # noqa: F401
 
 __all__ = ["create_adapter", "export_adapter", "export_tensors", "load_adapter_file", "sniff", "lcm_metadata",
-           "SAMPLER", "generation_load", "describe_spec"]
+           "SAMPLER", "generation_load", "generation_finish", "describe_spec"]
 
 # The sampler an LCM-LoRA is drawn with (diffusion/lcm.py), recorded in every file.
 SAMPLER = get_sampler("lcm").name
@@ -75,4 +75,5 @@ def load_adapter_file(path: Path, model: AdaptedStageC, context=None, name: str 
 
 # Generation: a checkpoint's PEFT-layout tensors are converted to the ComfyUI file first, as for a LoRA.
 generation_load = lora_method.generation_load
+generation_finish = lora_method.generation_finish  # --merge-lora folds an LCM-LoRA in like any LoRA
 describe_spec = lora_method.describe_spec
