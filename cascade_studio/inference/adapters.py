@@ -28,9 +28,14 @@ __all__ = ["SPEC_SYNTAX", "AdapterSpec", "ResolvedAdapter", "LoadedAdapter", "Ad
            "resolve_adapter", "resolve_adapter_path", "adapter_context", "load_adapters", "apply_adapters",
            "remove_adapters", "generate_with_adapters"]
 
-SPEC_SYNTAX = """\
+def _kinds() -> str:
+    """``lora | controlnet (cn) | ...``: every registered method's spec prefix, from the catalog."""
+    return " | ".join(m.name + (f" ({', '.join(m.aliases)})" if m.aliases else "") for m in catalog.methods())
+
+
+SPEC_SYNTAX = f"""\
 Adapter spec: [KIND:][ORIGIN:]TARGET[@STEP][@WEIGHT]
-  KIND    lora | controlnet (cn) | ip (ip_adapter); omitted = read from the file
+  KIND    {_kinds()}; omitted = read from the file
   ORIGIN  omitted = TARGET is an adapter file (or a PEFT folder)
           run:  TARGET is a run folder (workspace/runs/<name>) or an MLflow run id; its exported adapter is
                 used, else its latest checkpoint
