@@ -147,6 +147,7 @@ def test_recipe_list_paths_and_save_names_say_one_thing_each(ws: Workspace) -> N
     assert RELATIVE_PATHS_HELP in texts(at.caption)
     assert RELATIVE_PATHS_HELP in by_key(at.text_input, "-data.path").help
     assert RELATIVE_PATHS_HELP not in by_key(at.text_input, "-optimizer.lr").help
+    assert RELATIVE_PATHS_HELP in page("data").text_input(key="data_typed").help  # the Data page's folder box too
     # one default save name in both tabs: the recipe's name for a shipped recipe
     form_name = [w for w in at.text_input if w.key and w.key.startswith("saveas-")][0]
     yaml_name = [w for w in at.text_input if w.key and w.key.startswith("yaml-saveas-")][0]

@@ -16,7 +16,7 @@ from ..config import RecipeError, load_recipe
 from .common import workspace
 from .data_view import (ScanView, bucket_counts, bucket_size, cache_contexts, cached_count, captions_of, cropped,
                         dataset_folders, read_only_reason, scan_folder, training_size)
-from .paths import PathNotAllowed
+from .paths import RELATIVE_PATHS_HELP, PathNotAllowed
 from .workspace import Workspace
 
 COLUMNS = 4
@@ -54,8 +54,8 @@ def render() -> None:
     picked = st.selectbox("Dataset folder", labels, key="data_pick", index=0 if labels else None,
                           placeholder="no folder found: type one below")
     typed = st.text_input("Or type a folder path", key="data_typed",
-                          help="Relative to the repository root (e.g. datasets/tiny-shapes), or absolute inside "
-                               "an allowed folder. '..' is not accepted.")
+                          help=f"{RELATIVE_PATHS_HELP} Or an absolute path inside an allowed folder; '..' is not "
+                               "accepted.")
     text = typed.strip() or (picked or "")
     if not text:
         st.info("Choose or type a dataset folder.")
