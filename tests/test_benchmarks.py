@@ -2,12 +2,17 @@
 benchmark's target judgement (the timings themselves live in `make bench`, not in tests)."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from tests.subprocess_env import child_env
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 from bench_lcm import render  # noqa: E402
 from flops import count_flops  # noqa: E402
 from results import write_section  # noqa: E402
@@ -39,3 +44,17 @@ def test_the_lcm_target_is_judged_on_each_row():
              "merged_ratio": float("nan")}]
     text = render(rows, "test machine", "python benchmarks/bench_lcm.py")
     assert "met on mid." in text and "| mid | 1 | 10.0000 | 1.1000 | 0.110 | - | - |" in text
+
+
+@pytest.mark.slow  # about 20 s: two tiny training steps, one through bitsandbytes' NF4 on the CPU
+def test_gpu_check_runs_its_benchmark_on_the_cpu_and_the_planner_predicts_it():
+    """benchmarks/gpu_check.py in a fresh process, as a user without a GPU runs it: one table, the tiny LoRA step
+    with the base in bf16 and in NF4, each with its measured peak and the planner's prediction within 25%."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--steps", "1"], capture_output=True,
+                          text=True, timeout=600, env=child_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| tiny |")]
+    assert [r[2].strip() for r in rows] == ["bf16", "nf4"]
+    for row in rows:
+        measured, predicted, ratio = float(row[4]), float(row[5]), float(row[6])
+        assert measured > 0 and 0.75 <= ratio <= 1.25, row

@@ -44,7 +44,7 @@ def workspace(tmp_path_factory):
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")])])
 def on_device(request, monkeypatch):
     """Training (accelerate's device), generate and compare put their models on the meta device, or on a GPU
-    when there is one (the ``cuda`` marker: ``pytest -m cuda``, or ``benchmarks/gpu_check.py``)."""
+    when there is one (the ``cuda`` marker: ``pytest -m cuda``, or ``benchmarks/gpu_check.py --tests``)."""
     device = torch.device(request.param)
     monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: device))
     if device.type == "meta":
