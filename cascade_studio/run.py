@@ -238,6 +238,9 @@ def _build_adapter(run: _Run) -> None:
 
         quantize_frozen_linears(stage_c, recipe.train.quantize_base)
     stage_c.checkpointing = recipe.train.checkpointing_mode
+    if stage_c.checkpointing != "none" and run.is_main:
+        print(f"[cascade-studio] train.checkpointing: {stage_c.checkpointing} (activations recomputed in the "
+              "backward pass)", flush=True)
     if compiles_blocks(recipe.train.compile, run.accelerator.device):
         count = stage_c.compile_blocks()
         if run.is_main:

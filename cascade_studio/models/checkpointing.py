@@ -19,9 +19,10 @@ The table and :data:`MODES` import no torch (the recipe schema reads the modes);
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 MODES = ("none", "blocks", "selective")
 LOW_RANK_RATIO = 8  # a matmul with contraction <= output width / 8 is recomputed (LoRA B; see module docstring)
@@ -109,26 +110,43 @@ def checkpoint_contexts(mode: str, kind: str, recompute_extra: Callable[[], Any]
     """The ``context_fn`` for ``torch.utils.checkpoint`` of one block call: ``(forward ctx, recompute ctx)``.
 
     ``recompute_extra`` makes one more context entered while the block is recomputed (the attention-hook replay).
+    Under ``selective`` both passes also run without autocast's cast cache: the recomputation must dispatch the
+    same ops as the forward (SAC matches them by count), and a weight used in several blocks (a shared hook's) is
+    cast once per autocast region when cached: in the forward only by its first block, in every recomputation.
     """
-    import contextlib
-
     def context_fn() -> tuple[Any, Any]:
-        if mode == "selective":
-            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+        if mode != "selective":
+            forward: Any = contextlib.nullcontext()
+            recompute: Any = contextlib.nullcontext()
+            return forward, (recompute_extra() if recompute_extra else recompute)
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-            forward, recompute = create_selective_checkpoint_contexts(policy_fn(kind))
-        else:
-            forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
-        if recompute_extra is None:
-            return forward, recompute
-        @contextlib.contextmanager
-        def both():
-            with recompute, recompute_extra():
-                yield
-
-        return forward, both()
+        forward, recompute = create_selective_checkpoint_contexts(policy_fn(kind))
+        extra = recompute_extra() if recompute_extra else contextlib.nullcontext()
+        return _together(forward, _uncached_autocast()), _together(recompute, _uncached_autocast(), extra)
 
     return context_fn
+
+
+@contextlib.contextmanager
+def _together(*contexts: Any) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
+
+
+@contextlib.contextmanager
+def _uncached_autocast() -> Iterator[None]:
+    """The autocast in effect (per device type), with its weight-cast cache off."""
+    import torch
+
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, dtype=torch.get_autocast_dtype(device),
+                                                   cache_enabled=False))
+        yield
 
 
 @functools.lru_cache(maxsize=None)
