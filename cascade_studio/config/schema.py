@@ -173,7 +173,7 @@ class TrainConfig:
                                    "overflows in Stage C).", choices=("no", "bf16"),
                                    refused={"fp16": _FP16_REASON, "float16": _FP16_REASON})
     gradient_checkpointing: bool = setting(False, "Recompute Stage C activations in the backward pass, whole "
-                                           "blocks at a time (much less memory, about 30% slower). true is "
+                                           "blocks at a time (much less memory, about 40% slower). true is "
                                            "train.checkpointing: blocks; kept for recipes that say it.")
     checkpointing: str = setting("auto", "Activation checkpointing of Stage C: none; blocks (recompute whole "
                                  "blocks in backward: least memory, the slowest); selective (keep the matmul and "

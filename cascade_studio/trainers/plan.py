@@ -29,9 +29,12 @@ Parts of the peak (each printed by ``cascade-studio plan``):
   output) and in its own network (ControlNet: traced on the meta device; its backward runs after Stage C's).
   Blocks that run before the first block the adapter touches need no gradient and keep nothing. Attention is
   assumed to run in SDPA's flash or memory-efficient kernels (no ``tokens x tokens`` matrix is kept), which is
-  what Stage C's ``F.scaled_dot_product_attention`` gets on CUDA and on CPU without dropout. With gradient
-  checkpointing each block keeps only its input, and one block at a time holds its full activations during its
-  backward. The coefficients per precision (``CALIBRATION``) were measured on CPU by
+  what Stage C's ``F.scaled_dot_product_attention`` gets on CUDA and on CPU without dropout. With whole-block
+  checkpointing (``train.checkpointing: blocks``) each block keeps only its input, and one block at a time holds
+  its full activations during its backward. With ``selective`` each block the policy table
+  (``models/checkpointing.py`` ``SELECTIVE_POLICY``) checkpoints keeps its input plus the outputs of the op
+  classes the table saves for its kind (counted from :data:`OP_OUTPUTS`, in the compute dtype) and what the adapter
+  keeps in it; a kind the table leaves alone (TimestepBlock) keeps what it keeps without checkpointing. The coefficients per precision (``CALIBRATION``) were measured on CPU by
   ``benchmarks/calibrate_plan.py`` on single blocks; ``tests/test_plan.py`` checks the whole-model prediction
   against measured peaks: LoRA at three sizes, ControlNet and IP-Adapter at the tiny size.
 * **workspace / CUDA context**: the CUDA context and cuBLAS/cuDNN workspaces (a fixed ~0.5 GiB) plus 10% of the
@@ -500,9 +503,10 @@ class Switch:
 
 
 SWITCHES: tuple[Switch, ...] = (
-    Switch("train.checkpointing=selective", "about 15% slower steps (recomputes norms and activations)",
+    # Costs measured at the mid config on CPU (benchmarks/bench_checkpointing.py): +22% and +38%.
+    Switch("train.checkpointing=selective", "about 20% slower steps (recomputes norms and activations)",
            lambda s: None if s.checkpointing != "none" else replace(s, checkpointing="selective")),
-    Switch("train.checkpointing=blocks", "about 30% slower steps (recomputes whole blocks)",
+    Switch("train.checkpointing=blocks", "about 40% slower steps (recomputes whole blocks)",
            lambda s: None if s.checkpointing == "blocks" else replace(s, checkpointing="blocks")),
     Switch("optimizer.name=adamw8bit", "none measurable (8-bit Adam state)",
            lambda s: None if s.optimizer in ("adamw8bit", "lion8bit", "adafactor")
