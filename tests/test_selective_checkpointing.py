@@ -20,7 +20,7 @@ from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
 from cascade_studio.config import RecipeError, load_recipe
 from cascade_studio.models import build_stage_c, get_preset
-from cascade_studio.models.checkpointing import SELECTIVE_POLICY
+from cascade_studio.models.checkpointing import SELECTIVE_POLICY, policy_fn
 from cascade_studio.trainers.components import make_random_base_learnable
 from cascade_studio.run_folder import RunFolder
 from cascade_studio.trainers.plan import measure_peak_tensor_bytes
@@ -132,9 +132,20 @@ def test_selective_keeps_less_than_none_and_more_than_whole_blocks():
     assert peaks["selective"] < 0.9 * peaks["none"], peaks
 
 
-def test_the_policy_table_covers_every_block_kind_and_leaves_the_timestep_block_alone():
-    assert set(SELECTIVE_POLICY) == set("CAT")
-    assert SELECTIVE_POLICY["T"].checkpoint is False and "matmul" in SELECTIVE_POLICY["C"].save
+def test_the_policy_keeps_matmuls_recomputes_cheap_ops_and_low_rank_up_projections():
+    from torch.utils.checkpoint import CheckpointPolicy as P
+
+    aten = torch.ops.aten
+    assert set(SELECTIVE_POLICY) == set("CAT") and SELECTIVE_POLICY["T"].checkpoint is False
+    policy = policy_fn("C")
+    x, w_wide, w_up = torch.ones(8, 64), torch.ones(64, 256), torch.ones(4, 64)
+    assert policy(None, aten.mm.default, x, w_wide) == P.MUST_SAVE  # channelwise.0: 64 -> 256
+    assert policy(None, aten.mm.default, torch.ones(8, 4), w_up) == P.PREFER_RECOMPUTE  # a rank-4 LoRA B
+    assert policy(None, aten.gelu.default, x) == P.PREFER_RECOMPUTE
+    # Dropout: recomputed eagerly (the RNG state is restored); kept inside compiled regions, whose recomputation
+    # cannot replay RNG ops (tests/test_compile.py checks the compiled gradients with dropout on).
+    assert policy(None, aten.native_dropout.default, x, 0.1, True) == P.PREFER_RECOMPUTE
+    assert policy_fn("C", keep_random=True)(None, aten.native_dropout.default, x, 0.1, True) == P.MUST_SAVE
 
 
 # ------------------------------------------------------------------------------------------------ the recipe

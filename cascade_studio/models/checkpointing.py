@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 MODES = ("none", "blocks", "selective")
+RECOMPILE_LIMIT = 64  # graph variants of the compiled selective region (see compiled_selective_call)
 LOW_RANK_RATIO = 8  # a matmul with contraction <= output width / 8 is recomputed (LoRA B; see module docstring)
 
 
@@ -89,8 +90,13 @@ def _matmul_is_low_rank(op: Any, args: tuple) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def policy_fn(kind: str) -> Callable[..., Any]:
-    """The SAC policy of a block kind: MUST_SAVE for the outputs of the op classes its table row names."""
+def policy_fn(kind: str, keep_random: bool = False) -> Callable[..., Any]:
+    """The SAC policy of a block kind: MUST_SAVE for the outputs of the op classes its table row names.
+
+    Random ops (dropout) are recomputed in eager mode, where checkpointing restores the RNG state; a compiled
+    region cannot recompute them (inductor refuses RNG ops in recompute regions), so ``keep_random`` keeps them.
+    """
+    import torch
     from torch.utils.checkpoint import CheckpointPolicy
 
     saved = _packets(SELECTIVE_POLICY[kind].save)
@@ -99,6 +105,8 @@ def policy_fn(kind: str) -> Callable[..., Any]:
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         packet = getattr(op, "overloadpacket", None)
         if packet in saved and not (packet in matmuls and _matmul_is_low_rank(op, args)):
+            return CheckpointPolicy.MUST_SAVE
+        if keep_random and torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -157,17 +165,27 @@ def compiled_selective_call(kind: str, options: tuple = ()) -> Callable[..., Any
     compiler reads the policy from the traced ops and recomputes in its own backward graph. Around an already
     compiled block, the eager SAC dispatch mode would cache the compiled kernels' reused output buffers, which
     torch refuses ("Tensor cached during selective activation checkpoint has been mutated"). One compiled function
-    per block kind: blocks of a kind share their graphs, as with ``compile_blocks``.
+    per block kind: blocks of a kind share their graphs, as with ``compile_blocks``. The kinds share one code
+    object, whose variants (kind, skip input or not, input needing a gradient or not, train/eval, shapes) exceed
+    dynamo's default 8 recompilations: the call raises the limit to :data:`RECOMPILE_LIMIT` and fails loudly when
+    even that is hit (dynamo's fallback would run the region eagerly around compiled inner frames, which torch
+    refuses as above).
     """
     import torch
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-    context_fn = functools.partial(create_selective_checkpoint_contexts, policy_fn(kind))
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy_fn(kind, keep_random=True))
 
     def run(block: Any, *args: Any) -> Any:
         return checkpoint(block.forward, *args, use_reentrant=False, context_fn=context_fn)
 
-    return torch.compile(run, **dict(options))
+    compiled = torch.compile(run, **dict(options))
+
+    def call(block: Any, *args: Any) -> Any:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            return compiled(block, *args)
+
+    return call
 
 
 def checkpoints(mode: str, kind: str) -> bool:
