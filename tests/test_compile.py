@@ -7,25 +7,17 @@ module is marked slow; one compiled model serves every in-process case.
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
 from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
 from cascade_studio.devices import compiles_blocks
-from cascade_studio.run_folder import RunFolder
-from tests.subprocess_env import child_env
 from tests.test_lora import randomize, tiny_inputs, tiny_stage_c
+from tests.tiny_train import assert_same_training, train_tiny_lora
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).with_name("cascade-studio"))
 
 
 @pytest.fixture(scope="module")
@@ -196,23 +188,7 @@ def test_auto_compiles_on_cuda_only():
 
 def test_train_with_compile_matches_the_eager_run(tmp_path):
     """The user's path: `cascade-studio train ... train.compile=on` trains and gives the eager run's losses."""
-    def train(name: str, setting: str) -> tuple[str, dict]:
-        proc = subprocess.run(
-            [CLI, "train", str(REPO / "recipes/tiny/lora.yaml"), f"name={name}", f"workspace={tmp_path}", "train.max_steps=3", "train.log_every=1",
-             "train.checkpoint_every=0", "preview.every=0", "tracking.enabled=false", f"train.compile={setting}",
-             "--no-progress"],
-            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        files = RunFolder(tmp_path / "runs" / name).exported_adapters()
-        assert files, f"no adapter exported for {name}"
-        return proc.stdout, load_file(files[0])
-
-    lr = yaml.safe_load((REPO / "recipes/tiny/lora.yaml").read_text())["optimizer"]["lr"]
-    out_c, compiled = train("compiled", "on")
-    out_e, eager = train("eager", "off")
+    out_c, compiled = train_tiny_lora(tmp_path, "compiled", "train.compile=on")
+    out_e, eager = train_tiny_lora(tmp_path, "eager", "train.compile=off")
     assert "Stage C blocks compiled" in out_c and "Stage C blocks compiled" not in out_e
-    assert compiled.keys() == eager.keys()
-    for key in eager:
-        # Adam divides by the gradient's magnitude, so float-rounding differences of ~1e-7 in a near-zero gradient
-        # move an element by up to ~1% of a step (4.6e-5 measured at lr 3e-3); a wrong graph moves whole steps.
-        assert torch.allclose(compiled[key], eager[key], rtol=0, atol=0.05 * lr), key
+    assert_same_training(compiled, eager)

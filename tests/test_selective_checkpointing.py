@@ -6,14 +6,9 @@ than whole-block checkpointing, and the recipe switch refuses a pair that contra
 mode in tests/test_plan.py."""
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 from torch import nn
 
 from cascade_studio.adapters.base import AdaptedStageC
@@ -22,15 +17,11 @@ from cascade_studio.config import RecipeError, load_recipe
 from cascade_studio.models import build_stage_c, get_preset
 from cascade_studio.models.checkpointing import SELECTIVE_POLICY, policy_fn
 from cascade_studio.trainers.components import make_random_base_learnable
-from cascade_studio.run_folder import RunFolder
 from cascade_studio.trainers.plan import measure_peak_tensor_bytes
 from cascade_studio.trainers.steps import diffusion_training_loss, step_generator
-from tests.subprocess_env import child_env
 from tests.test_lora import randomize, tiny_inputs
+from tests.tiny_train import TINY_LORA, assert_same_training, train_tiny_lora
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).with_name("cascade-studio"))
-TINY_RECIPE = REPO / "recipes" / "tiny" / "lora.yaml"
 
 
 def tiny_model(dropout: float = 0.1) -> tuple[AdaptedStageC, LoraAdapter]:
@@ -157,13 +148,13 @@ def test_the_policy_keeps_matmuls_recomputes_cheap_ops_and_low_rank_up_projectio
     (("train.gradient_checkpointing=false", "train.checkpointing=selective"), "selective"),
 ])
 def test_the_mode_in_effect(overrides, mode):
-    assert load_recipe(TINY_RECIPE, overrides).train.checkpointing_mode == mode
+    assert load_recipe(TINY_LORA, overrides).train.checkpointing_mode == mode
 
 
 @pytest.mark.parametrize("mode", ["none", "selective"])
 def test_a_contradicting_pair_is_refused_with_what_to_write(mode):
     with pytest.raises(RecipeError) as info:
-        load_recipe(TINY_RECIPE, ("train.gradient_checkpointing=true", f"train.checkpointing={mode}"))
+        load_recipe(TINY_LORA, ("train.gradient_checkpointing=true", f"train.checkpointing={mode}"))
     [problem] = info.value.problems
     assert problem.path == "train.checkpointing" and problem.value == mode
     assert "contradicts train.gradient_checkpointing: true" in problem.message
@@ -175,23 +166,7 @@ def test_a_contradicting_pair_is_refused_with_what_to_write(mode):
 def test_train_with_selective_checkpointing_matches_the_run_without(tmp_path):
     """`cascade-studio train recipes/tiny/lora.yaml train.checkpointing=selective` trains and exports the adapter
     the run without checkpointing exports."""
-    def train(name: str, mode: str) -> tuple[str, dict]:
-        proc = subprocess.run(
-            [CLI, "train", str(TINY_RECIPE), f"name={name}", f"workspace={tmp_path}", "train.max_steps=3",
-             "train.checkpoint_every=0", "preview.every=0", "tracking.enabled=false", "train.compile=off",
-             f"train.checkpointing={mode}", "--no-progress"],
-            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        files = RunFolder(tmp_path / "runs" / name).exported_adapters()
-        assert files, f"no adapter exported for {name}"
-        return proc.stdout, load_file(files[0])
-
-    lr = yaml.safe_load(TINY_RECIPE.read_text())["optimizer"]["lr"]
-    out_s, selective = train("selective", "selective")
-    out_n, plain = train("plain", "none")
+    out_s, selective = train_tiny_lora(tmp_path, "selective", "train.compile=off", "train.checkpointing=selective")
+    out_n, plain = train_tiny_lora(tmp_path, "plain", "train.compile=off", "train.checkpointing=none")
     assert "train.checkpointing: selective" in out_s and "train.checkpointing:" not in out_n
-    assert selective.keys() == plain.keys()
-    for key in plain:
-        # Adam divides by the gradient's magnitude: rounding differences of ~1e-7 in a near-zero gradient can move
-        # an element by a fraction of a step (as in tests/test_compile.py); a wrong graph moves whole steps.
-        assert torch.allclose(selective[key], plain[key], rtol=0, atol=0.05 * lr), key
+    assert_same_training(selective, plain)

@@ -393,7 +393,6 @@ def activation_bytes(layout: Layout, setup: Setup, planned: PlannedAdapter | Non
     # what those after k (and the output head) kept is already freed.
     worst = 0.0
     kept = 0.0
-    cond_saved = 0.0
     for index, (block, s_k, p_k) in enumerate(zip(layout.blocks, saved, peak_extra)):
         if index < first:
             continue
