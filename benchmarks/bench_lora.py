@@ -5,6 +5,8 @@ Variants (each measurement is its own process, variants alternate, several repet
 * ``studio-speed``: our ``StageC`` + ``LoraAdapter`` (PEFT on to_q/to_k/to_v/out_proj) inside ``AdaptedStageC``,
   our loss step (``trainers.steps.diffusion_training_loss``), torch AdamW, no checkpointing;
 * ``studio-memory``: the same with gradient checkpointing and bitsandbytes 8-bit AdamW (the memory switches);
+* ``studio-selective``: studio-speed with selective activation checkpointing (``train.checkpointing=selective``:
+  matmul and attention outputs kept, norms/GELU/GRN/SiLU/depthwise conv recomputed), torch AdamW;
 * ``diffusers``: diffusers' ``StableCascadeUNet`` with the same config, PEFT ``inject_adapter_in_model`` on
   ``to_q/to_k/to_v/to_out.0`` (the UNet has no ``add_adapter``), torch AdamW, and the loss a diffusers user writes
   (``DDPMWuerstchenScheduler.add_noise``, MSE on the noise, as in diffusers' Würstchen prior training example).
@@ -43,7 +45,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402 - the sibling module, importable however the script is started
-VARIANTS = ("diffusers", "studio-speed", "studio-memory")
+VARIANTS = ("diffusers", "studio-speed", "studio-memory", "studio-selective")
+# The studio variants: (train.checkpointing, optimizer). studio-blocks (whole-block checkpointing with torch AdamW)
+# is not in the table; benchmarks/bench_checkpointing.py runs it beside studio-speed and studio-selective.
+STUDIO = {"studio-speed": ("none", "adamw"), "studio-memory": ("blocks", "adamw8bit"),
+          "studio-selective": ("selective", "adamw"), "studio-blocks": ("blocks", "adamw")}
 TINY_TEXT = dict(c_clip_text=64, c_clip_text_pooled=64, c_clip_img=32)
 SIZES = {
     # name: (Stage C kwargs, batch, latent side, LoRA rank, timed steps per process)
@@ -86,14 +92,14 @@ def _diffusers_model(cfg: dict, rank: int):
     return unet, params
 
 
-def _studio_model(cfg: dict, rank: int, checkpointing: bool):
+def _studio_model(cfg: dict, rank: int, checkpointing: str):
     from cascade_studio.adapters.base import AdaptedStageC
     from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
     from cascade_studio.models import build_stage_c
     from cascade_studio.models.random_init import make_learnable
 
     stage_c = make_learnable(build_stage_c(**cfg)).requires_grad_(False).eval()
-    stage_c.gradient_checkpointing = checkpointing
+    stage_c.checkpointing = checkpointing
     model = AdaptedStageC(stage_c)
     adapter = LoraAdapter(LoraSpec(rank=rank, alpha=float(rank), targets=("attention",)))
     model.add_adapter(adapter)
@@ -142,9 +148,9 @@ def worker(variant: str, size: str, steps: int | None, profile: bool = False) ->
                          clip_img=batch["clip_img"], return_dict=False)[0]
             return torch.nn.functional.mse_loss(pred.float(), noise.float())
     else:
-        memory = variant == "studio-memory"
-        model, params = _studio_model(cfg, rank, checkpointing=memory)
-        optimizer = build_optimizer(params, OptimizerConfig(name="adamw8bit" if memory else "adamw", lr=1e-4))
+        checkpointing, optimizer_name = STUDIO[variant]
+        model, params = _studio_model(cfg, rank, checkpointing=checkpointing)
+        optimizer = build_optimizer(params, OptimizerConfig(name=optimizer_name, lr=1e-4))
 
         def loss_fn(step: int):
             return diffusion_training_loss(model, batch, c_clip_img=c_img, caption_dropout=0.0, shift=1.0,
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         for rep in range(args.reps):
             # Rotate the order every repetition so drifting machine load hits every variant alike.
-            order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+            order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
             for variant in order:
                 result = _run_worker(["--worker", variant, size, *steps])
                 results.setdefault((size, variant), []).append(result)
@@ -316,7 +322,7 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> 
              f"Step time and RSS: median over {args.reps} processes per variant (variants alternate), each the "
              "median of its timed steps (5 tiny, 1 mid/lite, after one warm-up step). Tensor bytes: one more "
              "process per variant. fp32, frozen base in eval mode, LoRA on q/k/v/out of every attention block, "
-             "AdamW (8-bit for studio-memory).", "",
+             "AdamW (8-bit for studio-memory); studio-selective is studio-speed with selective checkpointing.", "",
              "| size | config | variant | LoRA params | step (s) | step vs diffusers | peak RSS delta (MiB) | "
              "RSS vs diffusers | peak tensor bytes (MiB) | tensors vs diffusers |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -354,7 +360,10 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> 
                   "- studio-memory pays for its memory in time: checkpointing recomputes every block's forward "
                   "during the backward pass (with a frozen base the backward costs about one forward, so about "
                   "+50%), and bitsandbytes' 8-bit AdamW runs unfused per tensor on the CPU (most of the tiny "
-                  "overhead; on CUDA it is one fused kernel).", ""]
+                  "overhead; on CUDA it is one fused kernel).",
+                  f"- studio-selective (selective checkpointing, AdamW): {ratio('studio-selective', 'step_s'):.2f} of "
+                  f"diffusers' step time at {tensor_peaks[('mid', 'studio-selective')]['tensor_peak'] / base_tensor:.2f} "
+                  "of its tensor bytes: the matmul outputs stay, only norms and activations are recomputed.", ""]
     lines += [
               "### Encode-once cache (tiny preset, datasets/tiny-shapes)", "",
               "The tiny encoders are small; the real CLIP ViT-bigG text tower and EfficientNet encoder cost "

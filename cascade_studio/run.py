@@ -244,7 +244,10 @@ def _build_adapter(run: _Run) -> None:
         from .trainers.quantize import quantize_frozen_linears
 
         quantize_frozen_linears(stage_c, recipe.train.quantize_base)
-    stage_c.gradient_checkpointing = bool(recipe.train.gradient_checkpointing)
+    stage_c.checkpointing = recipe.train.checkpointing_mode
+    if stage_c.checkpointing != "none" and run.is_main:
+        print(f"[cascade-studio] train.checkpointing: {stage_c.checkpointing} (activations recomputed in the "
+              "backward pass)", flush=True)
     if compiles_blocks(recipe.train.compile, run.accelerator.device):
         count = stage_c.compile_blocks()
         if run.is_main:
@@ -410,7 +413,7 @@ def _report_resident_memory(recipe, stage_c, model, device) -> None:
     memory = resident_memory(stage_c, list(model.trainable_parameters()), recipe.optimizer.name)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     line, tight = resident_memory_report(memory, recipe.optimizer.name, total, recipe.train.quantize_base,
-                                         recipe.train.gradient_checkpointing)
+                                         recipe.train.checkpointing_mode)
     print(f"[cascade-studio] {'warning: ' if tight else ''}{line}", flush=True)
 
 

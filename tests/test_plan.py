@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def measure_training_step(setup: planner.Setup) -> tuple[int, int]:
     go through its method's ``training_inputs``, as in training."""
     torch.manual_seed(0)
     stage_c = make_learnable(build_stage_c(**setup.stage_c)).to(DTYPES[setup.dtype]).eval().requires_grad_(False)
-    stage_c.gradient_checkpointing = setup.gradient_checkpointing
+    stage_c.checkpointing = setup.checkpointing
     model = AdaptedStageC(stage_c)
     method = catalog.get(setup.method)
     adapter = method.hook("create_adapter")(setup.adapter, model, None)
@@ -94,14 +95,14 @@ def method_batch(setup: planner.Setup, adapter) -> dict:
     return {}
 
 
-CASES = [(size, "fp32", "no", ckpt) for size in SIZES for ckpt in (False, True)] + \
-        [("tiny", "bf16", "bf16", True), ("c256", "bf16", "bf16", False)]
+CASES = [(size, "fp32", "no", ckpt) for size in SIZES for ckpt in ("none", "blocks", "selective")] + \
+        [("tiny", "bf16", "bf16", "blocks"), ("c256", "bf16", "bf16", "none"), ("c256", "bf16", "bf16", "selective")]
 
 
 @pytest.mark.parametrize("size,dtype,mixed,ckpt", CASES)
 def test_prediction_within_25_percent_of_measured_peak(size, dtype, mixed, ckpt):
     setup = planner.Setup(adapter=LoraConfig(rank=8, alpha=8.0), stage_c=SIZES[size], preset=size, batch_size=2,
-                          latent_h=8, latent_w=8, dtype=dtype, mixed_precision=mixed, gradient_checkpointing=ckpt,
+                          latent_h=8, latent_w=8, dtype=dtype, mixed_precision=mixed, checkpointing=ckpt,
                           optimizer="adamw", device="cpu")
     assert_prediction_within_25_percent(setup)
 
@@ -119,13 +120,18 @@ def assert_prediction_within_25_percent(setup: planner.Setup) -> None:
 
 
 def test_checkpointing_prediction_tracks_the_measured_saving():
+    """Whole blocks keep far less than no checkpointing, selective sits between; the predicted ratios follow."""
     base = planner.Setup(adapter=LoraConfig(rank=8, alpha=8.0), stage_c=SIZES["c128"], batch_size=2, latent_h=8,
                          latent_w=8, dtype="fp32", mixed_precision="no", optimizer="adamw", device="cpu")
-    with_ckpt = planner.Setup(**{**base.__dict__, "gradient_checkpointing": True})
-    predicted = planner.plan_memory(with_ckpt).parts["activations"] / planner.plan_memory(base).parts["activations"]
-    measured = measure_training_step(with_ckpt)[1] / measure_training_step(base)[1]
-    assert measured < 0.5
-    assert abs(predicted - measured) < 0.1
+    measured_none = measure_training_step(base)[1]
+    predicted_none = planner.plan_memory(base).parts["activations"]
+    ratios = {}
+    for mode in ("blocks", "selective"):
+        setup = replace(base, checkpointing=mode)
+        predicted = planner.plan_memory(setup).parts["activations"] / predicted_none
+        ratios[mode] = measure_training_step(setup)[1] / measured_none
+        assert abs(predicted - ratios[mode]) < 0.1, (mode, predicted, ratios[mode])
+    assert ratios["blocks"] < 0.5 and ratios["blocks"] < ratios["selective"] < 0.9, ratios
 
 
 def test_meta_parameter_counts_match_the_published_models():
@@ -206,17 +212,21 @@ def test_plan_json_is_the_same_plan_as_data_with_the_switches_that_make_it_fit(c
     tight = json.loads(_plan_cli(recipe, "train.gradient_checkpointing=false", "train.batch_size=4", "--gpu-gb", "12",
                                  "--json", capsys=capsys))
     assert not tight["fits"] and tight["switches_fit"] and tight["peak"] > tight["budget"]
-    assert tight["switches"][0]["override"] == "train.gradient_checkpointing=true"
+    assert tight["switches"][0]["override"].startswith("train.checkpointing=")
     assert tight["switches"][-1]["peak"] <= tight["budget"] < tight["peak"]
 
 
 def test_big_recipe_without_checkpointing_is_advised_to_enable_it(capsys, monkeypatch):
+    """Selective checkpointing (the cheaper one in time) when it is enough; whole blocks, instead of it, when not."""
     monkeypatch.chdir(REPO)
-    out = _plan_cli("recipes/lora/stage-c-big-style.yaml", "train.gradient_checkpointing=false", "--gpu-gb", "10",
-                    capsys=capsys)
-    assert "Does NOT fit in 10.0 GiB" in out
-    advice = out.split("in order (each adds to the ones above):")[1].strip().splitlines()
-    assert advice[0].split()[0] == "train.gradient_checkpointing=true"
+    advice = {}
+    for budget in ("10", "8.5"):
+        out = _plan_cli("recipes/lora/stage-c-big-style.yaml", "train.gradient_checkpointing=false", "--gpu-gb",
+                        budget, capsys=capsys)
+        assert f"Does NOT fit in {float(budget):.1f} GiB" in out
+        advice[budget] = [line.split()[0] for line in
+                          out.split("in order (each adds to the ones above):")[1].strip().splitlines()[:-2]]
+    assert advice == {"10": ["train.checkpointing=selective"], "8.5": ["train.checkpointing=blocks"]}
 
 
 def test_suggestions_follow_cost_order_and_stop_when_it_fits():
@@ -234,7 +244,7 @@ def test_the_adapter_switch_comes_from_the_method_and_keeps_only_the_last_rank()
     """Everything else already on: only the LoRA hook's own switch (halve the rank) is left, applied until the
     plan fits and printed once, with the final rank."""
     common = dict(stage_c=TINY, preset="tiny", batch_size=1, latent_h=8, latent_w=8, dtype="bf16",
-                  mixed_precision="bf16", gradient_checkpointing=True, quantize_base="nf4", optimizer="adamw8bit",
+                  mixed_precision="bf16", checkpointing="blocks", quantize_base="nf4", optimizer="adamw8bit",
                   device="cpu")
     layout = planner.stage_c_layout(TINY)
     setup = planner.Setup(adapter=LoraConfig(rank=256), **common)
@@ -295,11 +305,12 @@ def test_trainable_and_resident_adapter_counts_match_the_built_adapter(name):
     assert plan.parts["adapter weights"] == own
 
 
-METHOD_CASES = [("controlnet", "fp32", "no", False), ("controlnet", "bf16", "bf16", True),
-                ("controlnet-frozen-backbone", "fp32", "no", True),
-                ("controlnet-frozen-backbone", "bf16", "bf16", True),
-                ("ip_adapter", "fp32", "no", False), ("ip_adapter", "fp32", "no", True),
-                ("ip_adapter", "bf16", "bf16", False)]
+METHOD_CASES = [("controlnet", "fp32", "no", "none"), ("controlnet", "bf16", "bf16", "blocks"),
+                ("controlnet", "fp32", "no", "selective"),
+                ("controlnet-frozen-backbone", "fp32", "no", "blocks"),
+                ("controlnet-frozen-backbone", "bf16", "bf16", "blocks"),
+                ("ip_adapter", "fp32", "no", "none"), ("ip_adapter", "fp32", "no", "blocks"),
+                ("ip_adapter", "fp32", "no", "selective"), ("ip_adapter", "bf16", "bf16", "none")]
 
 
 @pytest.mark.parametrize("name,dtype,mixed,ckpt", METHOD_CASES)
@@ -307,6 +318,6 @@ def test_other_methods_prediction_within_25_percent_of_measured_peak(name, dtype
     """The ControlNet (its own network traced on meta) and the IP-Adapter (its branch per attention block) on the
     tiny Stage C, against the measured CPU peak of a real training step built by the method's create_adapter."""
     setup = planner.Setup(adapter=METHOD_SECTIONS[name], stage_c=TINY, preset="tiny", batch_size=2, latent_h=8,
-                          latent_w=8, dtype=dtype, mixed_precision=mixed, gradient_checkpointing=ckpt,
+                          latent_w=8, dtype=dtype, mixed_precision=mixed, checkpointing=ckpt,
                           optimizer="adamw", device="cpu")
     assert_prediction_within_25_percent(setup)

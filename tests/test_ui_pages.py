@@ -309,10 +309,10 @@ def test_the_ready_line_shows_the_overrides_the_memory_plan_and_the_form_resets_
     at.number_input(key="launch_gpu_gb").set_value(1.0).run()
     warning = texts(at.warning)
     assert re.search(r"\*\*\d+\.\d GiB does not fit in 1 GiB\*\*", warning), warning
-    assert "- `train.gradient_checkpointing=true` ->" in warning
+    assert "- `train.checkpointing=blocks` ->" in warning
     at.button(key="launch_apply_switches").click().run()
     overrides = at.text_area(key="launch_overrides").value.splitlines()
-    assert overrides[0] == "train.max_steps=4" and "train.gradient_checkpointing=true" in overrides
+    assert overrides[0] == "train.max_steps=4" and "train.checkpointing=blocks" in overrides
     assert "fits in" in texts(at.info)
     at.button(key="launch_queue").click().run()
     [job] = JobQueue(ws).jobs()

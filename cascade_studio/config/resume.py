@@ -23,7 +23,7 @@ from .schema import recipe_to_dict
 MAY_CHANGE = ("workspace", "optimizer.lr", "optimizer.weight_decay", "schedule.", "train.max_steps", "train.checkpoint_every",
               "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.max_nonfinite_steps",
               "train.max_grad_norm", "train.num_workers", "train.distributed_timeout_minutes",
-              "train.gradient_checkpointing", "train.compile",
+              "train.gradient_checkpointing", "train.checkpointing", "train.compile",
               "preview.", "export.", "cache.dir")
 
 

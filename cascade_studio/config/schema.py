@@ -27,6 +27,7 @@ import yaml
 
 from ..adapters import catalog
 from ..diffusion.samplers import DEFAULT_SAMPLER, sampler_help, sampler_names
+from ..models.checkpointing import MODES as CHECKPOINTING_MODES
 from ..models.presets import PRESETS
 from .errors import Problem
 from .fields import setting
@@ -174,8 +175,15 @@ class TrainConfig:
     mixed_precision: str = setting("bf16", "Autocast precision for the forward pass: no or bf16 (fp16 "
                                    "overflows in Stage C).", choices=("no", "bf16"),
                                    refused={"fp16": _FP16_REASON, "float16": _FP16_REASON})
-    gradient_checkpointing: bool = setting(False, "Recompute Stage C activations in the backward pass "
-                                           "(much less memory, about 30% slower).")
+    gradient_checkpointing: bool = setting(False, "Recompute Stage C activations in the backward pass, whole "
+                                           "blocks at a time (much less memory, about 40% slower). true is "
+                                           "train.checkpointing: blocks; kept for recipes that say it.")
+    checkpointing: str = setting("auto", "Activation checkpointing of Stage C: none; blocks (recompute whole "
+                                 "blocks in backward: least memory, the slowest); selective (keep the matmul and "
+                                 "attention outputs, recompute norms, GELU, GRN, SiLU and the depthwise conv: "
+                                 "less memory than none at a smaller time cost than blocks); auto = what "
+                                 "gradient_checkpointing says (true = blocks, false = none).",
+                                 choices=("auto",) + CHECKPOINTING_MODES)
     compile: str = setting("auto", "Compile Stage C block by block with torch.compile (fused norms and "
                            "activations; the same results): on, off, or auto = on for CUDA and off elsewhere (on a "
                            "CPU the first step compiles for about a minute, which short runs do not win back).",
@@ -204,6 +212,15 @@ class TrainConfig:
                                                "(e.g. while the main process fills the cache) before giving up; "
                                                "raise it when the first run encodes a very large dataset.",
                                                minimum=1, example=120)
+
+    @property
+    def checkpointing_mode(self) -> str:
+        """The activation checkpointing in effect: ``checkpointing``, or for ``auto`` what
+        ``gradient_checkpointing`` says (the two never disagree: :func:`check_relations` refuses a pair that
+        does)."""
+        if self.checkpointing != "auto":
+            return self.checkpointing
+        return "blocks" if self.gradient_checkpointing else "none"
 
 
 @dataclass(frozen=True)
@@ -469,6 +486,13 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
             "at its center", "set data.crop: center (or leave it out)")
     if ok("data.source", "data.name") and data.source == "hf_hub" and data.name is None:
         add("data.name", None, "source hf_hub needs the hub dataset name", "e.g. user/my-dataset")
+
+    train = recipe.train
+    if ok("train.checkpointing", "train.gradient_checkpointing") and train.gradient_checkpointing \
+            and train.checkpointing not in ("auto", "blocks"):
+        add("train.checkpointing", train.checkpointing, "contradicts train.gradient_checkpointing: true, which means "
+            "checkpointing: blocks", f"keep train.checkpointing: {train.checkpointing} and remove "
+            "train.gradient_checkpointing (or set it false); train.checkpointing alone says which mode")
 
     if ok("schedule.warmup_steps", "train.max_steps") and recipe.schedule.warmup_steps >= recipe.train.max_steps:
         add("schedule.warmup_steps", recipe.schedule.warmup_steps,

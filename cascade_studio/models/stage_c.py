@@ -9,6 +9,7 @@ code so ``official.py`` can map published weights by name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterator, Sequence
 
@@ -18,15 +19,25 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, UpDownBlock2d
+from .checkpointing import block_kind, checkpoint_contexts, checkpoints, compiled_selective_call
 
 
 class LevelStack(nn.Module):
     """Shared machinery of Stage C and Stage B: block construction, the down/up passes, ControlNet injection,
     gradient checkpointing and the parts of the official initialisation both stages share."""
 
-    gradient_checkpointing: bool
+    checkpointing: str  # "none", "blocks" or "selective" (see checkpointing.py)
     # Checkpointed attention blocks replay the attention hooks of their forward call (see _replay_hooks).
     replays_attention_hooks = True
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether any checkpointing is on; setting True means whole blocks (``checkpointing = "blocks"``)."""
+        return self.checkpointing != "none"
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.checkpointing = "blocks" if value else "none"
 
     def _build_levels(
         self,
@@ -50,7 +61,7 @@ class LevelStack(nn.Module):
         self.c_r = c_r
         self.t_conds = list(t_conds)
         self.blocks_config = [list(b) for b in blocks]
-        self.gradient_checkpointing = False
+        self.checkpointing = "none"
 
         def make_block(kind: str, level: int, c_skip: int = 0) -> nn.Module:
             c = c_hidden[level]
@@ -179,6 +190,7 @@ class LevelStack(nn.Module):
         with it; attention hooks run outside the compiled graph (``blocks._apply_attention_hooks``).
         """
         count = 0
+        self._compile_options = options  # selective checkpointing compiles its region with the same options
         for level in list(self.down_blocks) + list(self.up_blocks):
             for block in level:
                 block.compile(**options)
@@ -186,16 +198,24 @@ class LevelStack(nn.Module):
         return count
 
     def _call(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            # Non-reentrant checkpointing restores the RNG state, so dropout masks match the first pass.
-            if isinstance(block, AttnBlock):
-                # Attention hooks (IP-Adapter) live only during one forward call; the recomputation in backward
-                # runs after the call returned, so it must see the hooks the forward saw.
-                hooks = list(block.attention.attn.attention_hooks)
-                return checkpoint(block, *args, use_reentrant=False,
-                                  context_fn=lambda: (contextlib.nullcontext(), _replay_hooks(block, hooks)))
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        kind = block_kind(block)
+        if not (torch.is_grad_enabled() and checkpoints(self.checkpointing, kind)):
+            return block(*args)
+        # Non-reentrant checkpointing restores the RNG state, so dropout masks match the first pass.
+        replay = None
+        if isinstance(block, AttnBlock) and block.attention.attn.attention_hooks:
+            # Attention hooks (IP-Adapter) live only during one forward call; the recomputation in backward
+            # runs after the call returned, so it must see the hooks the forward saw.
+            replay = functools.partial(_replay_hooks, block, list(block.attention.attn.attention_hooks))
+        compiled = getattr(block, "_compiled_call_impl", None) is not None
+        if self.checkpointing == "selective" and compiled:
+            if replay is None:
+                return compiled_selective_call(kind, tuple(sorted(getattr(self, "_compile_options", {}).items())))(block, *args)
+            # The hooks run outside compiled graphs (blocks._apply_attention_hooks), which a compiled checkpoint
+            # region cannot contain: this block call runs its eager forward under eager selective checkpointing.
+            block = block.forward
+        return checkpoint(block, *args, use_reentrant=False,
+                          context_fn=checkpoint_contexts(self.checkpointing, kind, replay))
 
     def _run_block(
         self,

@@ -29,9 +29,12 @@ Parts of the peak (each printed by ``cascade-studio plan``):
   output) and in its own network (ControlNet: traced on the meta device; its backward runs after Stage C's).
   Blocks that run before the first block the adapter touches need no gradient and keep nothing. Attention is
   assumed to run in SDPA's flash or memory-efficient kernels (no ``tokens x tokens`` matrix is kept), which is
-  what Stage C's ``F.scaled_dot_product_attention`` gets on CUDA and on CPU without dropout. With gradient
-  checkpointing each block keeps only its input, and one block at a time holds its full activations during its
-  backward. The coefficients per precision (``CALIBRATION``) were measured on CPU by
+  what Stage C's ``F.scaled_dot_product_attention`` gets on CUDA and on CPU without dropout. With whole-block
+  checkpointing (``train.checkpointing: blocks``) each block keeps only its input, and one block at a time holds
+  its full activations during its backward. With ``selective`` each block the policy table
+  (``models/checkpointing.py`` ``SELECTIVE_POLICY``) checkpoints keeps its input plus the outputs of the op
+  classes the table saves for its kind (counted from :data:`OP_OUTPUTS`, in the compute dtype) and what the adapter
+  keeps in it; a kind the table leaves alone (TimestepBlock) keeps what it keeps without checkpointing. The coefficients per precision (``CALIBRATION``) were measured on CPU by
   ``benchmarks/calibrate_plan.py`` on single blocks; ``tests/test_plan.py`` checks the whole-model prediction
   against measured peaks: LoRA at three sizes, ControlNet and IP-Adapter at the tiny size.
 * **workspace / CUDA context**: the CUDA context and cuBLAS/cuDNN workspaces (a fixed ~0.5 GiB) plus 10% of the
@@ -184,7 +187,7 @@ class Setup:
     latent_w: int = 24
     dtype: str = "bf16"
     mixed_precision: str = "bf16"
-    gradient_checkpointing: bool = False
+    checkpointing: str = "none"  # none, blocks or selective (models/checkpointing.py)
     quantize_base: str = "none"
     optimizer: str = "adamw8bit"
     device: str = "cuda"
@@ -216,7 +219,7 @@ class Setup:
                    stage_c=dict(get_preset(preset).stage_c), preset=preset,
                    batch_size=recipe.train.batch_size, grad_accum=recipe.train.grad_accum, latent_h=side,
                    latent_w=side, dtype=recipe.model.dtype, mixed_precision=recipe.train.mixed_precision,
-                   gradient_checkpointing=recipe.train.gradient_checkpointing,
+                   checkpointing=recipe.train.checkpointing_mode,
                    quantize_base=recipe.train.quantize_base, optimizer=recipe.optimizer.name, device=device)
 
 
@@ -380,21 +383,59 @@ def activation_bytes(layout: Layout, setup: Setup, planned: PlannedAdapter | Non
     # (LayerNorm input + its fp32 conv input).
     misc = 8 * 16 * tokens * 4 + 2 * cond * layout.c_cond * coef.stream
     misc += layout.n_switches * (coef.stream + 4) * width * tokens
-    if not setup.gradient_checkpointing:
+    if setup.checkpointing == "none":
         head = 2 * coef.stream * width * tokens  # the output head's LayerNorm and conv inputs
         return _with_own_network(sum(saved) + max(peak_extra, default=0.0) + misc + head, misc, planned)
-    # Checkpointing keeps every grad-needing block's input. The backward runs the blocks last to first: while
-    # block k recomputes its activations and runs its own backward (its standalone forward+backward peak, whose
-    # output and input gradient stand for the incoming and outgoing gradients), the inputs of blocks 0..k are
-    # still held and those after k (and the output head's) are already freed.
+    # Checkpointing keeps what each grad-needing block keeps between its forward and its backward (``blocks``: its
+    # input; ``selective``: see kept_by_checkpoint). The backward runs the blocks last to first: while block k
+    # recomputes its activations and runs its own backward (its standalone forward+backward peak, whose output and
+    # input gradient stand for the incoming and outgoing gradients), what blocks 0..k-1 keep is still held and
+    # what those after k (and the output head) kept is already freed.
     worst = 0.0
     kept = 0.0
     for index, (block, s_k, p_k) in enumerate(zip(layout.blocks, saved, peak_extra)):
         if index < first:
             continue
-        kept += coef.stream * block.width * tokens
-        worst = max(worst, kept + s_k + p_k)
+        block_input = coef.stream * block.width * tokens
+        worst = max(worst, kept + block_input + s_k + p_k)
+        kept += kept_by_checkpoint(block, setup, tokens, cond, s_k, planned.block_saved.get(block.path, 0.0))
     return _with_own_network(worst + misc, misc, planned)
+
+
+# Outputs of each op class inside one block (models/blocks.py), as (per image token, per cond token) counts of
+# block-wide tensors: what ``selective`` keeps when the block kind's policy (models/checkpointing.py
+# SELECTIVE_POLICY) names the class. ResBlock: channelwise.0 (4c) and channelwise.4 (c), the depthwise conv;
+# AttnBlock (self-attention: keys and values cover image and cond tokens): to_q, to_k, to_v and out_proj over image
+# tokens, kv_mapper, to_k and to_v over cond tokens, the attention output. A LoRA's rank-wide A outputs are the
+# adapter's ``block_saved``; its B outputs are recomputed (checkpointing.LOW_RANK_RATIO).
+OP_OUTPUTS: dict[str, dict[str, tuple[float, float]]] = {
+    "C": {"matmul": (5, 0), "conv": (1, 0)},
+    "A": {"matmul": (4, 3), "attention": (1, 0)},
+    "T": {},
+}
+
+
+def kept_by_checkpoint(block: Block, setup: Setup, tokens: int, cond: int, saved: float, extra: float) -> float:
+    """Bytes a grad-needing block keeps from its forward to its backward under ``setup.checkpointing``.
+
+    ``blocks``: its input. ``selective``: a block its policy checkpoints keeps its input, the outputs of the op
+    classes the policy saves (in the compute dtype: bf16 under autocast) and what the adapter keeps in it
+    (``extra``); a block its policy leaves alone keeps what it keeps without checkpointing (``saved``).
+    """
+    from ..models.checkpointing import SELECTIVE_POLICY
+
+    coef = coefficients(setup)
+    block_input = coef.stream * block.width * tokens
+    if setup.checkpointing == "blocks":
+        return block_input
+    policy = SELECTIVE_POLICY[block.kind]
+    if not policy.checkpoint:
+        return saved
+    compute = 2 if setup.mixed_precision == "bf16" else BYTES[setup.dtype]
+    outputs = OP_OUTPUTS[block.kind]
+    per_image = sum(outputs.get(op, (0, 0))[0] for op in policy.save)
+    per_cond = sum(outputs.get(op, (0, 0))[1] for op in policy.save)
+    return block_input + compute * block.width * (per_image * tokens + per_cond * cond) + extra
 
 
 def _with_own_network(stage_c: float, misc: float, planned: PlannedAdapter) -> int:
@@ -438,7 +479,7 @@ def plan_memory(setup: Setup, layout: Layout | None = None) -> MemoryPlan:
         "optimizer state": setup.optimizer,
         "activations": (f"batch {setup.batch_size}, {setup.latent_h}x{setup.latent_w} latents, "
                         f"{'bf16 autocast' if setup.mixed_precision == 'bf16' else setup.dtype}, "
-                        f"{'checkpointing' if setup.gradient_checkpointing else 'no checkpointing'}"),
+                        f"{'no' if setup.checkpointing == 'none' else setup.checkpointing} checkpointing"),
     }
     if setup.device == "cuda":
         parts["workspace/CUDA context"] = int(CUDA_CONTEXT_BYTES + FRAGMENTATION * activations)
@@ -461,8 +502,11 @@ class Switch:
 
 
 SWITCHES: tuple[Switch, ...] = (
-    Switch("train.gradient_checkpointing=true", "about 30% slower steps",
-           lambda s: None if s.gradient_checkpointing else replace(s, gradient_checkpointing=True)),
+    # Costs measured at the mid config on CPU (benchmarks/bench_checkpointing.py): +22% and +38%.
+    Switch("train.checkpointing=selective", "about 20% slower steps (recomputes norms and activations)",
+           lambda s: None if s.checkpointing != "none" else replace(s, checkpointing="selective")),
+    Switch("train.checkpointing=blocks", "about 40% slower steps (recomputes whole blocks)",
+           lambda s: None if s.checkpointing == "blocks" else replace(s, checkpointing="blocks")),
     Switch("optimizer.name=adamw8bit", "none measurable (8-bit Adam state)",
            lambda s: None if s.optimizer in ("adamw8bit", "lion8bit", "adafactor")
            else replace(s, optimizer="adamw8bit")),
@@ -603,7 +647,7 @@ def resident_memory(stage_c: Any, trainable: Sequence[Any], optimizer: str) -> R
 
 
 def resident_memory_report(memory: ResidentMemory, optimizer: str, device_total: int | None,
-                           quantize_base: str = "none", gradient_checkpointing: bool = True) -> tuple[str, bool]:
+                           quantize_base: str = "none", checkpointing: str = "blocks") -> tuple[str, bool]:
     """A one-line summary and whether it leaves too little room on a device of ``device_total`` bytes
     (nothing is judged without one, e.g. on the CPU); an over-budget report names the switches that help."""
     line = (f"memory before activations: frozen base {memory.base / GiB:.2f} GiB + adapter weights, gradients and "
@@ -621,8 +665,9 @@ def resident_memory_report(memory: ResidentMemory, optimizer: str, device_total:
         switches.append(f"optimizer.name=adamw8bit (saves about {eight / GiB:.1f} GiB)")
     if quantize_base == "none":
         switches.append("train.quantize_base=nf4 (frozen base at about a quarter of its bf16 size)")
-    if not gradient_checkpointing:
-        switches.append("train.gradient_checkpointing=true")
+    if checkpointing != "blocks":
+        switches.append("train.checkpointing=blocks" if checkpointing == "selective"
+                        else "train.checkpointing=selective (or =blocks, the least memory)")
     advice = "; ".join(switches) if switches else "a smaller preset or a GPU with more memory"
     return (f"{line}: too little is left for activations, so this run will likely run out of memory. "
             f"Try: {advice}"), True
