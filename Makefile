@@ -35,6 +35,8 @@ ui: install
 bench: install
 	$(BIN)/python benchmarks/bench_lora.py
 	$(BIN)/python benchmarks/bench_lcm.py
+	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_growth.py
 
 bench-demo: install
 	$(BIN)/python benchmarks/bench_demo.py

@@ -58,3 +58,82 @@ def test_gpu_check_runs_its_benchmark_on_the_cpu_and_the_planner_predicts_it():
     for row in rows:
         measured, predicted, ratio = float(row[4]), float(row[5]), float(row[6])
         assert measured > 0 and 0.75 <= ratio <= 1.25, row
+
+
+def test_renamed_weights_give_diffusers_the_same_denoiser_at_tiny_size():
+    import bench_generate
+    from cascade_studio.inference.pipeline import initial_noise
+
+    cfg, _, side, _, _ = bench_generate.SIZES["tiny"]
+    ours, theirs = bench_generate.build_pair(cfg)
+    assert not torch.equal(ours.state_dict()["clf.1.weight"], torch.zeros_like(ours.state_dict()["clf.1.weight"]))
+    text, _ = bench_generate.inputs_for(cfg, side)
+    noise = initial_noise((1, 16, side, side), 0)
+    assert bench_generate.denoiser_difference(ours, theirs, text, noise) <= 1e-5
+    # ... and the check can fail: one renamed tensor off by a little is seen
+    with torch.no_grad():
+        theirs.down_blocks[0][2].attention.to_v.weight.mul_(1.01)
+    assert bench_generate.denoiser_difference(ours, theirs, text, noise) > 1e-5
+
+
+def test_weight_renaming_is_the_inverse_of_the_library_converter():
+    import bench_generate
+    from cascade_studio.models import build_stage_c, convert_diffusers_stage_c_keys, official_state_dict
+
+    ours = build_stage_c(**bench_generate.SIZES["tiny"][0])
+    renamed = bench_generate.studio_to_diffusers(ours.state_dict())
+    assert "down_blocks.0.2.attention.to_out.0.weight" in renamed and not any(".attn." in k for k in renamed)
+    official = official_state_dict(ours)
+    back = convert_diffusers_stage_c_keys(renamed)
+    assert set(back) == set(official) and all(torch.equal(back[k], official[k]) for k in official)
+
+
+def test_aligned_timesteps_are_our_noise_levels_then_zero():
+    import bench_generate
+
+    grid = bench_generate.aligned_timesteps(20)
+    assert grid.shape == (21,) and grid[-1] == 0
+    assert 0.99 < grid[0] < 1.0  # the variance clamp: r is not 1 at t = 1
+    torch.testing.assert_close(grid[1:-1], torch.linspace(1, 0, 21)[1:-1], atol=1e-4, rtol=0)
+
+
+def test_growth_points_cover_both_sweeps_once():
+    from bench_growth import BATCH_SIDE, BATCHES, SIDE_BATCH, SIDES, growth_points
+
+    points = growth_points()
+    assert len(points) == len(set(points))
+    assert {(b, BATCH_SIDE) for b in BATCHES} | {(SIDE_BATCH, s) for s in SIDES} == set(points)
+
+
+def test_data_wait_share_leaves_out_the_start_up_batch():
+    from bench_growth import data_wait_share
+
+    assert data_wait_share([5.0, 0.1, 0.3], [1.0, 0.9, 0.7]) == 0.4 / 2.0
+
+
+def test_growth_tables_are_relative_to_the_smallest_point_and_judge_the_wait_target():
+    from bench_growth import render
+
+    steps = [{"batch": b, "side": s, "step_s": t, "tensor_peak": m * 2**20}
+             for b, s, t, m in [(1, 24, 1.0, 100), (2, 24, 1.8, 150), (4, 24, 4.0, 300), (2, 16, 0.9, 120),
+                                (2, 32, 3.6, 240)]]
+    data = [{"items": n, "workers": 0, "write_s": 0.1, "read_epoch_s": 0.2, "steps": 25, "epoch_steps": 25,
+             "startup_s": 0.01, "median_wait_ms": 1.0, "median_step_ms": 100.0, "wait_share": share,
+             "epoch_s": 2.5, "epoch_measured": True} for n, share in [(100, 0.01), (10_000, 0.07)]]
+    text = render(steps, data, "test machine", "python benchmarks/bench_growth.py")
+    assert "| 4 | 4.000 | 4.00 | 300 | 3.00 |" in text  # batch sweep, against batch 1
+    assert "| 32 | 3.600 | 4.00 | 240 | 2.00 |" in text  # side sweep, against side 16 (batch 2)
+    assert "NOT met (worst 7.0% at 10,000 items, 0 workers)" in text
+    assert "data wait < 5% of step time at every size: met" in render(steps, data[:1], "m", "c")
+
+
+def test_cache_items_written_in_the_shard_format_read_back_through_the_loop(tmp_path):
+    from bench_growth import write_cache
+
+    from cascade_studio.trainers.loop import InfiniteSampler, batch_stream
+
+    dataset = write_cache(tmp_path, 5, side=4, text=8)
+    assert list((tmp_path / "shards").glob("shard-*.json"))  # the cache's own on-disk layout
+    batch = next(batch_stream(dataset, InfiniteSampler(5, 2, seed=0), {}, 0, pin_memory=False))
+    assert batch["latents"].shape == (2, 16, 4, 4) and batch["clip_text"].shape == (2, 77, 8)
+    assert batch["latents"].std() > 0.5  # random features, not zeros
