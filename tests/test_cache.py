@@ -133,6 +133,26 @@ def test_second_build_calls_no_encoder_and_values_are_right(tmp_path: Path) -> N
     assert torch.equal(null["text"], caption_vector("").to(torch.bfloat16))
 
 
+def test_open_shards_are_reused_bounded_and_not_shared_with_loader_workers(tmp_path: Path) -> None:
+    """Reading keeps a few shards open (opening one was most of an item's read time); a DataLoader's worker
+    processes read the same tensors with files of their own."""
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    from cascade_studio.data import cache as cache_module
+
+    records = scan_source(DataConfig(path=str(make_folder(tmp_path / "data", count=12)))).records
+    dataset = build_cache(records, [ToyImageEncoder(), ToyTextEncoder()], tmp_path / "cache", PRE, progress=False,
+                          shard_size=1)  # one item per shard: the most files to open
+    expected = [dataset[i]["mean_rgb"] for i in range(len(dataset))]
+    assert 0 < len(dataset._handles) <= cache_module._OPEN_SHARDS < len(dataset)
+    assert pickle.loads(pickle.dumps(dataset))._handles == {}  # workers under spawn start with none
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, collate_fn=lambda item: item)
+    read = {item["key"]: item["mean_rgb"] for item in loader}
+    assert all(torch.equal(read[dataset[i]["key"]], expected[i]) for i in range(len(dataset)))
+
+
 def test_what_misses_the_cache(tmp_path: Path) -> None:
     records = scan_source(DataConfig(path=str(make_folder(tmp_path / "data")))).records
     cache_dir = tmp_path / "cache"

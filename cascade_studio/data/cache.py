@@ -27,6 +27,7 @@ import logging
 import os
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,6 +439,10 @@ def cache_status(
 # Reading
 
 
+# Shards a dataset keeps open per process (each a memory-mapped file; random access touches a few at a time).
+_OPEN_SHARDS = 8
+
+
 class CachedDataset(Dataset):
     """Per-sample cached features: item i is {"key", "caption", <feature name>: tensor without batch dim}.
 
@@ -462,23 +467,44 @@ class CachedDataset(Dataset):
         self.sizes = sizes
         self._locations = locations
         self._null_key = null_key
+        self._handles: OrderedDict[Path, Any] = OrderedDict()  # open shards of this process, most recent last
+        self._handles_pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get the locations, not this process's open files (each worker opens its own).
+        return {**self.__dict__, "_handles": OrderedDict()}
+
+    def _shard(self, path: Path) -> Any:
+        """An open handle on ``path``, kept for the next items: opening a shard (its header and the mapping of its
+        file) cost about 70% of reading one item; a shard holds hundreds of items, read in a row or near it."""
+        if self._handles_pid != os.getpid():  # a forked DataLoader worker opens its own files
+            self._handles, self._handles_pid = OrderedDict(), os.getpid()
+        handle = self._handles.pop(path, None)
+        if handle is None:
+            handle = safe_open(str(path), framework="pt")
+            while len(self._handles) >= _OPEN_SHARDS:
+                self._handles.popitem(last=False)
+        self._handles[path] = handle
+        return handle
 
     def _read(self, key: str) -> dict[str, torch.Tensor]:
         location = self._locations[key]
         features = {}
         try:
-            with safe_open(str(location.shard), framework="pt") as handle:
-                for feature, (name, digest) in location.features.items():
-                    tensor = handle.get_tensor(name)
-                    if tensor_sha256(tensor) != digest:
-                        raise CacheError(f"checksum mismatch for {name}")
-                    features[feature] = tensor
+            handle = self._shard(location.shard)
+            for feature, (name, digest) in location.features.items():
+                tensor = handle.get_tensor(name)
+                if tensor_sha256(tensor) != digest:
+                    raise CacheError(f"checksum mismatch for {name}")
+                features[feature] = tensor
         except CacheError as exc:
+            self._handles.pop(location.shard, None)
             raise CacheError(f"cache shard {location.shard} is corrupt ({exc}); run build_cache again") from exc
         except Exception as exc:  # missing or truncated file: safetensors raises several types
+            self._handles.pop(location.shard, None)
             raise CacheError(f"cannot read cache shard {location.shard} ({exc}); run build_cache again") from exc
         return features
 
