@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import SIZES  # noqa: E402 - the sibling module: the same configs as the LoRA benchmark
+from bench_lora import SIZES, diffusers_stage_c  # noqa: E402 - the sibling module: the LoRA benchmark's configs
 from results import write_section  # noqa: E402
 
 STEPS, CFG = 20, 4.0
@@ -70,20 +70,9 @@ def build_pair(cfg: dict):
     """(our Stage C, diffusers' StableCascadeUNet) with the same random weights, both eval and frozen."""
     from cascade_studio.models import build_stage_c
     from cascade_studio.models.random_init import make_learnable
-    from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
 
     ours = make_learnable(build_stage_c(**cfg)).eval().requires_grad_(False)
-    block = ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock")
-    theirs = StableCascadeUNet(
-        in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64,
-        patch_size=1, conditioning_dim=cfg["c_cond"], block_out_channels=tuple(cfg["c_hidden"]),
-        num_attention_heads=tuple(cfg["nhead"]), down_num_layers_per_block=tuple(cfg["blocks"][0]),
-        up_num_layers_per_block=tuple(cfg["blocks"][1]), down_blocks_repeat_mappers=(1, 1),
-        up_blocks_repeat_mappers=(1, 1), block_types_per_layer=(block, block),
-        clip_text_in_channels=cfg.get("c_clip_text", 1280),
-        clip_text_pooled_in_channels=cfg.get("c_clip_text_pooled", 1280),
-        clip_image_in_channels=cfg.get("c_clip_img", 768), clip_seq=4, dropout=(0.1, 0.1), self_attn=True,
-        timestep_conditioning_type=("sca", "crp"), switch_level=(False,))
+    theirs = diffusers_stage_c(cfg)
     theirs.load_state_dict(studio_to_diffusers(ours.state_dict()), strict=True)
     return ours, theirs.eval().requires_grad_(False)
 

@@ -44,12 +44,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import write_section  # noqa: E402 - the sibling module, importable however the script is started
-VARIANTS = ("diffusers", "studio-speed", "studio-memory", "studio-selective")
-# The studio variants: (train.checkpointing, optimizer). studio-blocks (whole-block checkpointing with torch AdamW)
-# is not in the table; benchmarks/bench_checkpointing.py runs it beside studio-speed and studio-selective.
-STUDIO = {"studio-speed": ("none", "adamw"), "studio-memory": ("blocks", "adamw8bit"),
-          "studio-selective": ("selective", "adamw"), "studio-blocks": ("blocks", "adamw")}
+from flops import count_flops, gemm_peak  # noqa: E402 - sibling modules, importable however the script starts
+from results import write_section  # noqa: E402
+VARIANTS = ("diffusers", "studio-speed", "studio-fast", "studio-memory", "studio-selective")
+# The studio variants: (train.checkpointing, optimizer, train.compile). studio-blocks (whole-block checkpointing with
+# torch AdamW) is not in the table; benchmarks/bench_checkpointing.py runs it beside studio-speed and studio-selective.
+STUDIO = {"studio-speed": ("none", "adamw", False), "studio-fast": ("none", "adamw", True),
+          "studio-memory": ("blocks", "adamw8bit", False), "studio-selective": ("selective", "adamw", False),
+          "studio-blocks": ("blocks", "adamw", False)}
 TINY_TEXT = dict(c_clip_text=64, c_clip_text_pooled=64, c_clip_img=32)
 SIZES = {
     # name: (Stage C kwargs, batch, latent side, LoRA rank, timed steps per process)
@@ -70,12 +72,12 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _diffusers_model(cfg: dict, rank: int):
-    import peft
+def diffusers_stage_c(cfg: dict):
+    """diffusers' StableCascadeUNet with the Stage C config ``cfg`` (our constructor keywords)."""
     from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
 
     block = ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock")
-    unet = StableCascadeUNet(
+    return StableCascadeUNet(
         in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1,
         conditioning_dim=cfg["c_cond"], block_out_channels=tuple(cfg["c_hidden"]),
         num_attention_heads=tuple(cfg["nhead"]), down_num_layers_per_block=tuple(cfg["blocks"][0]),
@@ -85,14 +87,19 @@ def _diffusers_model(cfg: dict, rank: int):
         clip_text_pooled_in_channels=cfg.get("c_clip_text_pooled", 1280),
         clip_image_in_channels=cfg.get("c_clip_img", 768), clip_seq=4, dropout=(0.1, 0.1), self_attn=True,
         timestep_conditioning_type=("sca", "crp"), switch_level=(False,))
-    unet.requires_grad_(False).eval()
+
+
+def _diffusers_model(cfg: dict, rank: int):
+    import peft
+
+    unet = diffusers_stage_c(cfg).requires_grad_(False).eval()
     config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     peft.inject_adapter_in_model(config, unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     return unet, params
 
 
-def _studio_model(cfg: dict, rank: int, checkpointing: str):
+def _studio_model(cfg: dict, rank: int, checkpointing: str, compile_blocks: bool = False):
     from cascade_studio.adapters.base import AdaptedStageC
     from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
     from cascade_studio.models import build_stage_c
@@ -100,6 +107,8 @@ def _studio_model(cfg: dict, rank: int, checkpointing: str):
 
     stage_c = make_learnable(build_stage_c(**cfg)).requires_grad_(False).eval()
     stage_c.checkpointing = checkpointing
+    if compile_blocks:
+        stage_c.compile_blocks()  # train.compile: on
     model = AdaptedStageC(stage_c)
     adapter = LoraAdapter(LoraSpec(rank=rank, alpha=float(rank), targets=("attention",)))
     model.add_adapter(adapter)
@@ -148,8 +157,8 @@ def worker(variant: str, size: str, steps: int | None, profile: bool = False) ->
                          clip_img=batch["clip_img"], return_dict=False)[0]
             return torch.nn.functional.mse_loss(pred.float(), noise.float())
     else:
-        checkpointing, optimizer_name = STUDIO[variant]
-        model, params = _studio_model(cfg, rank, checkpointing=checkpointing)
+        checkpointing, optimizer_name, compiled = STUDIO[variant]
+        model, params = _studio_model(cfg, rank, checkpointing=checkpointing, compile_blocks=compiled)
         optimizer = build_optimizer(params, OptimizerConfig(name=optimizer_name, lr=1e-4))
 
         def loss_fn(step: int):
@@ -171,7 +180,10 @@ def worker(variant: str, size: str, steps: int | None, profile: bool = False) ->
             v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         resident = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
         live_peak, _ = measure_peak_tensor_bytes(lambda: train_step(1))
-        return {**result, "tensor_peak": resident + live_peak}
+        # Model FLOPs of one step (matmuls, convolutions, attention; recomputation included). The compiler's
+        # graphs hide their ops from the counter, and they do the same arithmetic as the eager model.
+        flops = None if variant in STUDIO and STUDIO[variant][2] else count_flops(lambda: train_step(2))
+        return {**result, "tensor_peak": resident + live_peak, "flops": flops}
     times = []
     for step in range(1, steps + 1):
         start = time.perf_counter()
@@ -269,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gemm-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         os.environ["CASCADE_BENCH_THREADS"] = str(args.threads)  # inherited by the workers
@@ -277,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cache_worker:
         print(json.dumps(cache_worker()))
+        return 0
+    if args.gemm_worker:
+        import torch
+
+        if os.environ.get("CASCADE_BENCH_THREADS"):
+            torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
+        print(json.dumps({"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}))
         return 0
 
     sizes = [s for s in args.sizes.split(",") if s] + (["lite"] if args.lite and "lite" not in args.sizes else [])
@@ -299,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{size:5s} {variant:14s} tensors {tensor_peaks[(size, variant)]['tensor_peak'] / 2**20:.0f} MiB",
                   flush=True)
     cache = _run_worker(["--cache-worker"])
+    peak = _run_worker(["--gemm-worker"])  # the same threads as the step workers
+    print(f"GEMM peak: {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} GFLOP/s bf16", flush=True)
     print(f"cache: {cache}", flush=True)
-    report = render(results, tensor_peaks, cache, sizes, about, args, time.perf_counter() - started)
+    report = render(results, tensor_peaks, cache, sizes, about, args, time.perf_counter() - started, peak)
     write_section("lora", report, Path(args.out))
     print(report)
     return 0
@@ -312,7 +334,7 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> str:
+def render(results, tensor_peaks, cache, sizes, about, args, seconds: float, peak: dict) -> str:
     command = ".venv/bin/python benchmarks/bench_lora.py" + \
         (f" --sizes {args.sizes}" if args.sizes != "tiny,mid" else "") + (" --lite" if args.lite else "") + \
         (f" --reps {args.reps}" if args.reps != 3 else "") + (f" --steps {args.steps}" if args.steps else "") + \
@@ -322,10 +344,15 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> 
              f"Step time and RSS: median over {args.reps} processes per variant (variants alternate), each the "
              "median of its timed steps (5 tiny, 1 mid/lite, after one warm-up step). Tensor bytes: one more "
              "process per variant. fp32, frozen base in eval mode, LoRA on q/k/v/out of every attention block, "
-             "AdamW (8-bit for studio-memory); studio-selective is studio-speed with selective checkpointing.", "",
+             "AdamW (8-bit for studio-memory); studio-fast is studio-speed with `train.compile: on` (Stage C "
+             "compiled block by block); studio-selective is studio-speed with selective checkpointing.",
+             f"GFLOP/s: the step's model FLOPs (matmuls, convolutions, attention, forward + backward, recomputation "
+             f"included; torch's FlopCounterMode; studio-fast does studio-speed's arithmetic) over its time; % peak: "
+             f"against this machine's measured fp32 GEMM peak at the same threads, {peak['fp32'] / 1e9:.0f} GFLOP/s "
+             f"(bf16: {peak['bf16'] / 1e9:.0f}).", "",
              "| size | config | variant | LoRA params | step (s) | step vs diffusers | peak RSS delta (MiB) | "
-             "RSS vs diffusers | peak tensor bytes (MiB) | tensors vs diffusers |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "RSS vs diffusers | peak tensor bytes (MiB) | tensors vs diffusers | GFLOP/step | GFLOP/s | % peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for size in sizes:
         cfg, batch, side, rank, _ = SIZES[size]
         base = results[(size, "diffusers")]
@@ -337,9 +364,11 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> 
             runs = results[(size, variant)]
             step, rss = (_median(runs, k) for k in ("step_s", "rss_delta"))
             tensor = tensor_peaks[(size, variant)]["tensor_peak"]
+            flops = tensor_peaks[(size, variant)].get("flops") or tensor_peaks[(size, "studio-speed")].get("flops")
             lines.append(f"| {size} | {config} | {variant} | {runs[0]['trainable']:,} | {step:.3f} | "
                          f"{step / base_step:.2f} | {rss / 2**20:.0f} | {rss / base_rss:.2f} | {tensor / 2**20:.0f} | "
-                         f"{tensor / base_tensor:.2f} |")
+                         f"{tensor / base_tensor:.2f} | {flops / 1e9:.1f} | {flops / step / 1e9:.1f} | "
+                         f"{100 * flops / step / peak['fp32']:.0f}% |")
     lines += ["", "Peak RSS delta: `ru_maxrss` at the end minus RSS after the shared imports (allocator caching "
               "included). Peak tensor bytes: parameters + buffers + optimizer state + the profiler-measured peak "
               "of live tensors during one step.", ""]
@@ -348,9 +377,17 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float) -> 
             return _median(results[("mid", variant)], key) / _median(results[("mid", "diffusers")], key)
 
         speed, memory = ratio("studio-speed", "step_s"), ratio("studio-memory", "rss_delta")
+        fast, memory_time = ratio("studio-fast", "step_s"), ratio("studio-memory", "step_s")
+        memory_tensors = tensor_peaks[("mid", "studio-memory")]["tensor_peak"] / \
+            tensor_peaks[("mid", "diffusers")]["tensor_peak"]
         spread = max(max(abs(statistics.median(r["step_s"]) / _median(results[("mid", v)], "step_s") - 1)
                          for r in results[("mid", v)]) for v in VARIANTS)
         lines += ["### Targets (mid size)", "",
+                  f"- round 2, step time, studio-fast / diffusers: **{fast:.2f}** (target <= 0.75: "
+                  f"{'met' if fast <= 0.75 else 'NOT met'}).",
+                  f"- round 2, studio-memory: **{memory_tensors:.2f}** of diffusers' peak tensor bytes "
+                  f"({memory:.2f} of the RSS delta) at **{memory_time:.2f}** of its step time (target <= 0.5 at "
+                  f"<= 1.1: {'met' if memory_tensors <= 0.5 and memory_time <= 1.1 else 'NOT met'}).",
                   f"- step time, studio-speed / diffusers: **{speed:.2f}** (target <= 1.0: "
                   f"{'met' if speed <= 1.0 else 'NOT met'}); single processes scattered up to "
                   f"{100 * spread:.0f}% around their variant's median, so ratios within that are parity.",
