@@ -19,6 +19,7 @@ from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
 from cascade_studio.adapters.controlnet.config import ControlNetConfig
 from cascade_studio.adapters.ip_adapter.config import IPAdapterConfig
+from cascade_studio.adapters.lcm.config import LcmConfig
 from cascade_studio.adapters.lora import plan as lora_plan
 from cascade_studio.adapters.lora.config import LoraConfig
 from cascade_studio.config.schema import OptimizerConfig
@@ -65,11 +66,13 @@ def measure_training_step(setup: planner.Setup) -> tuple[int, int]:
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup.mixed_precision == "bf16" \
         else contextlib.nullcontext
 
+    loss_step = method.hook("training_loss") or diffusion_training_loss  # the method's objective, as the run
+
     def step():
         with autocast():
-            loss = diffusion_training_loss(model, batch, c_clip_img=c_img, caption_dropout=0.0, shift=1.0,
-                                           offset=0.0, generator=step_generator(0, 0),
-                                           method_inputs=method.hook("training_inputs"), method_cfg=setup.adapter)
+            loss = loss_step(model, batch, c_clip_img=c_img, caption_dropout=0.0, shift=1.0, offset=0.0,
+                             generator=step_generator(0, 0), method_inputs=method.hook("training_inputs"),
+                             method_cfg=setup.adapter)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -92,6 +95,9 @@ def method_batch(setup: planner.Setup, adapter) -> dict:
         from cascade_studio.adapters.ip_adapter.method import FEATURE_NAME
 
         return {FEATURE_NAME: torch.randn(b, 1, adapter.embed_dim)}
+    if isinstance(setup.adapter, LcmConfig):  # the empty caption's features, for the teacher's guidance
+        c_text = setup.stage_c["c_clip_text"]
+        return {"null_clip_text": torch.randn(b, 77, c_text), "null_clip_text_pooled": torch.randn(b, 1, c_text)}
     return {}
 
 
@@ -288,6 +294,7 @@ METHOD_SECTIONS = {
     "controlnet-frozen-backbone": ControlNetConfig(control="inpainting", bottleneck="effnet_tiny",
                                                    backbone_init="random", freeze_backbone=True),
     "ip_adapter": IPAdapterConfig(image_encoder="tiny", drop_image=0.0, drop_text=0.0, drop_both=0.0),
+    "lcm": LcmConfig(rank=8, alpha=8.0),
 }
 
 
@@ -301,7 +308,9 @@ def test_trainable_and_resident_adapter_counts_match_the_built_adapter(name):
     adapter = catalog.get(setup.method).hook("create_adapter")(section, model, None)
     trainable = adapter.trainable_parameters()
     assert sorted(plan.adapter.trainable) == sorted(p.numel() for p in trainable)
-    own = _storage_bytes(list(adapter.parameters()) + list(adapter.buffers()))
+    # A module adapter (ControlNet, IP-Adapter) owns parameters and buffers; a LoRA's weights are its layers'.
+    own = _storage_bytes(list(adapter.parameters()) + list(adapter.buffers()) if isinstance(adapter, torch.nn.Module)
+                         else list(trainable))
     assert plan.parts["adapter weights"] == own
 
 
@@ -310,7 +319,8 @@ METHOD_CASES = [("controlnet", "fp32", "no", "none"), ("controlnet", "bf16", "bf
                 ("controlnet-frozen-backbone", "fp32", "no", "blocks"),
                 ("controlnet-frozen-backbone", "bf16", "bf16", "blocks"),
                 ("ip_adapter", "fp32", "no", "none"), ("ip_adapter", "fp32", "no", "blocks"),
-                ("ip_adapter", "fp32", "no", "selective"), ("ip_adapter", "bf16", "bf16", "none")]
+                ("ip_adapter", "fp32", "no", "selective"), ("ip_adapter", "bf16", "bf16", "none"),
+                ("lcm", "fp32", "no", "none"), ("lcm", "fp32", "no", "blocks"), ("lcm", "bf16", "bf16", "none")]
 
 
 @pytest.mark.parametrize("name,dtype,mixed,ckpt", METHOD_CASES)
