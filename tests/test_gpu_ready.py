@@ -183,12 +183,12 @@ def test_data_loader_workers_give_the_same_run_and_resume_exactly(tmp_path, monk
 
 def test_peak_memory_is_reset_after_loading_and_before_the_first_step(tmp_path, monkeypatch):
     from cascade_studio.run import train
-    from cascade_studio.trainers import loop
+    from cascade_studio.trainers import loop, steps
 
     order = []
     monkeypatch.setattr(loop, "reset_peak_memory", lambda device: order.append("reset"))
-    real_loss = loop.diffusion_training_loss
-    monkeypatch.setattr(loop, "diffusion_training_loss", lambda *a, **k: order.append("step") or real_loss(*a, **k))
+    real_loss = steps.diffusion_training_loss  # the run's loss step (a method without its own objective)
+    monkeypatch.setattr(steps, "diffusion_training_loss", lambda *a, **k: order.append("step") or real_loss(*a, **k))
     monkeypatch.chdir(REPO)
     train(TINY_LORA, [f"workspace={tmp_path}", "train.max_steps=2", "preview.every=0", "data.max_images=8",
                       "data.holdout_fraction=0"], progress=False)

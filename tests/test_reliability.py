@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from cascade_studio.run import main as run_main
 from cascade_studio.run import train
 from cascade_studio.tracking import BUFFER_FILE, Tracker, TrackingUnavailableError, list_runs, read_run
-from cascade_studio.trainers import loop as loop_module
+from cascade_studio.trainers import steps as steps_module
 from cascade_studio.trainers.checkpoints import CheckpointManager
 from cascade_studio.trainers.events import read_events
 from cascade_studio.trainers.loop import NonFiniteLossError
@@ -59,11 +59,11 @@ class LossFault:
     raises there; records the trainable weights each step starts from."""
 
     def __init__(self, monkeypatch, nan_steps=(), raise_at=None, exc=None):
-        self.real = loop_module.diffusion_training_loss
+        self.real = steps_module.diffusion_training_loss
         self.nan_steps, self.raise_at, self.exc = set(nan_steps), raise_at, exc
         self.step = 0
         self.weights_at_start: dict[int, list[torch.Tensor]] = {}
-        monkeypatch.setattr(loop_module, "diffusion_training_loss", self)
+        monkeypatch.setattr(steps_module, "diffusion_training_loss", self)  # the run's loss step
 
     def __call__(self, model, batch, **kwargs):
         self.step += 1

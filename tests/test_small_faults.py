@@ -22,7 +22,7 @@ from cascade_studio.data import EmptyDatasetError, scan_source
 from cascade_studio.run import main as run_main
 from cascade_studio.run import train
 from cascade_studio.tracking import read_run
-from cascade_studio.trainers import loop as loop_module
+from cascade_studio.trainers import steps as steps_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_generate_cli import FAST as GENERATE_FAST  # noqa: E402
@@ -64,8 +64,8 @@ class StopAt:
     """Ctrl-C in the loss step of ``step`` (after the steps before it were logged)."""
 
     def __init__(self, monkeypatch, step: int) -> None:
-        self.real, self.stop_at, self.calls = loop_module.diffusion_training_loss, step, 0
-        monkeypatch.setattr(loop_module, "diffusion_training_loss", self)
+        self.real, self.stop_at, self.calls = steps_module.diffusion_training_loss, step, 0
+        monkeypatch.setattr(steps_module, "diffusion_training_loss", self)  # the run's loss step
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
