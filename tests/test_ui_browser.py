@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from cascade_studio.ui.jobs import JobQueue, group_alive
+from tests.subprocess_env import child_env
 from cascade_studio.ui.workspace import REPO_ROOT, Workspace
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -71,6 +72,15 @@ def _shot(page, name: str) -> None:
         shutil.copy(ARTIFACTS / name, REPO_ROOT / "docs" / "screenshots" / name)
 
 
+def _settle(page) -> None:
+    """Wait until the app has finished its rerun (Streamlit's running indicator is gone), so elements of the
+    previous run are no longer on the page."""
+    from playwright.sync_api import expect
+
+    page.wait_for_timeout(300)
+    expect(page.get_by_test_id("stStatusWidget")).to_be_hidden(timeout=60_000)
+
+
 def _stop(server: subprocess.Popen, workspace: Workspace) -> None:
     """Stop the server's process group, then every job the studio started (each has its own group)."""
     try:
@@ -105,9 +115,11 @@ def test_studio_walk_in_chromium(tmp_path: Path) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "wb")
+    # One torch thread in the studio and every job it starts (accelerate takes OMP_NUM_THREADS), as in the other
+    # test processes: two threads per process on 2 busy cores stall in OpenMP's waits.
     server = subprocess.Popen([sys.executable, "-m", "cascade_studio.cli", "ui", "--workspace", str(workspace.root),
                                "--port", str(port)], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                              start_new_session=True, env={**child_env(), "PYTHONUNBUFFERED": "1"})
     try:
         _wait_http(f"{url}/_stcore/health", 90)
         with sync_playwright() as playwright:
@@ -167,8 +179,11 @@ def test_studio_walk_in_chromium(tmp_path: Path) -> None:
             runs_box.click()
             page.get_by_role("option", name="toy-lora-purple").click()
             page.keyboard.press("Escape")
+            # The prompts box is keyed on the first chosen run: the rerun draws a new one and drops the old one.
+            expect(page.get_by_label("Strength: run toy-lora-purple", exact=True)).to_be_visible()
+            _settle(page)
             prompts = page.get_by_label("Prompts (one per line)", exact=True)
-            expect(prompts).to_have_count(1)  # the box is keyed on the first run: the old one goes on the rerun
+            expect(prompts).to_have_count(1)
             prompts.fill("\n".join(WALK_PROMPTS))
             prompts.press("Control+Enter")
             seeds = page.get_by_label("Seeds", exact=True)
@@ -233,7 +248,7 @@ def _served_image(page, base_url: str, img):
 def _assert_same_grid_as_the_command(page_grid: Path, shown, workspace: Workspace, out: Path) -> None:
     """The grid the Compare page saved and the one the browser received are the grid ``cascade-studio compare``
     makes in a fresh process with the same columns, prompts and seeds: no channel of any pixel more than 2/255
-    apart (both processes sample with one torch thread, as conftest.py sets; the tolerance only absorbs rounding)."""
+    apart (both processes sample with one torch thread, child_env's; the tolerance only absorbs rounding)."""
     import json
 
     import numpy as np
@@ -245,7 +260,7 @@ def _assert_same_grid_as_the_command(page_grid: Path, shown, workspace: Workspac
     done = subprocess.run([str(Path(sys.executable).with_name("cascade-studio")), "compare", "--preset", "toy",
                            "--columns", "base", f"run:{run_dir}", *[f"--prompt={p}" for p in prompts],
                            "--seeds", *seeds, "--out", str(out), "--workspace", str(workspace.root), "--no-progress"],
-                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
+                          env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     with Image.open(out / "grid.png") as image:
         cli_grid = np.asarray(image.convert("RGB"))
