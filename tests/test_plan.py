@@ -331,3 +331,13 @@ def test_other_methods_prediction_within_25_percent_of_measured_peak(name, dtype
                           latent_w=8, dtype=dtype, mixed_precision=mixed, checkpointing=ckpt,
                           optimizer="adamw", device="cpu")
     assert_prediction_within_25_percent(setup)
+
+
+def test_big_lcm_recipe_fits_in_16_gb(capsys, monkeypatch):
+    """Issue 19: the published-size LCM-LoRA recipe (the LoRA plus the teacher's no-grad CFG passes) fits a
+    16 GB card as shipped."""
+    monkeypatch.chdir(REPO)
+    out = _plan_cli("recipes/lcm/stage-c-big.yaml", "--gpu-gb", "16", capsys=capsys)
+    assert "Fits in 16.0 GiB" in out and "teacher passes" in out
+    peak = float(out.split("predicted peak")[1].split("GiB")[0])
+    assert 6.69 < peak < 16  # at least the bf16 base's 6.69 GiB
