@@ -3,6 +3,8 @@ init, exact save/load round trips, ControlNet injection order, and error message
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -312,3 +314,39 @@ def test_assigned_weights_own_their_memory_and_save(tmp_path, official_parity):
     reloaded = load_file(str(tmp_path / "stage_c.safetensors"))
     assert torch.equal(reloaded["down_blocks.0.2.attention.attn.to_k.weight"],
                        official_parity.weights("stage_c")["down_blocks.0.2.attention.attn.in_proj_weight"][32:64])
+
+
+def _component_digests(preset: str) -> dict[str, str]:
+    import hashlib
+
+    from cascade_studio.models.random_init import COMPONENTS, build_random
+
+    digests = {}
+    for name in COMPONENTS:
+        module = build_random(name, preset)
+        h = hashlib.sha256()
+        for key, value in sorted(module.state_dict().items()):
+            h.update(key.encode() + value.detach().float().numpy().tobytes())
+        h.update(bytes(m.training for m in module.modules()))
+        digests[name] = h.hexdigest()
+    return digests
+
+
+def test_a_component_built_again_in_a_process_equals_a_first_build():
+    """build_random keeps what it built: later builds in the process (and after the caller changed its copy) carry
+    the values and train/eval modes of a first build, which a fresh process makes."""
+    import json
+    import subprocess
+    import sys
+
+    from cascade_studio.models.random_init import build_random
+
+    first = build_random("effnet", "tiny")
+    with torch.no_grad():
+        for p in first.parameters():
+            p.add_(1.0)  # the caller's copy; the next build must not see it
+    # the same torch threads as this process: the compressor's calibration pass sums in thread-sized chunks
+    fresh = subprocess.run([sys.executable, "-c", f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); "
+                            "import test_models_invariants as t; print(json.dumps(t._component_digests('tiny')))"],
+                           cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+    assert _component_digests("tiny") == _component_digests("tiny") == json.loads(fresh.stdout.splitlines()[-1])

@@ -72,34 +72,61 @@ def calibrate_effnet(effnet: nn.Module) -> nn.Module:
     return effnet
 
 
-def build_random(name: str, preset_name: str) -> nn.Module:
-    """Component ``name`` of ``preset_name`` with the fixed seed (tiny/toy presets only)."""
-    from . import build_previewer, build_stage_a, build_stage_b, build_stage_c, get_preset
+# The built components of this process, by (name, preset): the init is a pure function of the seed, and some of
+# it costs (the compressor's calibration pass, 0.6 s at tiny size, on every command and every run of a process).
+_BUILT: dict[tuple[str, str], tuple[dict[str, torch.Tensor], list[bool]]] = {}
+
+
+def build_random(name: str, preset_name: str, *, initialise: bool = True) -> nn.Module:
+    """Component ``name`` of ``preset_name`` with the fixed seed (tiny/toy presets only).
+
+    ``initialise=False`` builds the architecture only, for a caller that loads every weight itself (the toy
+    preset's shipped components): its values are the layers' default init, not the preset's.
+    """
+    from . import get_preset
 
     preset = get_preset(preset_name)
     if not preset.built_in:
         raise ValueError(f"the {preset_name} preset has no built-in weights for {name}: give a weights file or "
                          "folder, or a repo id (model.repo_id, e.g. stabilityai/stable-cascade)")
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+    key = (name, preset_name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED + COMPONENTS.index(name))
-        if name == "text_encoder":
-            from .encoders import build_text_encoder
-
-            return build_text_encoder(preset.architecture)
-        if name == "image_encoder":
-            from .encoders import build_image_encoder
-
-            return build_image_encoder(preset.architecture)
+        module = _architecture(name, preset)
+        if not initialise:
+            return module
+        if key in _BUILT:  # the same values as the first build, without its cost
+            state, modes = _BUILT[key]
+            module.load_state_dict(state)
+            for sub, training in zip(module.modules(), modes):
+                sub.training = training
+            return module
         if name == "effnet":
-            from .effnet import build_effnet
+            module = calibrate_effnet(module)
+        elif name in ("stage_c", "stage_b"):
+            module = make_learnable(module, seed=RANDOM_INIT_SEED + (11 if name == "stage_c" else 12))
+    _BUILT[key] = ({k: v.detach().clone() for k, v in module.state_dict().items()}, [m.training for m in module.modules()])
+    return module
 
-            return calibrate_effnet(build_effnet(preset.architecture))
-        if name == "stage_c":
-            return make_learnable(build_stage_c(**preset.stage_c), seed=RANDOM_INIT_SEED + 11)
-        if name == "stage_b":
-            return make_learnable(build_stage_b(**preset.stage_b), seed=RANDOM_INIT_SEED + 12)
-        if name == "stage_a":
-            return build_stage_a(**preset.stage_a)
-        if name == "previewer":
-            return build_previewer(**preset.previewer)
-    raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+
+def _architecture(name: str, preset) -> nn.Module:
+    """The module of component ``name`` with its layers' own init (drawn from the current RNG)."""
+    from . import build_previewer, build_stage_a, build_stage_b, build_stage_c
+
+    if name == "text_encoder":
+        from .encoders import build_text_encoder
+
+        return build_text_encoder(preset.architecture)
+    if name == "image_encoder":
+        from .encoders import build_image_encoder
+
+        return build_image_encoder(preset.architecture)
+    if name == "effnet":
+        from .effnet import build_effnet
+
+        return build_effnet(preset.architecture)
+    build, settings = {"stage_c": (build_stage_c, preset.stage_c), "stage_b": (build_stage_b, preset.stage_b),
+                       "stage_a": (build_stage_a, preset.stage_a), "previewer": (build_previewer, preset.previewer)}[name]
+    return build(**settings)
