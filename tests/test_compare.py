@@ -274,3 +274,18 @@ def test_bad_column_settings_fail_before_any_model_loads(column, message, tmp_pa
                             "--no-progress"], capsys)
     assert code != 0 and message in err and "Traceback" not in err
     assert not (tmp_path / "c" / "grid.png").exists()
+
+
+def test_a_long_label_without_spaces_wraps_inside_its_own_column():
+    """A column named by a path or a long run name (no space to wrap at) stays above its own cells: it
+    used to run on over the next columns' labels."""
+    cell = Image.new("RGB", (64, 64), "gray")
+    name = "lora:/home/user/workspace/runs/toy-lora-purple-with-a-long-name/export/toy-lora-purple-comfyui.safetensors"
+    grid = np.asarray(make_grid([[cell, cell, cell]], col_labels=[name, "", ""]))
+    size, pad = 128, 4  # cells are upscaled to 128 px; PAD between columns
+    top = next(y for y in range(grid.shape[0]) if (grid[y, pad:pad + 5] == 128).all())  # first row of the cells
+    assert top > 3 * 18, f"the name took {top} px: it should wrap to several lines"
+    header_first = grid[:top, :pad + size]
+    header_rest = grid[:top, pad + size:]
+    assert (header_first < 128).any(), "the label was not drawn"
+    assert (header_rest == 255).all(), "the first column's label runs over the next columns"

@@ -15,8 +15,19 @@ def _font(size: int = 14):
         return ImageFont.load_default()
 
 
+def _pieces(draw: ImageDraw.ImageDraw, word: str, font, width: int) -> list[str]:
+    """``word`` cut into pieces that each fit ``width`` (a path or a long run name has no space to wrap at)."""
+    pieces, piece = [], ""
+    for char in word:
+        if piece and draw.textlength(piece + char, font=font) > width:
+            pieces.append(piece)
+            piece = ""
+        piece += char
+    return pieces + [piece] if piece else pieces
+
+
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
+    words, lines, line = [p for w in text.split() for p in _pieces(draw, w, font, width)], [], ""
     for word in words:
         trial = f"{line} {word}".strip()
         if draw.textlength(trial, font=font) <= width or not line:
