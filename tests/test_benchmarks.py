@@ -137,3 +137,22 @@ def test_cache_items_written_in_the_shard_format_read_back_through_the_loop(tmp_
     batch = next(batch_stream(dataset, InfiniteSampler(5, 2, seed=0), {}, 0, pin_memory=False))
     assert batch["latents"].shape == (2, 16, 4, 4) and batch["clip_text"].shape == (2, 77, 8)
     assert batch["latents"].std() > 0.5  # random features, not zeros
+
+
+def test_plan_bench_plans_every_shipped_recipe_and_judges_each_method_on_its_worst_case(monkeypatch):
+    """bench_plan.py's recipe table has one row per recipe file of every method, and its per-method error line
+    is the worst of that method's rows (a case with a large error must show there)."""
+    import bench_plan
+    from cascade_studio.adapters import catalog
+
+    recipes = bench_plan.plan_recipes()
+    assert [r["recipe"] for r in recipes] == [str(p.relative_to(bench_plan.REPO / "recipes"))
+                                             for p in bench_plan.shipped_recipes()]
+    assert {r["method"] for r in recipes} == {m.label for m in catalog.methods()}
+    assert all(r["peak_gib"] > 0 for r in recipes)
+    checks = [{"case": "a", "method": "lora", "dtype": "fp32", "autocast": "no", "checkpointing": "none",
+               "predicted": 2 ** 20, "measured": 2 ** 20, "total": 1.02, "rise": 0.9, "resident_exact": True},
+              {"case": "b", "method": "lora", "dtype": "fp32", "autocast": "no", "checkpointing": "blocks",
+               "predicted": 2 ** 20, "measured": 2 ** 20, "total": 0.7, "rise": 1.1, "resident_exact": True}]
+    text = bench_plan.render(recipes, checks, "about")
+    assert "| lora | 2 | 30% | 10% | yes |" in text

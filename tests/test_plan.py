@@ -6,7 +6,6 @@ seconds and advises checkpointing first when memory is short; what the adapter a
 planner hook (the LoRA's rank switch), and a method without one is refused by its label."""
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,112 +16,28 @@ import torch
 from cascade_studio.adapters import catalog
 from cascade_studio.adapters.base import AdaptedStageC
 from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
-from cascade_studio.adapters.controlnet.config import ControlNetConfig
-from cascade_studio.adapters.ip_adapter.config import IPAdapterConfig
-from cascade_studio.adapters.lcm.config import LcmConfig
 from cascade_studio.adapters.lora import plan as lora_plan
 from cascade_studio.adapters.lora.config import LoraConfig
 from cascade_studio.config.schema import OptimizerConfig
 from cascade_studio.models import build_stage_c, get_preset
-from cascade_studio.models.random_init import make_learnable
 from cascade_studio.trainers import plan as planner
+from cascade_studio.trainers.plan_check import (LORA_CASES, METHOD_CASES, METHOD_SECTIONS, SIZES, TINY, _storage_bytes,
+                                                check_plan, lora_case_setup, measure_training_step, method_case_setup)
 from cascade_studio.trainers.optim import build_optimizer
 from cascade_studio.trainers.quantize import quantize_frozen_linears, quantized_bytes
-from cascade_studio.trainers.steps import diffusion_training_loss, step_generator
 
 REPO = Path(__file__).resolve().parents[1]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TINY = dict(get_preset("tiny").stage_c)
-SIZES = {
-    "tiny": TINY,  # the size the per-block coefficients' whole-model behaviour was first checked on
-    "c128": dict(TINY, c_hidden=[128, 128], c_cond=128, nhead=[4, 4], blocks=[[1, 3], [3, 1]]),
-    "c256": dict(TINY, c_hidden=[256, 256], c_cond=256, nhead=[4, 4], blocks=[[1, 2], [2, 1]]),
-}
-
-
-def _storage_bytes(tensors) -> int:
-    seen = {}
-    for t in tensors:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def measure_training_step(setup: planner.Setup) -> tuple[int, int]:
-    """(resident bytes before a step, peak live bytes above them during forward+backward+optimizer step).
-
-    The adapter is the one a run builds (its method's ``create_adapter`` from ``setup.adapter``) and its inputs
-    go through its method's ``training_inputs``, as in training."""
-    torch.manual_seed(0)
-    stage_c = make_learnable(build_stage_c(**setup.stage_c)).to(DTYPES[setup.dtype]).eval().requires_grad_(False)
-    stage_c.checkpointing = setup.checkpointing
-    model = AdaptedStageC(stage_c)
-    method = catalog.get(setup.method)
-    adapter = method.hook("create_adapter")(setup.adapter, model, None)
-    optimizer = build_optimizer(model.trainable_parameters(), OptimizerConfig(name=setup.optimizer, lr=1e-3))
-    b, c_text, c_img = setup.batch_size, setup.stage_c["c_clip_text"], setup.stage_c["c_clip_img"]
-    batch = {"latents": torch.randn(b, 16, setup.latent_h, setup.latent_w), "clip_text": torch.randn(b, 77, c_text),
-             "clip_text_pooled": torch.randn(b, 1, c_text), "clip_img": torch.randn(b, 1, c_img)}
-    batch.update(method_batch(setup, adapter))
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup.mixed_precision == "bf16" \
-        else contextlib.nullcontext
-
-    loss_step = method.hook("training_loss") or diffusion_training_loss  # the method's objective, as the run
-
-    def step():
-        with autocast():
-            loss = loss_step(model, batch, c_clip_img=c_img, caption_dropout=0.0, shift=1.0, offset=0.0,
-                             generator=step_generator(0, 0), method_inputs=method.hook("training_inputs"),
-                             method_cfg=setup.adapter)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # the optimizer state exists from here on, as during training
-    resident = _storage_bytes(list(model.parameters()) + list(model.buffers()) + [
-        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)])
-    peak, _ = planner.measure_peak_tensor_bytes(step)
-    return resident, peak
-
-
-def method_batch(setup: planner.Setup, adapter) -> dict:
-    """What the encode-once cache adds to a batch for the method: a ControlNet's hint at the training
-    resolution, an IP-Adapter's image embeddings."""
-    b = setup.batch_size
-    if isinstance(setup.adapter, ControlNetConfig):
-        stride = 1 if adapter.spec.control == "sr" else 32  # sr hints are latents, the others images
-        return {"control": torch.rand(b, adapter.spec.c_in, setup.latent_h * stride, setup.latent_w * stride)}
-    if isinstance(setup.adapter, IPAdapterConfig):
-        from cascade_studio.adapters.ip_adapter.method import FEATURE_NAME
-
-        return {FEATURE_NAME: torch.randn(b, 1, adapter.embed_dim)}
-    if isinstance(setup.adapter, LcmConfig):  # the empty caption's features, for the teacher's guidance
-        c_text = setup.stage_c["c_clip_text"]
-        return {"null_clip_text": torch.randn(b, 77, c_text), "null_clip_text_pooled": torch.randn(b, 1, c_text)}
-    return {}
-
-
-CASES = [(size, "fp32", "no", ckpt) for size in SIZES for ckpt in ("none", "blocks", "selective")] + \
-        [("tiny", "bf16", "bf16", "blocks"), ("c256", "bf16", "bf16", "none"), ("c256", "bf16", "bf16", "selective")]
-
-
-@pytest.mark.parametrize("size,dtype,mixed,ckpt", CASES)
+@pytest.mark.parametrize("size,dtype,mixed,ckpt", LORA_CASES)
 def test_prediction_within_25_percent_of_measured_peak(size, dtype, mixed, ckpt):
-    setup = planner.Setup(adapter=LoraConfig(rank=8, alpha=8.0), stage_c=SIZES[size], preset=size, batch_size=2,
-                          latent_h=8, latent_w=8, dtype=dtype, mixed_precision=mixed, checkpointing=ckpt,
-                          optimizer="adamw", device="cpu")
-    assert_prediction_within_25_percent(setup)
+    assert_prediction_within_25_percent(lora_case_setup(size, dtype, mixed, ckpt))
 
 
 def assert_prediction_within_25_percent(setup: planner.Setup) -> None:
-    plan = planner.plan_memory(setup)
-    resident, peak = measure_training_step(setup)
-    predicted_resident = plan.parts["frozen weights"] + plan.parts["adapter weights"] + plan.parts["optimizer state"]
-    assert predicted_resident == resident  # parameter and state counting is exact
-    total_ratio = plan.peak_without_workspace() / (resident + peak)
+    check = check_plan(setup)
+    assert check.predicted_resident == check.resident  # parameter and state counting is exact
     # The harder part alone: activations + gradients against the measured rise above the resident bytes.
-    activation_ratio = (plan.parts["activations"] + plan.parts["gradients"]) / peak
-    assert 0.75 <= total_ratio <= 1.25, (total_ratio, activation_ratio)
-    assert 0.75 <= activation_ratio <= 1.25, (total_ratio, activation_ratio)
+    assert 0.75 <= check.total_ratio <= 1.25, (check.total_ratio, check.activation_ratio)
+    assert 0.75 <= check.activation_ratio <= 1.25, (check.total_ratio, check.activation_ratio)
 
 
 def test_checkpointing_prediction_tracks_the_measured_saving():
@@ -288,16 +203,6 @@ def test_a_method_without_a_planner_hook_is_named_in_the_refusal(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- every shipped method
-# Tiny sections of the other methods (no dropout: every step runs the same branch; the tiny ControlNet backbone).
-METHOD_SECTIONS = {
-    "controlnet": ControlNetConfig(control="canny", bottleneck="effnet_tiny", backbone_init="random"),
-    "controlnet-frozen-backbone": ControlNetConfig(control="inpainting", bottleneck="effnet_tiny",
-                                                   backbone_init="random", freeze_backbone=True),
-    "ip_adapter": IPAdapterConfig(image_encoder="tiny", drop_image=0.0, drop_text=0.0, drop_both=0.0),
-    "lcm": LcmConfig(rank=8, alpha=8.0),
-}
-
-
 @pytest.mark.parametrize("name", sorted(METHOD_SECTIONS))
 def test_trainable_and_resident_adapter_counts_match_the_built_adapter(name):
     """Counted on the meta device by the method's hook; the same as the adapter a run builds."""
@@ -314,23 +219,11 @@ def test_trainable_and_resident_adapter_counts_match_the_built_adapter(name):
     assert plan.parts["adapter weights"] == own
 
 
-METHOD_CASES = [("controlnet", "fp32", "no", "none"), ("controlnet", "bf16", "bf16", "blocks"),
-                ("controlnet", "fp32", "no", "selective"),
-                ("controlnet-frozen-backbone", "fp32", "no", "blocks"),
-                ("controlnet-frozen-backbone", "bf16", "bf16", "blocks"),
-                ("ip_adapter", "fp32", "no", "none"), ("ip_adapter", "fp32", "no", "blocks"),
-                ("ip_adapter", "fp32", "no", "selective"), ("ip_adapter", "bf16", "bf16", "none"),
-                ("lcm", "fp32", "no", "none"), ("lcm", "fp32", "no", "blocks"), ("lcm", "bf16", "bf16", "none")]
-
-
 @pytest.mark.parametrize("name,dtype,mixed,ckpt", METHOD_CASES)
 def test_other_methods_prediction_within_25_percent_of_measured_peak(name, dtype, mixed, ckpt):
     """The ControlNet (its own network traced on meta) and the IP-Adapter (its branch per attention block) on the
     tiny Stage C, against the measured CPU peak of a real training step built by the method's create_adapter."""
-    setup = planner.Setup(adapter=METHOD_SECTIONS[name], stage_c=TINY, preset="tiny", batch_size=2, latent_h=8,
-                          latent_w=8, dtype=dtype, mixed_precision=mixed, checkpointing=ckpt,
-                          optimizer="adamw", device="cpu")
-    assert_prediction_within_25_percent(setup)
+    assert_prediction_within_25_percent(method_case_setup(name, dtype, mixed, ckpt))
 
 
 def test_big_lcm_recipe_fits_in_16_gb(capsys, monkeypatch):
