@@ -350,3 +350,32 @@ def test_a_component_built_again_in_a_process_equals_a_first_build():
                             "import test_models_invariants as t; print(json.dumps(t._component_digests('tiny')))"],
                            cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
     assert _component_digests("tiny") == _component_digests("tiny") == json.loads(fresh.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_global_response_norm_is_the_official_formula_in_values_and_gradients(dtype, tol):
+    """GRN runs as x*(gamma*nx + 1) + beta over a sum of squares: the official
+    ``gamma * (x * Nx) + beta + x`` with ``Gx = ||x||_2 over (H, W)``, including an all-zero channel, whose
+    gradient is the norm's subgradient 0 (no inf or NaN)."""
+    from cascade_studio.models.blocks import GlobalResponseNorm
+
+    torch.manual_seed(0)
+    grn = GlobalResponseNorm(32).to(dtype)
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    x = torch.randn(2, 5, 6, 32).to(dtype)
+    x[0, :, :, 3] = 0  # a dead channel
+    mine = x.clone().requires_grad_(True)
+    theirs = x.clone().float().requires_grad_(True)
+    out = grn(mine)
+    gx = torch.linalg.vector_norm(theirs, ord=2, dim=(1, 2), keepdim=True)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+    expected = grn.gamma.float() * (theirs * nx) + grn.beta.float() + theirs
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    weights = torch.randn(out.shape)
+    (out.float() * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.isfinite(mine.grad).all()
+    torch.testing.assert_close(mine.grad.float(), theirs.grad, atol=tol * 10, rtol=tol)

@@ -38,9 +38,14 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        # The same function in two passes over x instead of six: the L2 norm over H and W as a sum of squares (a
+        # reduction over the middle dims of BHWC ran 5x slower through vector_norm on the CPU), and
+        # gamma*(x*nx) + beta + x as x*(gamma*nx + 1) + beta, whose factor is per (sample, channel): 11% of a
+        # mid-size Stage C forward. Equal to the official form to float rounding; the clamp keeps the gradient of an
+        # all-zero channel at 0 (the norm's subgradient there), not inf * 0.
+        gx = (x * x).sum(dim=(1, 2), keepdim=True, dtype=torch.float32).clamp_min(1e-30).sqrt().to(x.dtype)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * nx) + self.beta + x
+        return torch.addcmul(self.beta, x, self.gamma * nx + 1)
 
 
 class ResBlock(nn.Module):
