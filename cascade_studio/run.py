@@ -64,6 +64,9 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from .launch import use_cpu_without_cuda
+
+    use_cpu_without_cuda()  # `accelerate launch --config_file multi-gpu.yaml` on a machine without CUDA: gloo
     _forget_previous_precision()
     # The loop accumulates gradients itself (it controls the per-micro-batch seeds).
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
@@ -277,6 +280,7 @@ def _build_optimizer(run: _Run) -> None:
     run.unwrapped = accelerator.unwrap_model(run.model)
     run.sampler = InfiniteSampler(len(run.data[0]), recipe.train.batch_size, recipe.train.seed,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    _record_batch_plan(run)
     if run.latest is None:
         return
     run.run_state = restore_checkpoint(run.checkpoints, run.latest, run.optimizer, run.scheduler, run.sampler,
@@ -294,6 +298,23 @@ def _build_optimizer(run: _Run) -> None:
     run.start_step = run.run_state.step
     if run.is_main:
         print(f"[cascade-studio] resumed from {run.latest} at step {run.start_step}", flush=True)
+
+
+def _record_batch_plan(run: _Run) -> None:
+    """Say at start what a step and the schedule mean at this world size (main process): printed, in the run's
+    events, and as MLflow parameters of a new run (a resume adds an event; MLflow parameters cannot change)."""
+    from .trainers.loop import BatchPlan
+
+    recipe = run.recipe
+    plan = BatchPlan(per_device_batch=recipe.train.batch_size, processes=run.accelerator.num_processes,
+                     grad_accum=recipe.train.grad_accum, max_steps=recipe.train.max_steps, seed=recipe.train.seed,
+                     train_samples=len(run.data[0]))
+    if not run.is_main:
+        return
+    print(f"[cascade-studio] {plan.describe()}", flush=True)
+    run.events.emit("batch_plan", **plan.params())
+    if run.latest is None:
+        run.tracker.log_params(plan.params())
 
 
 def _save_adapter_tensors(adapter, path: Path) -> None:
