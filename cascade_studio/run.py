@@ -560,12 +560,21 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
                         data_path=str(Path(recipe.data.path).resolve()) if recipe.data.path else None,
                         cache_dir=str(cache_dir))
         return build_cache(records_subset, encoders, cache_dir, preprocessing=preprocessing,
-                           progress=progress and accelerator.is_main_process)
+                           progress=progress and accelerator.is_main_process, share=share,
+                           barrier=accelerator.wait_for_everyone)
 
-    # The main process encodes; the others then find every entry cached and run no encoder.
-    with accelerator.main_process_first():
+    if recipe.cache.mode == "sharded":
+        # Every process encodes its share of what is missing, in parallel, into the one cache.
+        share = (accelerator.process_index, accelerator.num_processes)
         train_set = build(train_records)
         holdout_set = build(holdout_records) if holdout_records else None
+    else:
+        # The main process encodes; the others then find every entry cached and run no encoder.
+        share = (0, 1)
+        with accelerator.main_process_first():
+            train_set = build(train_records)
+            holdout_set = build(holdout_records) if holdout_records else None
+    _report_encoded(accelerator, [train_set, holdout_set], cache_dir, recipe.cache.mode)
     preview_embeddings = None
     if recipe.preview.every and accelerator.is_main_process:
         from .trainers.previews import preview_text
@@ -575,6 +584,21 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
     null = train_set.null_features()
     extras = {f"null_{k}": v for k, v in null.items()}
     return train_set, holdout_set, extras, len(scan.skipped), preview_embeddings
+
+
+def _report_encoded(accelerator, datasets, cache_dir: Path, mode: str) -> None:
+    """The main process says how many cache entries each process encoded (0 everywhere: all reused)."""
+    encoded = sum(d.encoded for d in datasets if d is not None)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        counts = gather_object([encoded])
+    else:
+        counts = [encoded]
+    if accelerator.is_main_process:
+        each = " + ".join(str(c) for c in counts)
+        print(f"[cascade-studio] cache ({mode}) {cache_dir}: {sum(counts)} entries encoded"
+              f"{f' ({each} by process)' if len(counts) > 1 else ''}", flush=True)
 
 
 def _holdout_batches(holdout_set, extras, batch_size: int) -> list[dict]:
