@@ -72,6 +72,13 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                               kwargs_handlers=distributed_settings(recipe))
     set_seed(recipe.train.seed)
+    from .launch import fsdp_requested
+
+    sharded = fsdp_requested() and accelerator.num_processes > 1
+    if sharded:
+        from .trainers.sharding import refuse_unshardable
+
+        refuse_unshardable(recipe)
     if recipe.train.quantize_base != "none":
         # refuse an unsupported quantization mode before anything is encoded or loaded
         from .trainers.components import resolve_dtype
@@ -82,7 +89,7 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
     # 2b. one owner per run folder: a second run (or --resume) of a running one is refused before it writes anything
     lock = _lock_run_folder(folder, accelerator)
     try:
-        return _train_in_locked_folder(recipe, folder, accelerator, resume, progress)
+        return _train_in_locked_folder(recipe, folder, accelerator, resume, progress, sharded)
     finally:
         if lock is not None:
             lock.release()
@@ -97,6 +104,7 @@ class _Run:
     accelerator: Any
     resume: bool
     progress: bool
+    sharded: bool = False  # FSDP: the frozen Stage C is sharded across the processes (trainers/sharding.py)
     is_main: bool = False
     checkpoints: Any = None
     latest: Path | None = None
@@ -131,9 +139,10 @@ class _Run:
         return _method_fn(self.method, "training_loss") or diffusion_training_loss
 
 
-def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool, progress: bool) -> RunResult:
+def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool, progress: bool,
+                            sharded: bool = False) -> RunResult:
     """The phases after the run folder is locked (``train``), one function each, in order."""
-    run = _Run(recipe, folder, accelerator, resume, progress, is_main=accelerator.is_main_process)
+    run = _Run(recipe, folder, accelerator, resume, progress, sharded=sharded, is_main=accelerator.is_main_process)
     _open_record(run)  # 3. checkpoints and resume checks (nothing written yet), events, MLflow
     status = "FAILED"
     try:
@@ -251,7 +260,7 @@ def _build_adapter(run: _Run) -> None:
     if stage_c.checkpointing != "none" and run.is_main:
         print(f"[cascade-studio] train.checkpointing: {stage_c.checkpointing} (activations recomputed in the "
               "backward pass)", flush=True)
-    if compiles_blocks(recipe.train.compile, run.accelerator.device):
+    if compiles_blocks(recipe.train.compile, run.accelerator.device) and not run.sharded:
         count = stage_c.compile_blocks()
         if run.is_main:
             print(f"[cascade-studio] train.compile: {count} Stage C blocks compiled on first use (the first steps "
@@ -274,9 +283,14 @@ def _build_optimizer(run: _Run) -> None:
     from .trainers.optim import build_optimizer, build_scheduler
 
     recipe, accelerator = run.recipe, run.accelerator
+    if run.sharded:
+        _shard(run)
     optimizer = build_optimizer(run.model.trainable_parameters(), recipe.optimizer)
     run.scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
-    run.model, run.optimizer = accelerator.prepare(run.model, optimizer)
+    if run.sharded:  # not accelerator.prepare: see trainers/sharding.py
+        run.optimizer = optimizer
+    else:
+        run.model, run.optimizer = accelerator.prepare(run.model, optimizer)
     run.unwrapped = accelerator.unwrap_model(run.model)
     run.sampler = InfiniteSampler(len(run.data[0]), recipe.train.batch_size, recipe.train.seed,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index)
@@ -298,6 +312,18 @@ def _build_optimizer(run: _Run) -> None:
     run.start_step = run.run_state.step
     if run.is_main:
         print(f"[cascade-studio] resumed from {run.latest} at step {run.start_step}", flush=True)
+
+
+def _shard(run: _Run) -> None:
+    """FSDP: shard the frozen Stage C across the processes and say what each now holds."""
+    from .trainers.sharding import shard_frozen_base, sharded_bytes
+
+    shard_frozen_base(run.model, run.accelerator.device)
+    held, whole = sharded_bytes(run.model)
+    if run.is_main:
+        print(f"[cascade-studio] FSDP: the frozen Stage C is sharded over {run.accelerator.num_processes} processes "
+              f"(this one holds {held / 2**20:.2f} of its {whole / 2**20:.2f} MiB); the adapter is whole on every "
+              "process; previews are off (the main process alone cannot run a sharded model)", flush=True)
 
 
 def _record_batch_plan(run: _Run) -> None:
@@ -373,12 +399,13 @@ def _train_loop(run: _Run):
 
     recipe, result, is_main = run.recipe, run.result, run.is_main
     train_set, holdout_set, extras, preview_embeddings = run.data
-    if run.start_step == 0 and is_main:
+    measures = is_main or run.sharded  # a sharded model's forward needs every process (only the main one logs)
+    if run.start_step == 0 and measures:
         result.heldout_before = _log_heldout(run, 0)
     elif is_main:
         result.heldout_before = _logged_holdout_before(run.folder.path)
     preview = None
-    if recipe.preview.every and is_main:
+    if recipe.preview.every and is_main and not run.sharded:
         from .trainers.previews import make_preview_fn
 
         source = holdout_set if holdout_set is not None and len(holdout_set) else train_set
@@ -394,21 +421,31 @@ def _train_loop(run: _Run):
                     events=run.events, checkpoints=run.checkpoints, run_state=run.run_state,
                     method_inputs=run.method_inputs, method_cfg=run.method_cfg, extras=extras, loss_step=run.loss_step,
                     save_adapter=functools.partial(_save_adapter_tensors, run.adapter), preview=preview,
-                    evaluate=functools.partial(_log_heldout, run) if is_main and recipe.train.eval_every else None,
-                    start_step=run.start_step, progress=run.progress)
+                    evaluate=functools.partial(_log_heldout, run) if measures and recipe.train.eval_every else None,
+                    start_step=run.start_step, progress=run.progress,
+                    reduce_gradients=_sharded_gradient_mean() if run.sharded else None)
     result.step = loop.step
     result.final_loss = loop.losses[-1] if loop.losses else None
     return loop
+
+
+def _sharded_gradient_mean():
+    from .trainers.sharding import average_gradients
+
+    return average_gradients
 
 
 def _finish(run: _Run, loop) -> None:
     """On the main process, once every process is done: refuse a non-finite adapter, log the held-out loss after
     training, export the recipe's formats."""
     run.accelerator.wait_for_everyone()
+    if run.sharded:  # every process runs the sharded model's forward; the main one logs
+        run.result.heldout_after = _log_heldout(run, loop.step)
     if not run.is_main:
         return
     _refuse_nonfinite(run.unwrapped)
-    run.result.heldout_after = _log_heldout(run, loop.step)
+    if not run.sharded:
+        run.result.heldout_after = _log_heldout(run, loop.step)
     run.result.exports = _export(run.recipe, run.method, run.adapter, run.context, run.folder, run.tracker)
     run.events.emit("exported", paths=[str(p) for p in run.result.exports])
 
@@ -684,9 +721,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .trainers.checkpoints import CheckpointError
     from .trainers.loop import NonFiniteLossError
     from .trainers.quantize import QuantizationUnsupportedError
+    from .trainers.sharding import ShardingUnsupportedError
 
     return (AdapterMismatchError, CacheError, DataSourceError, TrackingError, DiskFullError, CheckpointError,
-            NonFiniteLossError, WeightsError, QuantizationUnsupportedError, RunFolderBusy)
+            NonFiniteLossError, WeightsError, QuantizationUnsupportedError, ShardingUnsupportedError, RunFolderBusy)
 
 
 def _user_message(exc: BaseException) -> str | None:

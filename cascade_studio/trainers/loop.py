@@ -205,14 +205,15 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
              loss_step: LossStep,
              save_adapter: Callable[[Path], None], preview: Callable[[int], None] | None = None,
              evaluate: Callable[[int], None] | None = None, start_step: int = 0,
-             progress: bool = True) -> LoopResult:
+             progress: bool = True, reduce_gradients: Callable[[list], None] | None = None) -> LoopResult:
     """Train from ``start_step`` to ``settings.max_steps``.
 
     Per optimizer step: ``grad_accum`` micro-batches (gradients all-reduced on the last one only, under
     ``accelerator.no_sync`` before it), each scored by ``loss_step`` (the diffusion loss or the method's own
     ``training_loss``), one host read (mean loss, gradient norm, whether every rank was finite), then the
     optimizer step or a skip. ``evaluate(step)`` (the held-out loss) runs every ``eval_every`` steps before the
-    last; the run measures the last step itself, after training.
+    last; the run measures the last step itself, after training. ``reduce_gradients(params)`` averages the
+    gradients across processes where DDP does not (FSDP's whole adapter, ``trainers/sharding.py``).
     """
     from tqdm.auto import tqdm
 
@@ -249,6 +250,8 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
                 accelerator.backward(loss / settings.grad_accum)
             loss_sum = loss_sum + loss.detach().float()
         mean_loss_t = loss_sum / settings.grad_accum
+        if reduce_gradients is not None:
+            reduce_gradients(params)
         grad_norm_t = _grad_norm(accelerator, params, settings.max_grad_norm)
         # every rank must agree, or DDP ranks would diverge
         bad = (~torch.isfinite(mean_loss_t) | ~torch.isfinite(grad_norm_t)).float().reshape(1)
