@@ -338,9 +338,18 @@ def _record_batch_plan(run: _Run) -> None:
     if not run.is_main:
         return
     print(f"[cascade-studio] {plan.describe()}", flush=True)
+    earlier = [e for e in run.folder.events() if e.get("event") == "batch_plan"] if run.latest is not None else []
     run.events.emit("batch_plan", **plan.params())
     if run.latest is None:
         run.tracker.log_params(plan.params())
+    elif earlier and earlier[-1].get("global_batch") != plan.global_batch:
+        # A resume on another number of processes: allowed, but the rest of the run is not the uninterrupted one.
+        was = earlier[-1]
+        print(f"[cascade-studio] note: resumed with a global batch of {plan.global_batch} ({plan.processes} "
+              f"process(es)); the run had {was.get('global_batch')} ({was.get('processes')} process(es)) before: "
+              "the steps from here take more or fewer samples than the uninterrupted run's", flush=True)
+        run.tracker.set_tags({f"resume.step{run.run_state.step}.global_batch":
+                              f"{was.get('global_batch')} -> {plan.global_batch}"})
 
 
 def _save_adapter_tensors(adapter, path: Path) -> None:

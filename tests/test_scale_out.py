@@ -37,6 +37,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
     cache = root / "shared-cache"
     common = [f"data.path={DATA}", f"workspace={root / 'ws'}", f"train.max_steps={STEPS}", "train.checkpoint_every=2",
+              "train.batch_size=2", "train.grad_accum=2",
               "cache.mode=sharded", f"cache.dir={cache}"]
     env = child_env()
     env.pop("ACCELERATE_USE_CPU", None)  # the run itself must find the CPU and use gloo
@@ -113,7 +114,8 @@ def test_only_the_main_process_logs_previews_checkpoints_and_exports_and_the_bat
     from cascade_studio.tracking import list_runs
 
     out = runs["ddp"].stdout
-    plan = f"global batch 8 = 4 per device x 2 process(es) x 1 accumulation; schedule {STEPS} optimizer steps = 32 samples"
+    plan = (f"global batch 8 = 2 per device x 2 process(es) x 2 accumulation; schedule {STEPS} optimizer steps = 32 "
+            "samples")
     for line in (plan, "run folder:", "MLflow run", "held-out loss", "adapter:", "trainable parameters"):
         assert out.count(line) == 1, (line, out)
     run_dir = runs["ws"] / "runs" / "ddp"
@@ -196,3 +198,28 @@ def test_the_cli_launches_a_config_file_with_the_recipe_overrides_and_resume_pas
     assert cmd[cmd.index("-m", cmd.index("--config_file")) + 1:] == ["cascade_studio.train", "r.yaml",
                                                                      "train.max_steps=3", "--resume"]
     assert "--num_processes" not in accelerate_command("r.yaml", [], None, config_file=path)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_in_one_process_and_says_the_global_batch_changed(runs, tmp_path, capsys):
+    import shutil
+
+    from cascade_studio.run import train
+
+    workspace = tmp_path / "ws"
+    shutil.copytree(runs["ws"] / "runs" / "ddp", workspace / "runs" / "ddp")  # the module's run stays as it was
+    shutil.copy(runs["ws"] / "mlflow.db", workspace / "mlflow.db")
+    overrides = [f"data.path={DATA}", f"workspace={workspace}", "name=ddp", "train.batch_size=2",
+                 "train.grad_accum=2", "train.checkpoint_every=2", "cache.mode=sharded", f"cache.dir={runs['cache']}",
+                 "preview.every=0", f"train.max_steps={STEPS + 1}"]
+    result = train(RECIPE, overrides, resume=True, progress=False)
+    out = capsys.readouterr().out
+    assert result.step == STEPS + 1
+    assert "note: resumed with a global batch of 4 (1 process(es)); the run had 8 (2 process(es)) before" in out
+    plans = [e for e in read_events(workspace / "runs" / "ddp") if e["event"] == "batch_plan"]
+    assert [(e["global_batch"], e["data_order"]) for e in plans] == [(8, "seed=42/world_size=2"),
+                                                                     (4, "seed=42/world_size=1")]
+    from cascade_studio.tracking import read_run
+
+    tags = read_run(f"sqlite:///{workspace / 'mlflow.db'}", result.run_id)["tags"]
+    assert tags[f"resume.step{STEPS}.global_batch"] == "8 -> 4"
