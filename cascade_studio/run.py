@@ -607,7 +607,7 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
                         cache_dir=str(cache_dir))
         return build_cache(records_subset, encoders, cache_dir, preprocessing=preprocessing,
                            progress=progress and accelerator.is_main_process, share=share,
-                           barrier=accelerator.wait_for_everyone)
+                           barrier=accelerator.wait_for_everyone if share[1] > 1 else None)
 
     if recipe.cache.mode == "sharded":
         # Every process encodes its share of what is missing, in parallel, into the one cache.
