@@ -287,7 +287,11 @@ def _build_optimizer(run: _Run) -> None:
         _shard(run)
     optimizer = build_optimizer(run.model.trainable_parameters(), recipe.optimizer)
     run.scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
-    if run.sharded:  # not accelerator.prepare: see trainers/sharding.py
+    from accelerate.utils import DistributedType
+
+    if run.sharded or accelerator.distributed_type == DistributedType.FSDP:
+        # not accelerator.prepare (its FSDP plugin would shard the adapter too): see trainers/sharding.py; an FSDP
+        # launch of one process shards nothing and trains as one process
         run.optimizer = optimizer
     else:
         run.model, run.optimizer = accelerator.prepare(run.model, optimizer)
@@ -316,14 +320,17 @@ def _build_optimizer(run: _Run) -> None:
 
 def _shard(run: _Run) -> None:
     """FSDP: shard the frozen Stage C across the processes and say what each now holds."""
+    from .devices import compiles_blocks
     from .trainers.sharding import shard_frozen_base, sharded_bytes
 
+    compiles = compiles_blocks(run.recipe.train.compile, run.accelerator.device)  # skipped by _build_adapter
     shard_frozen_base(run.model, run.accelerator.device)
     held, whole = sharded_bytes(run.model)
     if run.is_main:
         print(f"[cascade-studio] FSDP: the frozen Stage C is sharded over {run.accelerator.num_processes} processes "
               f"(this one holds {held / 2**20:.2f} of its {whole / 2**20:.2f} MiB); the adapter is whole on every "
-              "process; previews are off (the main process alone cannot run a sharded model)", flush=True)
+              "process; previews are off (the main process alone cannot run a sharded model)"
+              + ("; train.compile is off (compiled blocks are not sharded)" if compiles else ""), flush=True)
 
 
 def _record_batch_plan(run: _Run) -> None:

@@ -223,3 +223,12 @@ def test_a_two_process_run_resumes_in_one_process_and_says_the_global_batch_chan
 
     tags = read_run(f"sqlite:///{workspace / 'mlflow.db'}", result.run_id)["tags"]
     assert tags[f"resume.step{STEPS}.global_batch"] == "8 -> 4"
+
+
+def test_fsdp_refuses_a_quantized_base_with_what_to_use_instead():
+    from cascade_studio.config import load_recipe
+    from cascade_studio.trainers.sharding import ShardingUnsupportedError, refuse_unshardable
+
+    refuse_unshardable(load_recipe(RECIPE, overrides=["train.mixed_precision=bf16"]))  # bf16, no quantization: fine
+    with pytest.raises(ShardingUnsupportedError, match=r"train.quantize_base=int8 .*use quantize_base=none"):
+        refuse_unshardable(load_recipe(RECIPE, overrides=["train.quantize_base=int8"]))

@@ -30,13 +30,12 @@ class ShardingUnsupportedError(RuntimeError):
 
 
 def refuse_unshardable(recipe) -> None:
-    """The settings an FSDP run cannot honour, refused before anything is loaded."""
+    """The settings an FSDP run cannot honour, refused before anything is loaded. (fp16, whose loss scaler would
+    need accelerate's prepared optimizer, is refused for every run by the recipe's validation.)"""
     problems = []
     if recipe.train.quantize_base != "none":
         problems.append(f"train.quantize_base={recipe.train.quantize_base} (quantized weights cannot be sharded: "
                         "use quantize_base=none, FSDP already splits the frozen base across the devices)")
-    if recipe.train.mixed_precision == "fp16":
-        problems.append("train.mixed_precision=fp16 (its loss scaler needs accelerate's prepared optimizer: use bf16)")
     if problems:
         raise ShardingUnsupportedError("an FSDP launch cannot use " + "; ".join(problems))
 
