@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_growth.py
 	$(BIN)/python benchmarks/bench_plan.py
+	$(BIN)/python benchmarks/bench_launch.py
 
 bench-demo: install
 	$(BIN)/python benchmarks/bench_demo.py

@@ -11,71 +11,57 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .launch import accelerate_command, launch_env  # noqa: F401  (the studio's launch page uses them)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train an adapter from a recipe (single process, or --processes N via "
-                                      "accelerate)")
+    from .launch import shipped_configs
+
+    p = sub.add_parser("train", help="train an adapter from a recipe (one process, --processes N, or any size "
+                                      "through an accelerate config file)")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/lora.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=200")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest good checkpoint")
-    p.add_argument("--processes", type=int, default=1,
-                   help="data-parallel processes (launched with accelerate; on CPU they use gloo)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="data-parallel processes (launched with accelerate; on CPU they use gloo); with "
+                        "--accelerate-config it overrides the file's num_processes")
+    p.add_argument("--accelerate-config", metavar="FILE|NAME",
+                   help="launch through `accelerate launch --config_file FILE`; a name picks a shipped file: "
+                        + ", ".join(shipped_configs()))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
 
 
 def cmd_train(args) -> int:
     from .config import RecipeError, load_recipe
+    from .launch import LaunchConfigError, check_accelerate_config, resolve_accelerate_config
 
+    config_file = None
     try:
+        if args.accelerate_config:
+            config_file = resolve_accelerate_config(args.accelerate_config)
+            check_accelerate_config(config_file)
         load_recipe(args.recipe, overrides=args.overrides)  # fail before launching anything
+    except LaunchConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except RecipeError as exc:
         print(f"recipe problems:\n{exc}", file=sys.stderr)
         return 2
-    if args.processes > 1:
-        cmd = accelerate_command(args.recipe, args.overrides, args.processes, resume=args.resume)
-        return subprocess.call(cmd)
+    if args.processes is not None and args.processes < 1:
+        print("error: --processes must be 1 or more", file=sys.stderr)
+        return 2
+    if config_file is not None or (args.processes or 1) > 1:
+        cmd = accelerate_command(args.recipe, args.overrides, args.processes, resume=args.resume,
+                                 config_file=config_file, no_progress=args.no_progress)
+        return subprocess.call(cmd, env=launch_env(args.processes, config_file))
     from .run import main as run_main
 
     argv = [args.recipe, *args.overrides] + (["--resume"] if args.resume else []) + \
         (["--no-progress"] if args.no_progress else [])
     return run_main(argv)
-
-
-def accelerate_command(recipe: str, overrides: Sequence[str], processes: int, resume: bool = False) -> list[str]:
-    """The ``accelerate launch`` command line for a recipe (what the studio UI runs, too).
-
-    STACK.md: ``--cpu --num_processes 2`` starts one process; two CPU processes need ``--multi_gpu`` with
-    ``ACCELERATE_USE_CPU=true`` (gloo DDP), which the caller's environment provides via :func:`launch_env`.
-    """
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
-           "--mixed_precision", "no", "--num_processes", str(processes)]
-    if processes > 1:
-        cmd.append("--multi_gpu")
-    elif not _has_cuda():
-        cmd.append("--cpu")
-    cmd += ["-m", "cascade_studio.train", recipe, *overrides]
-    if resume:
-        cmd.append("--resume")
-    return cmd
-
-
-def launch_env(processes: int) -> dict[str, str]:
-    env = dict(os.environ)
-    if processes > 1 and not _has_cuda():
-        env["ACCELERATE_USE_CPU"] = "true"
-    return env
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def _add_validate(sub) -> None:

@@ -64,11 +64,21 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from .launch import use_cpu_without_cuda
+
+    use_cpu_without_cuda()  # `accelerate launch --config_file multi-gpu.yaml` on a machine without CUDA: gloo
     _forget_previous_precision()
     # The loop accumulates gradients itself (it controls the per-micro-batch seeds).
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                               kwargs_handlers=distributed_settings(recipe))
     set_seed(recipe.train.seed)
+    from .launch import fsdp_requested
+
+    sharded = fsdp_requested() and accelerator.num_processes > 1
+    if sharded:
+        from .trainers.sharding import refuse_unshardable
+
+        refuse_unshardable(recipe)
     if recipe.train.quantize_base != "none":
         # refuse an unsupported quantization mode before anything is encoded or loaded
         from .trainers.components import resolve_dtype
@@ -79,7 +89,7 @@ def train(recipe_source: str | Path | dict, overrides: Sequence[str] = (), resum
     # 2b. one owner per run folder: a second run (or --resume) of a running one is refused before it writes anything
     lock = _lock_run_folder(folder, accelerator)
     try:
-        return _train_in_locked_folder(recipe, folder, accelerator, resume, progress)
+        return _train_in_locked_folder(recipe, folder, accelerator, resume, progress, sharded)
     finally:
         if lock is not None:
             lock.release()
@@ -94,6 +104,7 @@ class _Run:
     accelerator: Any
     resume: bool
     progress: bool
+    sharded: bool = False  # FSDP: the frozen Stage C is sharded across the processes (trainers/sharding.py)
     is_main: bool = False
     checkpoints: Any = None
     latest: Path | None = None
@@ -128,9 +139,10 @@ class _Run:
         return _method_fn(self.method, "training_loss") or diffusion_training_loss
 
 
-def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool, progress: bool) -> RunResult:
+def _train_in_locked_folder(recipe, folder: RunFolder, accelerator, resume: bool, progress: bool,
+                            sharded: bool = False) -> RunResult:
     """The phases after the run folder is locked (``train``), one function each, in order."""
-    run = _Run(recipe, folder, accelerator, resume, progress, is_main=accelerator.is_main_process)
+    run = _Run(recipe, folder, accelerator, resume, progress, sharded=sharded, is_main=accelerator.is_main_process)
     _open_record(run)  # 3. checkpoints and resume checks (nothing written yet), events, MLflow
     status = "FAILED"
     try:
@@ -248,7 +260,7 @@ def _build_adapter(run: _Run) -> None:
     if stage_c.checkpointing != "none" and run.is_main:
         print(f"[cascade-studio] train.checkpointing: {stage_c.checkpointing} (activations recomputed in the "
               "backward pass)", flush=True)
-    if compiles_blocks(recipe.train.compile, run.accelerator.device):
+    if compiles_blocks(recipe.train.compile, run.accelerator.device) and not run.sharded:
         count = stage_c.compile_blocks()
         if run.is_main:
             print(f"[cascade-studio] train.compile: {count} Stage C blocks compiled on first use (the first steps "
@@ -271,12 +283,22 @@ def _build_optimizer(run: _Run) -> None:
     from .trainers.optim import build_optimizer, build_scheduler
 
     recipe, accelerator = run.recipe, run.accelerator
+    if run.sharded:
+        _shard(run)
     optimizer = build_optimizer(run.model.trainable_parameters(), recipe.optimizer)
     run.scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_steps)
-    run.model, run.optimizer = accelerator.prepare(run.model, optimizer)
+    from accelerate.utils import DistributedType
+
+    if run.sharded or accelerator.distributed_type == DistributedType.FSDP:
+        # not accelerator.prepare (its FSDP plugin would shard the adapter too): see trainers/sharding.py; an FSDP
+        # launch of one process shards nothing and trains as one process
+        run.optimizer = optimizer
+    else:
+        run.model, run.optimizer = accelerator.prepare(run.model, optimizer)
     run.unwrapped = accelerator.unwrap_model(run.model)
     run.sampler = InfiniteSampler(len(run.data[0]), recipe.train.batch_size, recipe.train.seed,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    _record_batch_plan(run)
     if run.latest is None:
         return
     run.run_state = restore_checkpoint(run.checkpoints, run.latest, run.optimizer, run.scheduler, run.sampler,
@@ -294,6 +316,47 @@ def _build_optimizer(run: _Run) -> None:
     run.start_step = run.run_state.step
     if run.is_main:
         print(f"[cascade-studio] resumed from {run.latest} at step {run.start_step}", flush=True)
+
+
+def _shard(run: _Run) -> None:
+    """FSDP: shard the frozen Stage C across the processes and say what each now holds."""
+    from .devices import compiles_blocks
+    from .trainers.sharding import shard_frozen_base, sharded_bytes
+
+    compiles = compiles_blocks(run.recipe.train.compile, run.accelerator.device)  # skipped by _build_adapter
+    shard_frozen_base(run.model, run.accelerator.device)
+    held, whole = sharded_bytes(run.model)
+    if run.is_main:
+        print(f"[cascade-studio] FSDP: the frozen Stage C is sharded over {run.accelerator.num_processes} processes "
+              f"(this one holds {held / 2**20:.2f} of its {whole / 2**20:.2f} MiB); the adapter is whole on every "
+              "process; previews are off (the main process alone cannot run a sharded model)"
+              + ("; train.compile is off (compiled blocks are not sharded)" if compiles else ""), flush=True)
+
+
+def _record_batch_plan(run: _Run) -> None:
+    """Say at start what a step and the schedule mean at this world size (main process): printed, in the run's
+    events, and as MLflow parameters of a new run (a resume adds an event; MLflow parameters cannot change)."""
+    from .trainers.loop import BatchPlan
+
+    recipe = run.recipe
+    plan = BatchPlan(per_device_batch=recipe.train.batch_size, processes=run.accelerator.num_processes,
+                     grad_accum=recipe.train.grad_accum, max_steps=recipe.train.max_steps, seed=recipe.train.seed,
+                     train_samples=len(run.data[0]))
+    if not run.is_main:
+        return
+    print(f"[cascade-studio] {plan.describe()}", flush=True)
+    earlier = [e for e in run.folder.events() if e.get("event") == "batch_plan"] if run.latest is not None else []
+    run.events.emit("batch_plan", **plan.params())
+    if run.latest is None:
+        run.tracker.log_params(plan.params())
+    elif earlier and earlier[-1].get("global_batch") != plan.global_batch:
+        # A resume on another number of processes: allowed, but the rest of the run is not the uninterrupted one.
+        was = earlier[-1]
+        print(f"[cascade-studio] note: resumed with a global batch of {plan.global_batch} ({plan.processes} "
+              f"process(es)); the run had {was.get('global_batch')} ({was.get('processes')} process(es)) before: "
+              "the steps from here take more or fewer samples than the uninterrupted run's", flush=True)
+        run.tracker.set_tags({f"resume.step{run.run_state.step}.global_batch":
+                              f"{was.get('global_batch')} -> {plan.global_batch}"})
 
 
 def _save_adapter_tensors(adapter, path: Path) -> None:
@@ -352,12 +415,13 @@ def _train_loop(run: _Run):
 
     recipe, result, is_main = run.recipe, run.result, run.is_main
     train_set, holdout_set, extras, preview_embeddings = run.data
-    if run.start_step == 0 and is_main:
+    measures = is_main or run.sharded  # a sharded model's forward needs every process (only the main one logs)
+    if run.start_step == 0 and measures:
         result.heldout_before = _log_heldout(run, 0)
     elif is_main:
         result.heldout_before = _logged_holdout_before(run.folder.path)
     preview = None
-    if recipe.preview.every and is_main:
+    if recipe.preview.every and is_main and not run.sharded:
         from .trainers.previews import make_preview_fn
 
         source = holdout_set if holdout_set is not None and len(holdout_set) else train_set
@@ -373,21 +437,31 @@ def _train_loop(run: _Run):
                     events=run.events, checkpoints=run.checkpoints, run_state=run.run_state,
                     method_inputs=run.method_inputs, method_cfg=run.method_cfg, extras=extras, loss_step=run.loss_step,
                     save_adapter=functools.partial(_save_adapter_tensors, run.adapter), preview=preview,
-                    evaluate=functools.partial(_log_heldout, run) if is_main and recipe.train.eval_every else None,
-                    start_step=run.start_step, progress=run.progress)
+                    evaluate=functools.partial(_log_heldout, run) if measures and recipe.train.eval_every else None,
+                    start_step=run.start_step, progress=run.progress,
+                    reduce_gradients=_sharded_gradient_mean() if run.sharded else None)
     result.step = loop.step
     result.final_loss = loop.losses[-1] if loop.losses else None
     return loop
+
+
+def _sharded_gradient_mean():
+    from .trainers.sharding import average_gradients
+
+    return average_gradients
 
 
 def _finish(run: _Run, loop) -> None:
     """On the main process, once every process is done: refuse a non-finite adapter, log the held-out loss after
     training, export the recipe's formats."""
     run.accelerator.wait_for_everyone()
+    if run.sharded:  # every process runs the sharded model's forward; the main one logs
+        run.result.heldout_after = _log_heldout(run, loop.step)
     if not run.is_main:
         return
     _refuse_nonfinite(run.unwrapped)
-    run.result.heldout_after = _log_heldout(run, loop.step)
+    if not run.sharded:
+        run.result.heldout_after = _log_heldout(run, loop.step)
     run.result.exports = _export(run.recipe, run.method, run.adapter, run.context, run.folder, run.tracker)
     run.events.emit("exported", paths=[str(p) for p in run.result.exports])
 
@@ -539,12 +613,21 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
                         data_path=str(Path(recipe.data.path).resolve()) if recipe.data.path else None,
                         cache_dir=str(cache_dir))
         return build_cache(records_subset, encoders, cache_dir, preprocessing=preprocessing,
-                           progress=progress and accelerator.is_main_process)
+                           progress=progress and accelerator.is_main_process, share=share,
+                           barrier=accelerator.wait_for_everyone if share[1] > 1 else None)
 
-    # The main process encodes; the others then find every entry cached and run no encoder.
-    with accelerator.main_process_first():
+    if recipe.cache.mode == "sharded":
+        # Every process encodes its share of what is missing, in parallel, into the one cache.
+        share = (accelerator.process_index, accelerator.num_processes)
         train_set = build(train_records)
         holdout_set = build(holdout_records) if holdout_records else None
+    else:
+        # The main process encodes; the others then find every entry cached and run no encoder.
+        share = (0, 1)
+        with accelerator.main_process_first():
+            train_set = build(train_records)
+            holdout_set = build(holdout_records) if holdout_records else None
+    _report_encoded(accelerator, [train_set, holdout_set], cache_dir, recipe.cache.mode)
     preview_embeddings = None
     if recipe.preview.every and accelerator.is_main_process:
         from .trainers.previews import preview_text
@@ -554,6 +637,21 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
     null = train_set.null_features()
     extras = {f"null_{k}": v for k, v in null.items()}
     return train_set, holdout_set, extras, len(scan.skipped), preview_embeddings
+
+
+def _report_encoded(accelerator, datasets, cache_dir: Path, mode: str) -> None:
+    """The main process says how many cache entries each process encoded (0 everywhere: all reused)."""
+    encoded = sum(d.encoded for d in datasets if d is not None)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        counts = gather_object([encoded])
+    else:
+        counts = [encoded]
+    if accelerator.is_main_process:
+        each = " + ".join(str(c) for c in counts)
+        print(f"[cascade-studio] cache ({mode}) {cache_dir}: {sum(counts)} entries encoded"
+              f"{f' ({each} by process)' if len(counts) > 1 else ''}", flush=True)
 
 
 def _holdout_batches(holdout_set, extras, batch_size: int) -> list[dict]:
@@ -639,9 +737,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .trainers.checkpoints import CheckpointError
     from .trainers.loop import NonFiniteLossError
     from .trainers.quantize import QuantizationUnsupportedError
+    from .trainers.sharding import ShardingUnsupportedError
 
     return (AdapterMismatchError, CacheError, DataSourceError, TrackingError, DiskFullError, CheckpointError,
-            NonFiniteLossError, WeightsError, QuantizationUnsupportedError, RunFolderBusy)
+            NonFiniteLossError, WeightsError, QuantizationUnsupportedError, ShardingUnsupportedError, RunFolderBusy)
 
 
 def _user_message(exc: BaseException) -> str | None:

@@ -345,3 +345,51 @@ def test_two_processes_building_the_same_cache(tmp_path: Path) -> None:
     assert not list((cache_dir / "shards").glob(".*.tmp"))
     for index in range(6):
         assert torch.equal(cached[index]["text"], caption_vector(f"caption {index}").to(torch.bfloat16))
+
+
+def test_sharded_build_by_two_ranks_equals_one_build_and_is_reused(tmp_path: Path) -> None:
+    """cache.mode: sharded, with two threads standing in for two ranks (the 2-process run is in test_scale_out)."""
+    import threading
+
+    from cascade_studio.data import read_cache
+
+    records = scan_source(DataConfig(path=str(make_folder(tmp_path / "data", count=7,
+                                                          sizes=[(64, 64)] * 4 + [(64, 128)] * 3)))).records
+    build_cache(records, [ToyImageEncoder(), ToyTextEncoder()], tmp_path / "one", PRE, batch_size=2,
+                progress=False, shard_size=3)
+
+    def build_as_ranks(cache_dir: Path) -> list[int]:
+        barrier, counts, errors = threading.Barrier(2), [0, 0], []
+
+        def rank(r: int) -> None:
+            try:
+                dataset = build_cache(records, [ToyImageEncoder(), ToyTextEncoder()], cache_dir, PRE, batch_size=2,
+                                      progress=False, shard_size=3, share=(r, 2), barrier=barrier.wait)
+                counts[r] = dataset.encoded
+                assert len(dataset) == 7 and dataset[6]["key"] == records[6].key  # every rank reads every entry
+            except BaseException as exc:  # noqa: BLE001 - reported by the test thread below
+                errors.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not errors and not any(t.is_alive() for t in threads), errors
+        return counts
+
+    sharded = tmp_path / "two"
+    (sharded / "shards").mkdir(parents=True)
+    (sharded / "shards" / "shard-orphan.safetensors").write_bytes(b"debris of a crashed writer")
+    counts = build_as_ranks(sharded)
+    # 4 batches of the one-process plan (2+2 of 64x64, 2+1 of 64x128): 2 each, the empty caption on rank 0
+    assert counts == [2 + 2 + 1, 2 + 1]
+    assert not (sharded / "shards" / "shard-orphan.safetensors").exists()
+    one, two = read_cache(tmp_path / "one"), read_cache(sharded)
+    assert one.keys() == two.keys() and len(one) == 8
+    for key, features in one.items():
+        assert features.keys() == two[key].keys()
+        assert all(torch.equal(tensor, two[key][name]) for name, tensor in features.items()), key
+    before = snapshot(sharded)
+    assert build_as_ranks(sharded) == [0, 0] and snapshot(sharded) == before  # a second run encodes nothing

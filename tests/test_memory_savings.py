@@ -183,7 +183,7 @@ def test_encoders_are_freed_after_the_cache_phase(tmp_path, monkeypatch):
     models = BaseModels(recipe.model)
     refs = {name: weakref.ref(getter()) for name, getter in
             (("text_encoder", models.text_encoder), ("effnet", models.effnet))}
-    accelerator = SimpleNamespace(is_main_process=True, main_process_first=lambda: _nullcontext())
+    accelerator = SimpleNamespace(is_main_process=True, main_process_first=lambda: _nullcontext(), num_processes=1)
     context = AdapterContext(preset="tiny", stage_c_config=dict(models.preset.stage_c))
     train_set, holdout, extras, skipped, preview = run._prepare_data(
         recipe, models, get_method("lora"), recipe.adapter.lora, context, accelerator, tmp_path / "run", False)

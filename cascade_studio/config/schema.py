@@ -140,6 +140,10 @@ class CacheConfig:
 
     enabled: bool = setting(True, "Encode each image and caption once and reuse the result every epoch.")
     dir: Optional[str] = setting(None, "Cache folder; null = <workspace>/cache.", path=True)
+    mode: str = setting("full", "How a run fills the cache: full = the main process encodes what is missing "
+                        "while the others wait; sharded = every process encodes its share in parallel into the "
+                        "same cache (on storage all processes share: the same path on every machine).",
+                        choices=("full", "sharded"))
 
 
 @dataclass(frozen=True)

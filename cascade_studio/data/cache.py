@@ -21,6 +21,7 @@ every epoch sees different pixels, so the caller must not use the cache and enco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import os
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -258,9 +259,10 @@ def _remove_leftovers(cache_dir: Path) -> None:
 class _ShardWriter:
     """Collects encoded entries and commits them `shard_size` at a time (shard first, then its index)."""
 
-    def __init__(self, cache_dir: Path, shard_size: int) -> None:
+    def __init__(self, cache_dir: Path, shard_size: int, commit_lock: "_Locked | None" = None) -> None:
         self.directory = _shard_dir(cache_dir)
         self.shard_size = shard_size
+        self.commit_lock = commit_lock  # sharded builds: each commit under the cache's lock, not the whole build
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
         self.written: dict[str, _Location] = {}
 
@@ -280,8 +282,9 @@ class _ShardWriter:
         }
         shard_id = hashlib.sha256("\n".join(sorted(self.pending)).encode()).hexdigest()[:24]
         shard = self.directory / f"shard-{shard_id}.safetensors"
-        _atomic_write(shard, safetensors_bytes(tensors, metadata={"format": str(CACHE_FORMAT)}))
-        _atomic_write(shard.with_suffix(".json"), json.dumps(index, indent=0).encode())  # the commit point
+        with self.commit_lock if self.commit_lock is not None else contextlib.nullcontext():
+            _atomic_write(shard, safetensors_bytes(tensors, metadata={"format": str(CACHE_FORMAT)}))
+            _atomic_write(shard.with_suffix(".json"), json.dumps(index, indent=0).encode())  # the commit point
         self.written.update(_locations_of(index, shard))
         self.pending = {}
 
@@ -364,16 +367,32 @@ def build_cache(
     batch_size: int = 8,
     progress: bool = True,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    share: tuple[int, int] = (0, 1),
+    barrier: Callable[[], None] | None = None,
 ) -> "CachedDataset":
     """Encode what is not cached yet and return a dataset reading every record's features from the cache.
 
-    Holds the cache folder's file lock for the whole build, so a second process building the same cache waits
-    and then finds everything done (it calls no encoder). Raises `CacheError` for random crops (not cacheable:
-    encode on the fly instead) and for encoders that break the `FeatureEncoder` contract.
+    One process (``share=(0, 1)``) holds the cache folder's file lock for the whole build, so a second process
+    building the same cache waits and then finds everything done (it calls no encoder).
+
+    Sharded (``share=(rank, processes)``, every process of a run calls it with the same records and its
+    ``barrier``): rank 0 clears crashed writers' debris and checks the existing shards under the lock; then every
+    rank encodes its share of the missing entries (every ``processes``-th encoder batch of the single-process
+    plan, so each batch and its features are the ones one process would make) and commits its own shards, each
+    shard and its index under the lock; after the last barrier every rank reads all of them. Shard names hash
+    their entries, so ranks never write the same file.
+
+    Raises `CacheError` for random crops (not cacheable: encode on the fly instead) and for encoders that break
+    the `FeatureEncoder` contract. ``CachedDataset.encoded`` says how many entries this call encoded.
     """
     if preprocessing.get("crop", "center") != "center":
         raise CacheError("preprocessing crop must be 'center' to cache: random crops differ every epoch, so "
                          "disable the cache (encode on the fly) when training with random crops")
+    rank, processes = share
+    if not 0 <= rank < processes:
+        raise ValueError(f"share {share}: the rank must be in 0..processes-1")
+    if processes > 1 and barrier is None:
+        raise ValueError("a sharded build needs the processes' barrier")
     _validate_encoders(encoders)
     cache_path = Path(cache_dir)
     _shard_dir(cache_path).mkdir(parents=True, exist_ok=True)
@@ -383,36 +402,59 @@ def build_cache(
     keys = [entry_key(r.content_hash, r.caption, identities, preprocessing) for r in records]
     sizes = [target_size(r.width, r.height, preprocessing) if needs_size else None for r in records]
     null_key = _null_key([e.identity for e in caption_encoders]) if caption_encoders else None
+    wanted = set(keys) | ({null_key} if null_key else set())
 
-    with _Locked(cache_path):
-        _remove_leftovers(cache_path)
-        wanted = set(keys) | ({null_key} if null_key else set())
-        locations = _load_locations(cache_path, wanted, verify=True)
-        writer = _ShardWriter(cache_path, shard_size)
-        if null_key and null_key not in locations:
+    def encode_missing(locations: dict[str, _Location], writer: _ShardWriter) -> int:
+        encoded = 0
+        if null_key and null_key not in locations and rank == 0:
             null_features = [_encode(e, [_NULL_CAPTION], 1) for e in caption_encoders]
             writer.add(null_key, _split_batch(null_features, 1)[0])
+            encoded += 1
         first_of_key: dict[str, int] = {}
         for index, key in enumerate(keys):
             if key not in locations:
                 first_of_key.setdefault(key, index)  # identical samples are encoded once
         # Same-size samples together, so every encoder call gets images it can stack.
         pending = sorted(first_of_key.values(), key=lambda i: (sizes[i] or (0, 0), i))
-        with tqdm(total=len(pending), desc="encoding cache", unit="img", disable=not progress) as bar:
-            groups: dict[Any, list[int]] = {}
-            for index in pending:
-                groups.setdefault(sizes[index], []).append(index)
-            for size, members in groups.items():
-                for chunk in _batches(members, batch_size):
-                    chunk_records = [records[i] for i in chunk]
-                    outputs = [_encode(e, _inputs_for(e.inputs, chunk_records, size), len(chunk)) for e in encoders]
-                    for index, features in zip(chunk, _split_batch(outputs, len(chunk))):
-                        writer.add(keys[index], features)
-                    bar.update(len(chunk))
+        groups: dict[Any, list[int]] = {}
+        for index in pending:
+            groups.setdefault(sizes[index], []).append(index)
+        plan = [(size, chunk) for size, members in groups.items() for chunk in _batches(members, batch_size)]
+        mine = plan[rank::processes]
+        with tqdm(total=sum(len(c) for _, c in mine), desc="encoding cache", unit="img", disable=not progress) as bar:
+            for size, chunk in mine:
+                chunk_records = [records[i] for i in chunk]
+                outputs = [_encode(e, _inputs_for(e.inputs, chunk_records, size), len(chunk)) for e in encoders]
+                for index, features in zip(chunk, _split_batch(outputs, len(chunk))):
+                    writer.add(keys[index], features)
+                encoded += len(chunk)
+                bar.update(len(chunk))
         writer.flush()
-        locations.update(writer.written)
+        return encoded
 
-    return CachedDataset(
+    if processes == 1:
+        with _Locked(cache_path):
+            _remove_leftovers(cache_path)
+            locations = _load_locations(cache_path, wanted, verify=True)
+            writer = _ShardWriter(cache_path, shard_size)
+            encoded = encode_missing(locations, writer)
+            locations.update(writer.written)
+    else:
+        if rank == 0:
+            with _Locked(cache_path):  # no other rank writes before the barrier: debris is really debris
+                _remove_leftovers(cache_path)
+                _load_locations(cache_path, wanted, verify=True)  # drops shards that fail their checksums
+        barrier()
+        writer = _ShardWriter(cache_path, shard_size, commit_lock=_Locked(cache_path))
+        encoded = encode_missing(_load_locations(cache_path, wanted, verify=False), writer)
+        barrier()
+        locations = _load_locations(cache_path, wanted, verify=False)  # every rank's shards (reads checksum)
+        missing = wanted - locations.keys()
+        if missing:
+            raise CacheError(f"{len(missing)} cache entries are missing after every process encoded its share; "
+                             f"is {cache_path} on storage every process shares (same path on every machine)?")
+
+    dataset = CachedDataset(
         keys=keys,
         record_keys=[r.key for r in records],
         captions=[r.caption for r in records],
@@ -420,6 +462,22 @@ def build_cache(
         locations={k: locations[k] for k in wanted},
         null_key=null_key,
     )
+    dataset.encoded = encoded
+    return dataset
+
+
+def read_cache(cache_dir: str | os.PathLike[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every entry of a cache with its features, checksummed (for checks and tools; small caches only)."""
+    entries = {}
+    for key, location in _load_locations(Path(cache_dir), wanted=None, verify=False).items():
+        with safe_open(str(location.shard), framework="pt") as handle:
+            features = {}
+            for feature, (name, digest) in location.features.items():
+                features[feature] = handle.get_tensor(name)
+                if tensor_sha256(features[feature]) != digest:
+                    raise CacheError(f"cache shard {location.shard} is corrupt (checksum mismatch for {name})")
+        entries[key] = features
+    return entries
 
 
 def cache_status(
@@ -469,6 +527,7 @@ class CachedDataset(Dataset):
         self._null_key = null_key
         self._handles: OrderedDict[Path, Any] = OrderedDict()  # open shards of this process, most recent last
         self._handles_pid = os.getpid()
+        self.encoded = 0  # entries the build that made this dataset encoded (0: all read from the cache)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -75,6 +75,49 @@ class LoopResult:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """What one optimizer step consumes and what the whole schedule does, the same at every world size.
+
+    ``train.batch_size`` is per device (per process); a step takes ``grad_accum`` micro-batches on each of the
+    ``processes``, so the global batch is their product and the schedule (``train.max_steps`` optimizer steps,
+    the learning-rate schedule in steps) covers ``max_steps x global batch`` samples. The sampler draws the same
+    per-epoch permutation (of ``seed``) at every world size and splits each global batch across the processes in
+    rank order, so the data order is a function of (seed, world size) only.
+    """
+
+    per_device_batch: int
+    processes: int
+    grad_accum: int
+    max_steps: int
+    seed: int
+    train_samples: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device_batch * self.processes * self.grad_accum
+
+    @property
+    def samples(self) -> int:
+        return self.max_steps * self.global_batch
+
+    @property
+    def data_order(self) -> str:
+        return f"seed={self.seed}/world_size={self.processes}"
+
+    def describe(self) -> str:
+        epochs = self.samples / max(1, self.train_samples)
+        return (f"global batch {self.global_batch} = {self.per_device_batch} per device x {self.processes} "
+                f"process(es) x {self.grad_accum} accumulation; schedule {self.max_steps} optimizer steps = "
+                f"{self.samples:,} samples ({epochs:.1f} epochs of {self.train_samples:,}); data order "
+                f"{self.data_order}")
+
+    def params(self) -> dict[str, Any]:
+        """What MLflow and the run's events record."""
+        return {"global_batch": self.global_batch, "processes": self.processes,
+                "schedule_steps": self.max_steps, "schedule_samples": self.samples, "data_order": self.data_order}
+
+
 class InfiniteSampler:
     """Deterministic epoch permutations with a resumable position (the data order survives a restart)."""
 
@@ -162,14 +205,15 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
              loss_step: LossStep,
              save_adapter: Callable[[Path], None], preview: Callable[[int], None] | None = None,
              evaluate: Callable[[int], None] | None = None, start_step: int = 0,
-             progress: bool = True) -> LoopResult:
+             progress: bool = True, reduce_gradients: Callable[[list], None] | None = None) -> LoopResult:
     """Train from ``start_step`` to ``settings.max_steps``.
 
     Per optimizer step: ``grad_accum`` micro-batches (gradients all-reduced on the last one only, under
     ``accelerator.no_sync`` before it), each scored by ``loss_step`` (the diffusion loss or the method's own
     ``training_loss``), one host read (mean loss, gradient norm, whether every rank was finite), then the
     optimizer step or a skip. ``evaluate(step)`` (the held-out loss) runs every ``eval_every`` steps before the
-    last; the run measures the last step itself, after training.
+    last; the run measures the last step itself, after training. ``reduce_gradients(params)`` averages the
+    gradients across processes where DDP does not (FSDP's whole adapter, ``trainers/sharding.py``).
     """
     from tqdm.auto import tqdm
 
@@ -206,6 +250,8 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
                 accelerator.backward(loss / settings.grad_accum)
             loss_sum = loss_sum + loss.detach().float()
         mean_loss_t = loss_sum / settings.grad_accum
+        if reduce_gradients is not None:
+            reduce_gradients(params)
         grad_norm_t = _grad_norm(accelerator, params, settings.max_grad_norm)
         # every rank must agree, or DDP ranks would diverge
         bad = (~torch.isfinite(mean_loss_t) | ~torch.isfinite(grad_norm_t)).float().reshape(1)
@@ -378,5 +424,5 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-__all__ = ["run_loop", "LoopSettings", "LoopResult", "InfiniteSampler", "collate", "save_checkpoint",
+__all__ = ["run_loop", "LoopSettings", "BatchPlan", "LoopResult", "InfiniteSampler", "collate", "save_checkpoint",
            "restore_checkpoint", "NonFiniteLossError", "heldout_loss", "peak_memory_mb"]
