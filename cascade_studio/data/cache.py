@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 DEFAULT_SHARD_SIZE = 256
 ENCODER_INPUTS = ("image", "caption", "control_image")
-_NULL_CAPTION = ""
+NULL_CAPTION = ""
 
 
 @runtime_checkable
@@ -290,7 +290,7 @@ class _ShardWriter:
 # Building
 
 
-def _validate_encoders(encoders: Sequence[FeatureEncoder]) -> None:
+def validate_encoders(encoders: Sequence[FeatureEncoder]) -> None:
     names = [e.name for e in encoders]
     if len(set(names)) != len(names):
         raise CacheError(f"encoder names must be unique, got {names}")
@@ -299,7 +299,7 @@ def _validate_encoders(encoders: Sequence[FeatureEncoder]) -> None:
             raise CacheError(f"encoder {encoder.name!r} has inputs={encoder.inputs!r}; use one of {ENCODER_INPUTS}")
 
 
-def _encode(encoder: FeatureEncoder, batch: list, expected: int) -> dict[str, torch.Tensor]:
+def encode_checked(encoder: FeatureEncoder, batch: list, expected: int) -> dict[str, torch.Tensor]:
     with torch.inference_mode():
         features = encoder.encode(batch)
     for name, tensor in features.items():
@@ -322,13 +322,19 @@ def _inputs_for(kind: str, records: Sequence[Record], size: tuple[int, int] | No
     return batch
 
 
-def _split_batch(per_encoder: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
+def merge_features(per_encoder: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The features of several encoders as one dict (two encoders may not return the same name)."""
     merged: dict[str, torch.Tensor] = {}
     for features in per_encoder:
         clash = merged.keys() & features.keys()
         if clash:
             raise CacheError(f"two encoders return the feature(s) {sorted(clash)}; rename one")
         merged.update(features)
+    return merged
+
+
+def _split_batch(per_encoder: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
+    merged = merge_features(per_encoder)
     # clone(): each sample owns its storage (safetensors refuses tensors that share memory)
     return [{name: t[i].detach().cpu().contiguous().clone() for name, t in merged.items()} for i in range(count)]
 
@@ -374,7 +380,7 @@ def build_cache(
     if preprocessing.get("crop", "center") != "center":
         raise CacheError("preprocessing crop must be 'center' to cache: random crops differ every epoch, so "
                          "disable the cache (encode on the fly) when training with random crops")
-    _validate_encoders(encoders)
+    validate_encoders(encoders)
     cache_path = Path(cache_dir)
     _shard_dir(cache_path).mkdir(parents=True, exist_ok=True)
     identities = [e.identity for e in encoders]
@@ -390,7 +396,7 @@ def build_cache(
         locations = _load_locations(cache_path, wanted, verify=True)
         writer = _ShardWriter(cache_path, shard_size)
         if null_key and null_key not in locations:
-            null_features = [_encode(e, [_NULL_CAPTION], 1) for e in caption_encoders]
+            null_features = [encode_checked(e, [NULL_CAPTION], 1) for e in caption_encoders]
             writer.add(null_key, _split_batch(null_features, 1)[0])
         first_of_key: dict[str, int] = {}
         for index, key in enumerate(keys):
@@ -405,7 +411,7 @@ def build_cache(
             for size, members in groups.items():
                 for chunk in _batches(members, batch_size):
                     chunk_records = [records[i] for i in chunk]
-                    outputs = [_encode(e, _inputs_for(e.inputs, chunk_records, size), len(chunk)) for e in encoders]
+                    outputs = [encode_checked(e, _inputs_for(e.inputs, chunk_records, size), len(chunk)) for e in encoders]
                     for index, features in zip(chunk, _split_batch(outputs, len(chunk))):
                         writer.add(keys[index], features)
                     bar.update(len(chunk))
