@@ -183,3 +183,53 @@ def test_streaming_settings_that_cannot_work_are_refused_together():
     for path in ("data.source", "cache.mode", "data.holdout_fraction", "data.max_images"):
         assert path in said, said
     assert "set cache.mode: none" in said
+
+
+def test_a_hub_dataset_streams_by_its_own_shards(tmp_path):
+    """source hf_hub with data.streaming: ``datasets`` in streaming mode (here a local folder of 3 parquet files,
+    as a hub dataset is stored; offline), its files dealt to readers like tar shards, read in DataLoader workers."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from cascade_studio.data.streaming import HubShards
+    from stream_shards import sample_png
+
+    for part in range(3):
+        rows = [{"image": Image.open(io.BytesIO(sample_png(i)[0])), "text": sample_png(i)[1]}
+                for i in range(part * 4, part * 4 + 4)]
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / f"train-{part}.parquet"))
+    source = HubShards(str(tmp_path), "train", "image", None, None)
+    assert len(source) == 3
+    per_reader = epoch_keys(source, seed=1, readers=3, buffer=2)
+    assert sorted(sum(per_reader, [])) == sorted(f"{part}:{row}" for part in range(3) for row in range(4))
+    batches = loader(stream(source, workers=2, batch_size=2, buffer=2))
+    batch = next(batches)
+    assert batch["image"].shape == (2, 3, 32, 32) and all(c.endswith("square") for c in batch["caption"])
+    with pytest.raises(DataSourceError, match="no image column 'picture'"):
+        HubShards(str(tmp_path), "train", "picture", None, None).dataset()
+    with pytest.raises(DataSourceError, match="cannot stream hub dataset"):
+        HubShards(str(tmp_path / "nothing-here"), "train", "image", None, None).dataset()
+
+
+def test_validate_data_of_a_streaming_recipe_checks_the_first_shard_over_http(shards, tmp_path):
+    """``cascade-studio validate --data`` reads only the first shard of a stream (here over HTTP): shard count,
+    usable images, and an unreachable server as a clear error (exit 2)."""
+    import subprocess
+    import sys
+
+    from subprocess_env import child_env
+
+    repo = Path(__file__).resolve().parents[1]
+    cli = str(Path(sys.executable).with_name("cascade-studio"))
+    with LocalServer(shards[0].parent) as server:
+        args = [cli, "validate", str(repo / "recipes" / "tiny" / "lora.yaml"), "data.source=webdataset",
+                "data.streaming=true", "cache.mode=none", "data.holdout_fraction=0",
+                f"data.path={server.url}/shard-{{000..007}}.tar", "--data"]
+        ok = subprocess.run(args, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "8 shard(s); the first holds 6 usable images, 0 skipped" in ok.stdout
+    gone = subprocess.run(args, env=child_env(), capture_output=True, text=True, timeout=120)  # the server has stopped
+    assert gone.returncode == 2 and "cannot open shard" in gone.stderr and "check the URL" in gone.stderr

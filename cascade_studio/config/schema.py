@@ -110,7 +110,8 @@ class DataConfig:
                           "hf_disk (a saved Hugging Face dataset), hf_hub (a hub dataset name) or webdataset "
                           "(.tar shards).", choices=("folder", "hf_disk", "hf_hub", "webdataset"))
     path: Optional[str] = setting(None, "Image folder, saved dataset folder, or tar glob ({000..009} ranges "
-                                  "work). Relative paths resolve against the current directory.", path=True,
+                                  "work); with data.streaming also shard URLs (https://, s3://, hf://). Relative "
+                                  "paths resolve against the current directory.", path=True,
                                   example="datasets/tiny-shapes")
     name: Optional[str] = setting(None, "Hub dataset name (source hf_hub).", example="user/my-dataset")
     split: str = setting("train", "Dataset split to read (hf_disk, hf_hub).", example="train")

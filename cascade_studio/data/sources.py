@@ -644,6 +644,9 @@ def _webdataset_candidates(
     pattern: str, caption_column: str | None, control_column: str | None
 ) -> Iterator[_Candidate | SkippedFile]:
     shards = _expand_shards(pattern)
+    if not shards and "://" in pattern:
+        raise DataSourceError(f"{pattern!r} is a URL: shards at URLs are read as a stream; set data.streaming: true "
+                              "and cache.mode: none")
     if not shards:
         raise DataSourceError(f"no .tar shards match {pattern!r}; data.path takes a glob, a folder or a {{000..009}} range")
     caption_extension = (caption_column or "txt").lower()

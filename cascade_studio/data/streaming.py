@@ -218,6 +218,31 @@ def open_stream_source(data_cfg: Any, control_column: str | None) -> TarShards |
     raise DataSourceError(f"data.source {data_cfg.source!r} cannot be streamed; use webdataset or hf_hub")
 
 
+def probe_stream(data_cfg: Any, control_column: str | None, shown: int = 20) -> tuple[str, int]:
+    """``cascade-studio validate --data`` for a stream: the shard count and a check of the first shard's images
+    (reading the whole stream would defeat streaming). Returns the report and the first shard's usable images."""
+    from .images import open_image
+
+    source = open_stream_source(data_cfg, control_column)
+    usable, skipped = 0, []
+    for raw in source.samples(0):
+        if raw.problem == "control sidecar":
+            continue
+        try:
+            if raw.problem is not None:
+                raise ValueError(raw.problem)
+            open_image(raw.image, raw.where, max_pixels=data_cfg.max_pixels)  # type: ignore[arg-type]
+            usable += 1
+        except (BadImageError, ValueError) as exc:
+            skipped.append(f"    {raw.where}: {getattr(exc, 'reason', exc)}")
+    lines = [f"data: {data_cfg.path or data_cfg.name} (streamed: only the first shard is read here)",
+             f"  {len(source)} shard(s); the first holds {usable} usable images, {len(skipped)} skipped"]
+    if skipped:
+        lines += ["  skipped:", *skipped[:shown]] + ([f"    ... and {len(skipped) - shown} more"]
+                                                      if len(skipped) > shown else [])
+    return "\n".join(lines), usable
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Order
 
