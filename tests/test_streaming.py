@@ -233,3 +233,18 @@ def test_validate_data_of_a_streaming_recipe_checks_the_first_shard_over_http(sh
     assert "8 shard(s); the first holds 6 usable images, 0 skipped" in ok.stdout
     gone = subprocess.run(args, env=child_env(), capture_output=True, text=True, timeout=120)  # the server has stopped
     assert gone.returncode == 2 and "cannot open shard" in gone.stderr and "check the URL" in gone.stderr
+
+
+def test_resume_of_a_stream_with_other_workers_is_refused_before_anything_is_written():
+    from cascade_studio.config import RecipeError, load_recipe
+    from cascade_studio.config.resume import resume_changes
+
+    def recipe(workers: int, streaming: bool = True):
+        return load_recipe({"version": 1, "name": "s", "model": {"preset": "tiny"}, "adapter": {"method": "lora"},
+                            "data": {"source": "webdataset", "path": "https://h/s-{0..9}.tar", "streaming": streaming},
+                            "cache": {"mode": "none"}, "train": {"num_workers": workers}})
+
+    with pytest.raises(RecipeError, match=r"train.num_workers.*set it back to 2"):
+        resume_changes(recipe(2), recipe(4))
+    assert resume_changes(recipe(0), recipe(1)) == {"train.num_workers": (0, 1)}  # both one reader per process
+    assert resume_changes(recipe(2, False), recipe(4, False)) == {"train.num_workers": (2, 4)}  # not a stream
