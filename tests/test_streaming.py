@@ -134,6 +134,8 @@ def test_shards_over_http_read_the_same_as_local_files(shards):
 def test_bad_inputs_give_clear_errors(tmp_path, shards):
     with pytest.raises(DataSourceError, match="no .tar shards match"):
         shard_urls(str(tmp_path / "missing-{000..009}.tar"))
+    assert shard_urls("s3://bucket/s-{8..10}.tar") == ["s3://bucket/s-8.tar", "s3://bucket/s-9.tar",
+                                                        "s3://bucket/s-10.tar"]  # ranges need no listing
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -205,8 +207,10 @@ def test_a_hub_dataset_streams_by_its_own_shards(tmp_path):
     per_reader = epoch_keys(source, seed=1, readers=3, buffer=2)
     assert sorted(sum(per_reader, [])) == sorted(f"{part}:{row}" for part in range(3) for row in range(4))
     batches = loader(stream(source, workers=2, batch_size=2, buffer=2))
-    batch = next(batches)
-    assert batch["image"].shape == (2, 3, 32, 32) and all(c.endswith("square") for c in batch["caption"])
+    for worker in range(2):  # one batch from each DataLoader worker (each its own reader)
+        batch = next(batches)
+        assert batch["image"].shape == (2, 3, 32, 32) and all(c.endswith("square") for c in batch["caption"])
+        assert batch["stream_position"][0] == worker
     with pytest.raises(DataSourceError, match="no image column 'picture'"):
         HubShards(str(tmp_path), "train", "picture", None, None).dataset()
     with pytest.raises(DataSourceError, match="cannot stream hub dataset"):

@@ -79,8 +79,12 @@ def shard_urls(pattern: str) -> list[str]:
             if any(c in name for c in "*?[") and not name.startswith(("http://", "https://")):
                 import fsspec
 
-                fs, root = fsspec.core.url_to_fs(name)
-                shards += sorted(fs.unstrip_protocol(p) for p in fs.glob(root))
+                try:
+                    fs, root = fsspec.core.url_to_fs(name)
+                    shards += sorted(fs.unstrip_protocol(p) for p in fs.glob(root))
+                except ImportError as exc:  # s3:// needs s3fs, gs:// gcsfs: fsspec names the package
+                    raise DataSourceError(f"cannot list {name} ({exc}); install that package, or list the shards "
+                                          "with a {000..099} range") from exc
             else:
                 shards.append(name)
     if not shards:
@@ -195,7 +199,10 @@ class HubShards:
     def samples(self, index: int) -> Iterator[RawSample]:
         stream = self.dataset()
         part = stream.shard(num_shards=stream.num_shards, index=index)
-        for row_number, row in enumerate(part):
+        # .iter(), not iter(): inside a DataLoader worker ``datasets`` would split the shard among the workers
+        # again (worker 1 of 2 then reads nothing of a one-file shard); the readers already are that split.
+        for row_number, rows in enumerate(part.iter(batch_size=1)):
+            row = {column: values[0] for column, values in rows.items()}
             where = f"{self.name}[{self.split}] shard {index} row {row_number}"
             caption = _caption_text(row.get(self.caption_key)) if self.caption_key else ""
             try:
