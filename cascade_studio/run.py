@@ -567,7 +567,7 @@ def _prepare_uncached_data(recipe, models, method, method_cfg, context, accelera
 
     preprocessing = training_preprocessing(recipe.data)
     encode_batch = BatchEncoder(_feature_encoders(models, method, method_cfg, context))
-    with_control = any(e.inputs == "control" for e in encode_batch.encoders)
+    with_control = any(e.inputs == "control_image" for e in encode_batch.encoders)
     skipped, holdout_set = 0, None
     if recipe.data.streaming:
         source = open_stream_source(recipe.data, catalog.control_column(recipe))

@@ -9,7 +9,9 @@ import pytest
 from cascade_studio.trainers.events import read_events
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = str(REPO / "recipes" / "tiny" / "lora.yaml")
+# The ControlNet from pre-made control images: its hint encoder reads the control image, so every encoder input
+# kind (caption, image, control image) goes through both paths.
+RECIPE = str(REPO / "recipes" / "tiny" / "controlnet-image.yaml")
 
 
 def run(workspace: Path, mode: str):
@@ -24,7 +26,8 @@ def run(workspace: Path, mode: str):
 
 @pytest.mark.slow
 def test_encoding_on_the_fly_trains_what_the_cache_trains(tmp_path):
-    """Same images, captions, crops, empty-caption features (caption dropout 0.5 uses them) and held-out set:
+    """Same images, control images, captions, crops, empty-caption features (caption dropout 0.5 uses them) and
+    held-out set:
     the same losses and held-out losses. Tolerance 1e-5 relative: the cache encodes the images in batches of 8,
     the loop in batches of 4 (the same maths, other float summation order in the encoders)."""
     cached, cached_losses = run(tmp_path / "full", "full")

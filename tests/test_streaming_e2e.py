@@ -52,10 +52,7 @@ def steps(run_dir: Path) -> dict[int, dict]:
 
 
 def final(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    manager = CheckpointManager(run_dir / "checkpoints")
-    latest = manager.latest()
-    assert latest is not None and latest.name == f"step-{STEPS:08d}", latest
-    return load_file(str(latest / "adapter.safetensors")), manager.load_run_state(latest).sampler_state["stream"]
+    return final_at(run_dir, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +135,43 @@ def test_data_wait_is_under_five_percent_of_step_time_with_two_workers(runs):
     print(f"data wait: {share:.1%} of step time after the first step ({waited[0]:.2f} s of {seconds[0]:.2f} s "
           f"in the first)")
     assert 0 <= share < 0.05, [round(e["data_wait_share"], 3) for e in events]
+
+
+def test_a_controlnet_streams_its_premade_controls_over_http(tmp_path):
+    """The tiny ControlNet recipe with pre-made control images (``X.png`` + ``X_control.png``, the sidecar
+    form), written as 2 name-sorted tar shards and streamed over HTTP with 2 workers: the controls reach the
+    method's hint encoder in the training process, and the preview takes its control from the stream's first
+    sample (read in the main process before the workers start)."""
+    import tarfile
+
+    data = REPO / "datasets" / "tiny-shapes"
+    names = sorted(p.name for p in data.iterdir() if p.suffix in (".png", ".txt"))
+    stems = sorted({n.split(".")[0] for n in names if not n.split(".")[0].endswith("_control")})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard, part in enumerate((stems[:12], stems[12:])):
+        with tarfile.open(shards / f"cn-{shard}.tar", "w") as archive:
+            for name in names:
+                if name.split(".")[0].removesuffix("_control") in part:
+                    archive.add(data / name, arcname=name)
+    with LocalServer(shards) as server:
+        args = [CLI, "train", str(REPO / "recipes" / "tiny" / "controlnet-image.yaml"), f"workspace={tmp_path}",
+                "data.source=webdataset", f"data.path={server.url}/cn-{{0..1}}.tar", "data.streaming=true",
+                "cache.mode=none", "data.holdout_fraction=0", "data.resolution=64", "train.max_steps=2",
+                "preview.every=2", "preview.steps=2", "tracking.enabled=false", "train.num_workers=2",
+                "--no-progress"]
+        result = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "runs" / "tiny-controlnet-image"
+    events = read_events(run_dir)
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
+    assert any(e["event"] == "preview" for e in events), [e["event"] for e in events]
+    _, position = final_at(run_dir, 2)
+    assert position["skipped"] == 0  # every sample had its control image (none skipped for lacking one)
+
+
+def final_at(run_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict]:
+    manager = CheckpointManager(run_dir / "checkpoints")
+    latest = manager.latest()
+    assert latest is not None and latest.name == f"step-{step:08d}", latest
+    return load_file(str(latest / "adapter.safetensors")), manager.load_run_state(latest).sampler_state["stream"]

@@ -3,7 +3,8 @@
 With the encode-once cache the data-loader workers read finished features; without it they decode and
 preprocess images exactly as the cache would before encoding them (``training_crop`` to ``target_size``), and the
 training process encodes each batch (``trainers.features.BatchEncoder``). One sample is
-``{"key", "caption", "image": float [3, H, W] in [0, 1], "control": the same, when the method reads controls}``.
+``{"key", "caption", "image": float [3, H, W] in [0, 1], "control_image": the same, when the method reads
+controls}`` (named as ``FeatureEncoder.inputs`` name them).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def decoded_sample(key: str, caption: str, image: bytes, where: str, preprocessi
     if with_control:
         if control is None:
             raise ValueError("no control image for this sample (the method needs one)")
-        sample["control"] = pixels(control, control_where or where, preprocessing, max_pixels)
+        sample["control_image"] = pixels(control, control_where or where, preprocessing, max_pixels)
     return sample
 
 

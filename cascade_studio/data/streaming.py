@@ -101,13 +101,16 @@ class TarShards:
     """webdataset ``.tar`` shards read front to back through fsspec (local files and any URL fsspec opens).
 
     The members of a sample are adjacent in the tar (``<key>.png``, ``<key>.txt``, ``<key>.<control>.png``), as
-    webdataset writes them. Keys ending in a control suffix (``cat_control``) are control sidecars, never samples.
+    webdataset writes them. Keys ending in a control suffix (``cat_control``) are control sidecars, never samples;
+    the recipe's own suffix (``control_column: _control``) is the sample's control image when its members come
+    right after the sample's (as a name-sorted tar has them).
     """
 
     def __init__(self, urls: list[str], caption_column: str | None, control_column: str | None) -> None:
         self.urls = list(urls)
         self.caption_extension = (caption_column or "txt").lower()
         self.control_prefix = control_column.lstrip(".") + "." if control_column else None
+        self.control_suffix = control_column
         self.control_suffixes = _control_suffixes(control_column)
 
     def __len__(self) -> int:
@@ -127,31 +130,52 @@ class TarShards:
                 archive = tarfile.open(fileobj=handle, mode="r|")
             except tarfile.TarError as exc:
                 raise DataSourceError(f"{url} is not a tar ({exc}); webdataset shards are .tar files") from exc
-            key, members = None, {}
             try:
-                for member in archive:
-                    match = _KEY_AND_EXTENSION.match(member.name)
-                    if not member.isfile() or not match or member.name.rsplit("/", 1)[-1].startswith((".", "_")):
-                        continue
-                    if match.group(1) != key:
-                        if key is not None:
-                            yield self._sample(url, key, members)
-                        key, members = match.group(1), {}
-                    members[match.group(2).lower()] = archive.extractfile(member).read()  # type: ignore[union-attr]
+                yield from self._grouped(url, archive)
             except (tarfile.TarError, OSError, EOFError) as exc:
                 # A shard cut short: what came before is used, the rest is counted as one skipped entry.
                 yield RawSample(f"{url}::<rest>", url, "", None, problem=f"the shard is cut short ({exc})")
-                return
-            if key is not None:
-                yield self._sample(url, key, members)
+
+    def _grouped(self, url: str, archive: tarfile.TarFile) -> Iterator[RawSample]:
+        """The archive's samples: adjacent members with one key, a ``<key><control suffix>`` group right after a
+        sample joined to it as its control image."""
+        groups = self._groups(archive)
+        held = next(groups, None)
+        for group in groups:
+            key, members = group
+            if held is not None and self.control_suffix and key == held[0] + self.control_suffix:
+                image = next((members[x] for x in WEBDATASET_IMAGE_EXTENSIONS if x in members), None)
+                if image is not None:
+                    held[1]["\0control"] = image
+                    continue
+            if held is not None:
+                yield self._sample(url, *held)
+            held = group
+        if held is not None:
+            yield self._sample(url, *held)
+
+    @staticmethod
+    def _groups(archive: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+        key, members = None, {}
+        for member in archive:
+            match = _KEY_AND_EXTENSION.match(member.name)
+            if not member.isfile() or not match or member.name.rsplit("/", 1)[-1].startswith((".", "_")):
+                continue
+            if match.group(1) != key:
+                if key is not None:
+                    yield key, members
+                key, members = match.group(1), {}
+            members[match.group(2).lower()] = archive.extractfile(member).read()  # type: ignore[union-attr]
+        if key is not None:
+            yield key, members
 
     def _sample(self, url: str, key: str, members: Mapping[str, bytes]) -> RawSample:
         where = f"{url}::{key}"
         if any(key.endswith(suffix) for suffix in self.control_suffixes):
             return RawSample(key, where, "", None, problem="control sidecar")
         image = next((members[x] for x in WEBDATASET_IMAGE_EXTENSIONS if x in members), None)
-        control = None
-        if self.control_prefix:
+        control = members.get("\0control")
+        if self.control_prefix and control is None:
             control = next((members[self.control_prefix + x] for x in WEBDATASET_IMAGE_EXTENSIONS
                             if self.control_prefix + x in members), None)
         caption = members.get(self.caption_extension, b"").decode("utf-8", errors="replace").strip()
@@ -306,7 +330,7 @@ def reader_stream(source: Any, seed: int, slot: int, readers: int, buffer: int,
 class StreamingDataset(IterableDataset):
     """Endless decoded, preprocessed batches of one process's readers (one per DataLoader worker).
 
-    A batch is ``{"key": [...], "caption": [...], "image": [B, 3, H, W], ("control": ...),
+    A batch is ``{"key": [...], "caption": [...], "image": [B, 3, H, W], ("control_image": ...),
     "stream_position": [slot, epoch, next index], "stream_skipped": n}``; ``positions`` and ``rotation`` (from
     :class:`StreamPosition`) say where each reader starts.
     """
@@ -381,7 +405,7 @@ class StreamingDataset(IterableDataset):
 
 def collate_stream(samples: list[dict[str, Any]], position: list[int], skipped: int) -> dict[str, Any]:
     batch: dict[str, Any] = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples]}
-    for name in ("image", "control"):
+    for name in ("image", "control_image"):
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
     batch["stream_position"] = position

@@ -88,7 +88,7 @@ class BatchEncoder:
     on (in the training process, on the encoders' device), into the features a cached batch has.
 
     A decoded batch (``data.decoded``) holds ``key``, ``caption``, ``image`` [B, 3, H, W] and, for methods that read
-    controls, ``control``; each encoder gets the input its ``inputs`` names, exactly as ``build_cache`` gives it.
+    controls, ``control_image``; each encoder gets the input its ``inputs`` names, exactly as ``build_cache`` gives it.
     """
 
     def __init__(self, encoders: list[Any]) -> None:
@@ -102,7 +102,7 @@ class BatchEncoder:
 
         count = len(batch["caption"])
         inputs = {"caption": list(batch["caption"]), "image": list(batch["image"]),
-                  "control": list(batch["control"]) if "control" in batch else None}
+                  "control_image": list(batch["control_image"]) if "control_image" in batch else None}
         features = merge_features([encode_checked(e, inputs[e.inputs], count) for e in self.encoders])
         # clone() outside inference mode: the loss step's autograd may save these inputs for backward
         encoded = {name: tensor.clone() for name, tensor in features.items()}
