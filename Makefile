@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_lcm.py
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_growth.py
+	$(BIN)/python benchmarks/bench_stream.py
 
 bench-demo: install
 	$(BIN)/python benchmarks/bench_demo.py
