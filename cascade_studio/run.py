@@ -717,11 +717,20 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             NonFiniteLossError, WeightsError, QuantizationUnsupportedError, RunFolderBusy)
 
 
+def _worker_message(message: str, kind: str) -> str:
+    """A DataLoader worker's error as its own message: torch raises it again in the training process as
+    "Caught <kind> in DataLoader worker process N. Original Traceback ... <kind>: <message>"."""
+    if not message.startswith(f"Caught {kind} in DataLoader worker") or f"{kind}: " not in message:
+        return message
+    return message.rsplit(f"{kind}: ", 1)[1].strip()
+
+
 def _user_message(exc: BaseException) -> str | None:
     """The message to show for a failure the user can act on, or None for a bug (shown with its traceback)."""
     if isinstance(exc, _known_errors()):
         # OSError subclasses (DiskFullError) print as "[Errno 28] ...: 'path'"; the message alone reads better.
-        return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return _worker_message(message, type(exc).__name__)
     from .trainers.atomic import as_disk_full
 
     # Disk full outside a checkpoint (cache shards, exports): raw OSErrors and safetensors' "(os error 28)".

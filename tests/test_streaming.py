@@ -252,3 +252,31 @@ def test_resume_of_a_stream_with_other_workers_is_refused_before_anything_is_wri
         resume_changes(recipe(2), recipe(4))
     assert resume_changes(recipe(0), recipe(1)) == {"train.num_workers": (0, 1)}  # both one reader per process
     assert resume_changes(recipe(2, False), recipe(4, False)) == {"train.num_workers": (2, 4)}  # not a stream
+
+
+@pytest.mark.slow  # a training run in a child process: 12-20 s on 2 busy cores
+def test_a_shard_that_cannot_be_read_during_training_stops_the_run_with_its_url(shards, tmp_path):
+    """Shard 001 is missing on the server (404): the worker reading it fails, and the run stops with the
+    worker's own message (the URL and what to check), not a DataLoader traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    from subprocess_env import child_env
+
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(shards[0], served / "shard-000.tar")
+    repo = Path(__file__).resolve().parents[1]
+    cli = str(Path(sys.executable).with_name("cascade-studio"))
+    with LocalServer(served) as server:
+        result = subprocess.run(
+            [cli, "train", str(repo / "recipes" / "tiny" / "lora.yaml"), f"workspace={tmp_path / 'ws'}",
+             "data.source=webdataset", f"data.path={server.url}/shard-{{000..001}}.tar", "data.streaming=true",
+             "cache.mode=none", "data.holdout_fraction=0", "data.resolution=64", "preview.every=0",
+             "tracking.enabled=false", "train.max_steps=4", "train.num_workers=2", "--no-progress"],
+            env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and f"error: cannot open shard {server.url}/shard-001.tar" in error[0], result.stderr
+    assert "check the URL" in result.stderr and "Traceback" not in result.stderr

@@ -222,8 +222,9 @@ class TrainConfig:
                                        "skipped).", minimum=1, example=5)
     quantize_base: str = setting("none", "Quantize the frozen Stage C to save memory: none, int8 or nf4 "
                                  "(bitsandbytes).", choices=("none", "int8", "nf4"))
-    num_workers: int = setting(0, "Data loader worker processes that read cached batches ahead of the "
-                               "accelerator (0 = read in the main process; 2-4 on a GPU).", minimum=0, example=2)
+    num_workers: int = setting(0, "Data loader worker processes that read cached batches (with cache.mode: none, "
+                               "read, decode and crop images) ahead of the accelerator (0 = read in the main "
+                               "process; 2-4 on a GPU). A stream's order depends on it.", minimum=0, example=2)
     distributed_timeout_minutes: int = setting(120, "Multi-process runs: how long a process waits for the others "
                                                "(e.g. while the main process fills the cache) before giving up; "
                                                "raise it when the first run encodes a very large dataset.",
