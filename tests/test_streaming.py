@@ -218,8 +218,8 @@ def test_a_hub_dataset_streams_by_its_own_shards(tmp_path):
 
 
 def test_validate_data_of_a_streaming_recipe_checks_the_first_shard_over_http(shards, tmp_path):
-    """``cascade-studio validate --data`` reads only the first shard of a stream (here over HTTP): shard count,
-    usable images, and an unreachable server as a clear error (exit 2)."""
+    """``cascade-studio validate --data`` reads only the first shard of a stream (here over HTTP): shard count and
+    usable images (an unreachable shard is the error of test_bad_inputs_give_clear_errors)."""
     import subprocess
     import sys
 
@@ -235,8 +235,6 @@ def test_validate_data_of_a_streaming_recipe_checks_the_first_shard_over_http(sh
                             capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "8 shard(s); the first holds 6 usable images, 0 skipped" in ok.stdout
-    gone = subprocess.run(args, env=child_env(), capture_output=True, text=True, timeout=120)  # the server has stopped
-    assert gone.returncode == 2 and "cannot open shard" in gone.stderr and "check the URL" in gone.stderr
 
 
 def test_resume_of_a_stream_with_other_workers_is_refused_before_anything_is_written():
