@@ -149,22 +149,39 @@ def test_bad_inputs_give_clear_errors(tmp_path, shards):
         next(reader_stream(TarShards([str(p) for p in shards[:2]], None, None), 0, 0, 4, 5))
 
 
-def test_a_corrupt_member_is_skipped_and_counted(tmp_path):
+def _tar_with_a_bad_image(path: Path, bad: int, count: int = 4) -> Path:
     import io
     import tarfile
 
     from stream_shards import sample_png
 
-    path = tmp_path / "one.tar"
     with tarfile.open(path, "w") as archive:
-        for index in range(4):
-            data = b"\x89PNG broken" if index == 2 else sample_png(index)[0]
+        for index in range(count):
+            data = b"\x89PNG broken" if index == bad else sample_png(index)[0]
             for name, payload in ((f"{index:06d}.png", data), (f"{index:06d}.txt", b"a caption")):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 archive.addfile(info, io.BytesIO(payload))
-    batch = next(loader(stream(TarShards([str(path)], None, None), batch_size=3, buffer=1)))
+    return path
+
+
+def test_a_corrupt_member_is_skipped_and_counted(tmp_path):
+    import io
+    import tarfile
+
+    dataset = stream(TarShards([str(_tar_with_a_bad_image(tmp_path / "one.tar", bad=2))], None, None),
+                     batch_size=3, buffer=1)
+    batch = next(loader(dataset))
     assert batch["key"] == ["000000", "000001", "000003"] and batch["stream_skipped"] == 1
+    # Resumed right after the last good sample of an epoch whose rest is only a bad one: that is not an empty
+    # dataset; the next epoch follows.
+    dataset = stream(TarShards([str(_tar_with_a_bad_image(tmp_path / "two.tar", bad=3))], None, None),
+                     batch_size=3, buffer=1)
+    position = StreamPosition(processes=1, workers=1)
+    position.consumed(next(loader(dataset)))
+    assert position.positions == {0: (0, 3)}
+    batch = next(loader(dataset, position))
+    assert batch["key"] == ["000000", "000001", "000002"] and batch["stream_position"] == [0, 1, 3]
     bad = tmp_path / "bad.tar"
     with tarfile.open(bad, "w") as archive:
         info = tarfile.TarInfo("000000.png")

@@ -365,14 +365,14 @@ class StreamingDataset(IterableDataset):
         slot = self.rank * self.workers + (worker + self.rotation) % self.workers
         batch: list[dict[str, Any]] = []
         skipped = good_in_epoch = 0
-        current_epoch = None
-        for epoch, index, raw in reader_stream(self.source, self.seed, slot, self.readers, self.buffer,
-                                               self.positions.get(slot, (0, 0))):
+        start = self.positions.get(slot, (0, 0))
+        current_epoch, whole_epoch = start[0], start[1] == 0  # a resumed epoch's rest may hold only bad samples
+        for epoch, index, raw in reader_stream(self.source, self.seed, slot, self.readers, self.buffer, start):
             if epoch != current_epoch:
-                if current_epoch is not None and good_in_epoch == 0:
+                if whole_epoch and good_in_epoch == 0:
                     raise EmptyDatasetError(f"no usable image in the shards of reader {slot} (epoch {current_epoch}); "
                                             "check the data (cascade-studio validate <recipe> --data on local shards)")
-                current_epoch, good_in_epoch = epoch, 0
+                current_epoch, good_in_epoch, whole_epoch = epoch, 0, True
             try:
                 if raw.problem is not None:
                     raise ValueError(raw.problem)
