@@ -409,9 +409,23 @@ def _finish(run: _Run, loop) -> None:
     if not run.is_main:
         return
     _refuse_nonfinite(run.unwrapped)
+    if run.recipe.data.streaming:
+        _report_stream_skips(run, loop.step)
     run.result.heldout_after = _log_heldout(run, loop.step)
     run.result.exports = _export(run.recipe, run.method, run.adapter, run.context, run.folder, run.tracker)
     run.events.emit("exported", paths=[str(p) for p in run.result.exports])
+
+
+def _report_stream_skips(run: _Run, step: int) -> None:
+    """A stream's bad samples are found while training: their count over every process (the final checkpoint
+    gathered it) becomes the run's ``skipped_files``, as a scan's count does."""
+    latest = run.checkpoints.latest()
+    stream = run.checkpoints.load_run_state(latest).sampler_state.get("stream", {}) if latest else {}
+    run.result.skipped_files = int(stream.get("skipped", 0))
+    run.tracker.log_metrics({"skipped_files": run.result.skipped_files}, step=step)
+    if run.result.skipped_files:
+        print(f"[cascade-studio] {run.result.skipped_files} streamed sample(s) skipped as unusable (the first of "
+              "each reader are named in the log above)", flush=True)
 
 
 def _end_record(run: _Run, status: str) -> None:

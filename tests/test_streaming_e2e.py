@@ -140,8 +140,9 @@ def test_data_wait_is_under_five_percent_of_step_time_with_two_workers(runs):
 def test_a_controlnet_streams_its_premade_controls_over_http(tmp_path):
     """The tiny ControlNet recipe with pre-made control images (``X.png`` + ``X_control.png``, the sidecar
     form), written as 2 name-sorted tar shards and streamed over HTTP with 2 workers: the controls reach the
-    method's hint encoder in the training process, and the preview takes its control from the stream's first
-    sample (read in the main process before the workers start)."""
+    method's hint encoder in the training process, the preview takes its control from the stream's first usable
+    sample (read in the main process before the workers start), and a corrupt image at the head of each shard is
+    skipped, named and counted."""
     import tarfile
 
     data = REPO / "datasets" / "tiny-shapes"
@@ -149,8 +150,11 @@ def test_a_controlnet_streams_its_premade_controls_over_http(tmp_path):
     stems = sorted({n.split(".")[0] for n in names if not n.split(".")[0].endswith("_control")})
     shards = tmp_path / "shards"
     shards.mkdir()
+    broken = tmp_path / "000_broken.png"  # sorts first: each shard starts with a corrupt image
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     for shard, part in enumerate((stems[:12], stems[12:])):
         with tarfile.open(shards / f"cn-{shard}.tar", "w") as archive:
+            archive.add(broken, arcname=broken.name)
             for name in names:
                 if name.split(".")[0].removesuffix("_control") in part:
                     archive.add(data / name, arcname=name)
@@ -158,6 +162,7 @@ def test_a_controlnet_streams_its_premade_controls_over_http(tmp_path):
         args = [CLI, "train", str(REPO / "recipes" / "tiny" / "controlnet-image.yaml"), f"workspace={tmp_path}",
                 "data.source=webdataset", f"data.path={server.url}/cn-{{0..1}}.tar", "data.streaming=true",
                 "cache.mode=none", "data.holdout_fraction=0", "data.resolution=64", "train.max_steps=2",
+                "data.shuffle_buffer=1",  # shard order kept: each reader meets its corrupt image first
                 "preview.every=2", "preview.steps=2", "tracking.enabled=false", "train.num_workers=2",
                 "--no-progress"]
         result = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
@@ -167,7 +172,10 @@ def test_a_controlnet_streams_its_premade_controls_over_http(tmp_path):
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
     assert any(e["event"] == "preview" for e in events), [e["event"] for e in events]
     _, position = final_at(run_dir, 2)
-    assert position["skipped"] == 0  # every sample had its control image (none skipped for lacking one)
+    # the two corrupt images and nothing else: every real sample had its control image
+    assert position["skipped"] == 2 and position["positions"] == {"0": [0, 5], "1": [0, 5]}
+    assert "2 streamed sample(s) skipped as unusable" in result.stdout
+    assert "000_broken" in result.stderr  # named in the log, by the reader that met it
 
 
 def final_at(run_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict]:
