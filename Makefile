@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_growth.py
 	$(BIN)/python benchmarks/bench_plan.py
 	$(BIN)/python benchmarks/bench_launch.py
+	$(BIN)/python benchmarks/bench_stream.py
 
 bench-demo: install
 	$(BIN)/python benchmarks/bench_demo.py

@@ -136,7 +136,9 @@ def read_epoch(dataset, batch_size: int) -> float:
     start = time.perf_counter()
     for _ in range(-(-len(dataset) // batch_size)):
         next(stream)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    stream.close()
+    return seconds
 
 
 def data_wait_share(waits: list[float], computes: list[float]) -> float:
@@ -168,7 +170,7 @@ def data_growth(max_steps: int) -> list[dict]:
                     batch = next(stream)
                     waits.append(time.perf_counter() - start)
                     computes.append(train_step(batch, step))
-                del stream  # stops the workers
+                stream.close()  # stops the workers
                 per_step = statistics.median(w + c for w, c in zip(waits[1:], computes[1:]))
                 epoch_s = sum(waits) + sum(computes) if steps == epoch_steps else \
                     waits[0] + (epoch_steps - 1) * per_step

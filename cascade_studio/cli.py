@@ -101,6 +101,16 @@ def cmd_validate(args) -> int:
 
     control_column = catalog.control_column(recipe)  # as the run scans: pre-made control images if any
     where = str(recipe.data.path or recipe.data.name)
+    if recipe.data.streaming:
+        from .data.streaming import probe_stream
+
+        try:
+            report, usable = probe_stream(recipe.data, control_column)
+        except DataSourceError as exc:
+            print(f"data: {exc}", file=sys.stderr)
+            return 2
+        print(report)
+        return 0 if usable else 2
     try:
         scan = scan_source(recipe.data, control_column=control_column)
     except DataSourceError as exc:  # also "no usable image", with every reason

@@ -118,6 +118,7 @@ class _Run:
     models: Any = None
     context: Any = None
     data: Any = None  # (train_set, holdout_set, extras, preview_embeddings)
+    encode_batch: Any = None  # cache.mode none: the loaded encoders, encoding each batch (BatchEncoder)
     model: Any = None
     unwrapped: Any = None
     adapter: Any = None
@@ -232,13 +233,21 @@ def _prepare(run: _Run) -> None:
     run.context = AdapterContext(preset=recipe.model.preset, base_fingerprint="unknown",
                                  stage_c_config=stage_c_config, extra={"models": run.models})
     run.events.emit("phase", phase="data")
-    train_set, holdout_set, extras, skipped, preview_embeddings = _prepare_data(
-        recipe, run.models, run.method, run.method_cfg, run.context, run.accelerator, run.folder.path,
-        run.progress, events=run.events)
+    if recipe.cache.mode == "none":
+        train_set, holdout_set, extras, skipped, preview_embeddings, run.encode_batch = _prepare_uncached_data(
+            recipe, run.models, run.method, run.method_cfg, run.context, run.accelerator)
+    else:
+        train_set, holdout_set, extras, skipped, preview_embeddings = _prepare_data(
+            recipe, run.models, run.method, run.method_cfg, run.context, run.accelerator, run.folder.path,
+            run.progress, events=run.events)
     run.data = (train_set, holdout_set, extras, preview_embeddings)
     run.result.skipped_files = skipped
-    run.tracker.log_metrics({"skipped_files": skipped, "train_samples": len(train_set),
-                             "holdout_samples": len(holdout_set) if holdout_set is not None else 0}, step=0)
+    sizes = {"skipped_files": skipped, "holdout_samples": len(holdout_set) if holdout_set is not None else 0}
+    if recipe.data.streaming:
+        sizes["stream_shards"] = len(train_set.source)
+    else:
+        sizes["train_samples"] = len(train_set)
+    run.tracker.log_metrics(sizes, step=0)
 
 
 def _build_adapter(run: _Run) -> None:
@@ -296,8 +305,17 @@ def _build_optimizer(run: _Run) -> None:
     else:
         run.model, run.optimizer = accelerator.prepare(run.model, optimizer)
     run.unwrapped = accelerator.unwrap_model(run.model)
-    run.sampler = InfiniteSampler(len(run.data[0]), recipe.train.batch_size, recipe.train.seed,
-                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    if recipe.data.streaming:
+        from .data.streaming import StreamPosition
+
+        run.sampler = StreamPosition(accelerator.num_processes, recipe.train.num_workers)
+        if run.is_main:
+            print(f"[cascade-studio] streaming {len(run.data[0].source)} shard(s) through {run.data[0].readers} "
+                  f"reader(s) ({accelerator.num_processes} process(es) x {max(1, recipe.train.num_workers)}); the "
+                  f"data order follows train.seed={recipe.train.seed} and that layout", flush=True)
+    else:
+        run.sampler = InfiniteSampler(len(run.data[0]), recipe.train.batch_size, recipe.train.seed,
+                                      num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     _record_batch_plan(run)
     if run.latest is None:
         return
@@ -341,7 +359,8 @@ def _record_batch_plan(run: _Run) -> None:
     recipe = run.recipe
     plan = BatchPlan(per_device_batch=recipe.train.batch_size, processes=run.accelerator.num_processes,
                      grad_accum=recipe.train.grad_accum, max_steps=recipe.train.max_steps, seed=recipe.train.seed,
-                     train_samples=len(run.data[0]))
+                     train_samples=None if recipe.data.streaming else len(run.data[0]),
+                     workers=max(1, recipe.train.num_workers) if recipe.data.streaming else None)
     if not run.is_main:
         return
     print(f"[cascade-studio] {plan.describe()}", flush=True)
@@ -378,7 +397,7 @@ def _heldout(run: _Run) -> float | None:
 
     if run.holdout_batches is None:  # collated once, used before and after training
         _, holdout_set, extras, _ = run.data
-        run.holdout_batches = _holdout_batches(holdout_set, extras, run.recipe.train.batch_size)
+        run.holdout_batches = _holdout_batches(holdout_set, extras, run.recipe.train.batch_size, run.encode_batch)
     batches = run.holdout_batches
     if not batches:
         return None
@@ -411,7 +430,7 @@ def _log_heldout(run: _Run, step: int) -> float | None:
 def _train_loop(run: _Run):
     """The held-out loss before training, the preview function, then the loop (Stage C stays in eval mode: no
     dropout in the frozen base; adapters decide their own mode)."""
-    from .trainers.loop import LoopSettings, collate, run_loop
+    from .trainers.loop import LoopSettings, add_extras, collate, run_loop
 
     recipe, result, is_main = run.recipe, run.result, run.is_main
     train_set, holdout_set, extras, preview_embeddings = run.data
@@ -424,10 +443,13 @@ def _train_loop(run: _Run):
     if recipe.preview.every and is_main and not run.sharded:
         from .trainers.previews import make_preview_fn
 
-        source = holdout_set if holdout_set is not None and len(holdout_set) else train_set
+        reference = None
+        if run.method_inputs is not None:  # the adapter's own inputs (a control, an image prompt) for previews
+            source = holdout_set if holdout_set is not None and len(holdout_set) else train_set
+            sample = collate([source.first_sample() if recipe.data.streaming else source[0]])
+            reference = add_extras(run.encode_batch(sample) if run.encode_batch is not None else sample, extras)
         preview = make_preview_fn(recipe, run.models, run.unwrapped, run.adapter, run.tracker, run.events,
-                                  run.folder.path, preview_embeddings, collate([source[0]], extras),
-                                  run.method_inputs, run.method_cfg)
+                                  run.folder.path, preview_embeddings, reference, run.method_inputs, run.method_cfg)
     settings = LoopSettings.from_recipe(recipe, c_clip_img=run.models.c_clip_img())
     run.events.emit("phase", phase="train")
     run.model.train()
@@ -436,6 +458,7 @@ def _train_loop(run: _Run):
                     dataset=train_set, sampler=run.sampler, settings=settings, tracker=run.tracker,
                     events=run.events, checkpoints=run.checkpoints, run_state=run.run_state,
                     method_inputs=run.method_inputs, method_cfg=run.method_cfg, extras=extras, loss_step=run.loss_step,
+                    encode_batch=run.encode_batch,
                     save_adapter=functools.partial(_save_adapter_tensors, run.adapter), preview=preview,
                     evaluate=functools.partial(_log_heldout, run) if measures and recipe.train.eval_every else None,
                     start_step=run.start_step, progress=run.progress,
@@ -460,10 +483,24 @@ def _finish(run: _Run, loop) -> None:
     if not run.is_main:
         return
     _refuse_nonfinite(run.unwrapped)
+    if run.recipe.data.streaming:
+        _report_stream_skips(run, loop.step)
     if not run.sharded:
         run.result.heldout_after = _log_heldout(run, loop.step)
     run.result.exports = _export(run.recipe, run.method, run.adapter, run.context, run.folder, run.tracker)
     run.events.emit("exported", paths=[str(p) for p in run.result.exports])
+
+
+def _report_stream_skips(run: _Run, step: int) -> None:
+    """A stream's bad samples are found while training: their count over every process (the final checkpoint
+    gathered it) becomes the run's ``skipped_files``, as a scan's count does."""
+    latest = run.checkpoints.latest()
+    stream = run.checkpoints.load_run_state(latest).sampler_state.get("stream", {}) if latest else {}
+    run.result.skipped_files = int(stream.get("skipped", 0))
+    run.tracker.log_metrics({"skipped_files": run.result.skipped_files}, step=step)
+    if run.result.skipped_files:
+        print(f"[cascade-studio] {run.result.skipped_files} streamed sample(s) skipped as unusable (the first of "
+              "each reader are named in the log above)", flush=True)
 
 
 def _end_record(run: _Run, status: str) -> None:
@@ -579,11 +616,20 @@ def _refuse_nonfinite(model) -> None:
                                  "optimizer.lr and resume from an earlier checkpoint with --resume")
 
 
-def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool,
-                  events=None):
-    """Scan the source, split off the held-out set, fill the cache (main process first), free the encoders."""
-    from .data import build_cache, scan_source, training_preprocessing
+def _feature_encoders(models, method, method_cfg, context) -> list:
+    """The run's feature encoders: the base's latents and text, then the method's own (hook ``feature_encoders``)."""
     from .trainers.features import base_feature_encoders
+
+    encoders = base_feature_encoders(models)
+    extra_encoders = _method_fn(method, "feature_encoders")
+    if extra_encoders is not None:
+        encoders += extra_encoders(method_cfg, context, models)
+    return encoders
+
+
+def _scanned_records(recipe, accelerator):
+    """Scan the source (skips reported by the main process) and split off the held-out records."""
+    from .data import scan_source
 
     scan = scan_source(recipe.data, control_column=catalog.control_column(recipe))
     if accelerator.is_main_process:
@@ -597,16 +643,55 @@ def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_
     if recipe.data.max_images:
         records = records[: recipe.data.max_images]
     train_records, holdout_records = split_holdout(records, recipe.data.holdout_fraction)
+    return scan, train_records, holdout_records
+
+
+def _prepare_uncached_data(recipe, models, method, method_cfg, context, accelerator):
+    """``cache.mode: none``: decoded samples (scanned records, or a stream) and the encoders, kept loaded to
+    encode each batch in the training process. Returns what ``_prepare_data`` does and the ``BatchEncoder``."""
+    from .data import training_preprocessing
+    from .data.decoded import RecordImages
+    from .data.streaming import StreamingDataset, open_stream_source
+    from .trainers.features import BatchEncoder
+
+    preprocessing = training_preprocessing(recipe.data)
+    encode_batch = BatchEncoder(_feature_encoders(models, method, method_cfg, context))
+    with_control = any(e.inputs == "control_image" for e in encode_batch.encoders)
+    skipped, holdout_set = 0, None
+    if recipe.data.streaming:
+        source = open_stream_source(recipe.data, catalog.control_column(recipe))
+        train_set = StreamingDataset(source, preprocessing=preprocessing, max_pixels=recipe.data.max_pixels,
+                                     with_control=with_control, batch_size=recipe.train.batch_size,
+                                     seed=recipe.train.seed, buffer=recipe.data.shuffle_buffer,
+                                     rank=accelerator.process_index, processes=accelerator.num_processes,
+                                     workers=recipe.train.num_workers)
+    else:
+        scan, train_records, holdout_records = _scanned_records(recipe, accelerator)
+        skipped = len(scan.skipped)
+        train_set = RecordImages(train_records, preprocessing, with_control)
+        holdout_set = RecordImages(holdout_records, preprocessing, with_control) if holdout_records else None
+    extras = {f"null_{k}": v for k, v in encode_batch.null_features().items()}
+    preview_embeddings = None
+    if recipe.preview.every and accelerator.is_main_process:
+        from .trainers.previews import preview_text
+
+        preview_embeddings = preview_text(models.text_encoder(), list(recipe.preview.prompts))
+    return train_set, holdout_set, extras, skipped, preview_embeddings, encode_batch
+
+
+def _prepare_data(recipe, models, method, method_cfg, context, accelerator, run_dir: Path, progress: bool,
+                  events=None):
+    """Scan the source, split off the held-out set, fill the cache (main process first), free the encoders."""
+    from .data import build_cache, training_preprocessing
+
+    scan, train_records, holdout_records = _scanned_records(recipe, accelerator)
     cache_dir = Path(recipe.cache.dir) if recipe.cache.dir else Path(recipe.workspace).resolve() / "cache"
     if not recipe.cache.enabled:
         cache_dir = RunFolder(run_dir).features_dir  # private to this run; still encoded once per run
     preprocessing = training_preprocessing(recipe.data)
-    extra_encoders = _method_fn(method, "feature_encoders")
 
     def build(records_subset):
-        encoders = base_feature_encoders(models)
-        if extra_encoders is not None:
-            encoders += extra_encoders(method_cfg, context, models)
+        encoders = _feature_encoders(models, method, method_cfg, context)
         if events is not None:
             # the studio's Data page reads this to show how much of a folder is cached (without loading torch)
             events.emit("cache", encoder_identities=[e.identity for e in encoders], preprocessing=preprocessing,
@@ -654,13 +739,16 @@ def _report_encoded(accelerator, datasets, cache_dir: Path, mode: str) -> None:
               f"{f' ({each} by process)' if len(counts) > 1 else ''}", flush=True)
 
 
-def _holdout_batches(holdout_set, extras, batch_size: int) -> list[dict]:
+def _holdout_batches(holdout_set, extras, batch_size: int, encode_batch=None) -> list[dict]:
     if holdout_set is None:
         return []
-    from .trainers.loop import collate
+    from .trainers.loop import add_extras, collate
 
     items = [holdout_set[i] for i in range(len(holdout_set))]
-    return [collate(items[i:i + batch_size], extras) for i in range(0, len(items), batch_size)]
+    batches = [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    if encode_batch is not None:
+        batches = [encode_batch(batch) for batch in batches]
+    return [add_extras(batch, extras) for batch in batches]
 
 
 def _export(recipe, method, adapter, context, folder: RunFolder, tracker) -> list[Path]:
@@ -743,11 +831,20 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             NonFiniteLossError, WeightsError, QuantizationUnsupportedError, ShardingUnsupportedError, RunFolderBusy)
 
 
+def _worker_message(message: str, kind: str) -> str:
+    """A DataLoader worker's error as its own message: torch raises it again in the training process as
+    "Caught <kind> in DataLoader worker process N. Original Traceback ... <kind>: <message>"."""
+    if not message.startswith(f"Caught {kind} in DataLoader worker") or f"{kind}: " not in message:
+        return message
+    return message.rsplit(f"{kind}: ", 1)[1].strip()
+
+
 def _user_message(exc: BaseException) -> str | None:
     """The message to show for a failure the user can act on, or None for a bug (shown with its traceback)."""
     if isinstance(exc, _known_errors()):
         # OSError subclasses (DiskFullError) print as "[Errno 28] ...: 'path'"; the message alone reads better.
-        return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return _worker_message(message, type(exc).__name__)
     from .trainers.atomic import as_disk_full
 
     # Disk full outside a checkpoint (cache shards, exports): raw OSErrors and safetensors' "(os error 28)".

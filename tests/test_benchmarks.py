@@ -134,7 +134,9 @@ def test_cache_items_written_in_the_shard_format_read_back_through_the_loop(tmp_
 
     dataset = write_cache(tmp_path, 5, side=4, text=8)
     assert list((tmp_path / "shards").glob("shard-*.json"))  # the cache's own on-disk layout
-    batch = next(batch_stream(dataset, InfiniteSampler(5, 2, seed=0), {}, 0, pin_memory=False))
+    stream = batch_stream(dataset, InfiniteSampler(5, 2, seed=0), {}, 0, pin_memory=False)
+    batch = next(stream)
+    stream.close()
     assert batch["latents"].shape == (2, 16, 4, 4) and batch["clip_text"].shape == (2, 77, 8)
     assert batch["latents"].std() > 0.5  # random features, not zeros
 

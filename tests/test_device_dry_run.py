@@ -165,3 +165,15 @@ def test_generate_and_compare_commands_on_another_device(tmp_path, workspace, on
     assert main(["compare", "--columns", "base", f"lora:{made['lora']}", "--prompt", "a red circle",
                  "--out", str(grid), "--no-progress", *common]) == 0
     assert (grid / "grid.png").is_file()
+
+
+def test_encoding_on_the_fly_runs_on_another_device(workspace, on_device):
+    """``cache.mode: none``: the encoders stay loaded on the device and encode every batch there (the ControlNet
+    from pre-made controls feeds all three encoder inputs: caption, image, control image), held-out batches and the
+    preview's reference included."""
+    recipe = REPO / "recipes" / "tiny" / "controlnet-image.yaml"
+    overrides = _dry(recipe, workspace, steps=1, device=on_device) + ["cache.mode=none", "name=on-the-fly"]
+    result = train(recipe, overrides, progress=False)
+    assert result.step == 1 and result.heldout_before is not None and result.exports
+    assert list((result.run_dir / "previews").glob("step-*.png"))
+    _model_on_meta(result, on_device)

@@ -69,6 +69,13 @@ def resume_changes(previous: Any, current: Any) -> dict[str, tuple[Any, Any]]:
                        "adapter on the same base and data, so this setting cannot change",
                        f"set it back to {values[0]!r}, or start a new run (name=<new name>) with the new value")
                for path, values in changed.items() if not _may_change(path)]
+    workers = (max(1, previous.train.num_workers), max(1, current.train.num_workers))
+    if current.data.streaming and previous.data.streaming and workers[0] != workers[1]:
+        # a stream's order depends on its readers (processes x workers): checked here, before anything is written
+        refused.append(Problem("train.num_workers", current.train.num_workers,
+                               f"was {previous.train.num_workers} when this streaming run started, and the data "
+                               "order of a stream depends on the number of data-loader workers",
+                               f"set it back to {previous.train.num_workers} to resume"))
     if refused:
         raise RecipeError(refused, "--resume")
     return changed

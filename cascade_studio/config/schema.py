@@ -110,7 +110,8 @@ class DataConfig:
                           "hf_disk (a saved Hugging Face dataset), hf_hub (a hub dataset name) or webdataset "
                           "(.tar shards).", choices=("folder", "hf_disk", "hf_hub", "webdataset"))
     path: Optional[str] = setting(None, "Image folder, saved dataset folder, or tar glob ({000..009} ranges "
-                                  "work). Relative paths resolve against the current directory.", path=True,
+                                  "work); with data.streaming also shard URLs (https://, s3://, hf://). Relative "
+                                  "paths resolve against the current directory.", path=True,
                                   example="datasets/tiny-shapes")
     name: Optional[str] = setting(None, "Hub dataset name (source hf_hub).", example="user/my-dataset")
     split: str = setting("train", "Dataset split to read (hf_disk, hf_hub).", example="train")
@@ -132,18 +133,31 @@ class DataConfig:
                                       "disables).", minimum=0, maximum=0.5, example=0.1)
     max_pixels: int = setting(64_000_000, "Images with more pixels are skipped as bad files (guards against "
                               "decompression bombs).", minimum=1, example=64_000_000)
+    streaming: bool = setting(False, "Read the data as a stream while training instead of scanning it first "
+                              "(webdataset shards from local paths or https://, s3://, hf:// URLs, or an hf_hub "
+                              "dataset): nothing is downloaded or encoded ahead; needs cache.mode: none.")
+    shuffle_buffer: int = setting(1000, "Streaming: samples held in each reader's shuffle buffer (more mixes "
+                                  "better and takes more memory; shards are shuffled as well).", minimum=1,
+                                  example=1000)
+
+
+# The data sources data.streaming can read (the others are scanned and cached first).
+STREAMING_SOURCES = ("webdataset", "hf_hub")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """The encode-once cache of latents and text/image embeddings."""
 
-    enabled: bool = setting(True, "Encode each image and caption once and reuse the result every epoch.")
+    mode: str = setting("full", "full: encode each image and caption once into the cache before training and "
+                        "reuse the result every epoch (the main process encodes what is missing while the others "
+                        "wait); sharded: the same cache, every process encoding its share in parallel (on storage "
+                        "all processes share: the same path on every machine); none: keep the encoders loaded on "
+                        "the training device and encode every batch as it is trained on (for data too big to "
+                        "cache, and for streaming).", choices=("full", "sharded", "none"))
+    enabled: bool = setting(True, "false: the encode-once cache is private to the run (in its folder) instead of "
+                            "shared through cache.dir (cache.mode full or sharded).")
     dir: Optional[str] = setting(None, "Cache folder; null = <workspace>/cache.", path=True)
-    mode: str = setting("full", "How a run fills the cache: full = the main process encodes what is missing "
-                        "while the others wait; sharded = every process encodes its share in parallel into the "
-                        "same cache (on storage all processes share: the same path on every machine).",
-                        choices=("full", "sharded"))
 
 
 @dataclass(frozen=True)
@@ -210,8 +224,9 @@ class TrainConfig:
                                        "skipped).", minimum=1, example=5)
     quantize_base: str = setting("none", "Quantize the frozen Stage C to save memory: none, int8 or nf4 "
                                  "(bitsandbytes).", choices=("none", "int8", "nf4"))
-    num_workers: int = setting(0, "Data loader worker processes that read cached batches ahead of the "
-                               "accelerator (0 = read in the main process; 2-4 on a GPU).", minimum=0, example=2)
+    num_workers: int = setting(0, "Data loader worker processes that read cached batches (with cache.mode: none, "
+                               "read, decode and crop images) ahead of the accelerator (0 = read in the main "
+                               "process; 2-4 on a GPU). A stream's order depends on it.", minimum=0, example=2)
     distributed_timeout_minutes: int = setting(120, "Multi-process runs: how long a process waits for the others "
                                                "(e.g. while the main process fills the cache) before giving up; "
                                                "raise it when the first run encodes a very large dataset.",
@@ -490,6 +505,19 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
             "at its center", "set data.crop: center (or leave it out)")
     if ok("data.source", "data.name") and data.source == "hf_hub" and data.name is None:
         add("data.name", None, "source hf_hub needs the hub dataset name", "e.g. user/my-dataset")
+    if ok("data.streaming") and data.streaming:
+        if ok("data.source") and data.source not in STREAMING_SOURCES:
+            add("data.source", data.source, f"cannot be streamed; data.streaming reads {' or '.join(STREAMING_SOURCES)}",
+                "set data.streaming: false, or convert the images to webdataset .tar shards")
+        if ok("cache.mode") and recipe.cache.mode != "none":
+            add("cache.mode", recipe.cache.mode, "a stream is read while training, so it cannot be encoded into the "
+                "cache ahead of it", "set cache.mode: none (the encoders then encode each batch on the fly)")
+        if ok("data.holdout_fraction") and data.holdout_fraction > 0:
+            add("data.holdout_fraction", data.holdout_fraction, "a stream has no fixed set of images to hold out",
+                "set data.holdout_fraction: 0, or hold out shards yourself and evaluate on them after training")
+        if ok("data.max_images") and data.max_images is not None:
+            add("data.max_images", data.max_images, "is not applied to a stream (it has no known length)",
+                "leave it out; list fewer shards in data.path to train on fewer images")
 
     train = recipe.train
     if ok("train.checkpointing", "train.gradient_checkpointing") and train.gradient_checkpointing \

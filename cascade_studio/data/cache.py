@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 DEFAULT_SHARD_SIZE = 256
 ENCODER_INPUTS = ("image", "caption", "control_image")
-_NULL_CAPTION = ""
+NULL_CAPTION = ""
 
 
 @runtime_checkable
@@ -293,7 +293,7 @@ class _ShardWriter:
 # Building
 
 
-def _validate_encoders(encoders: Sequence[FeatureEncoder]) -> None:
+def validate_encoders(encoders: Sequence[FeatureEncoder]) -> None:
     names = [e.name for e in encoders]
     if len(set(names)) != len(names):
         raise CacheError(f"encoder names must be unique, got {names}")
@@ -302,7 +302,7 @@ def _validate_encoders(encoders: Sequence[FeatureEncoder]) -> None:
             raise CacheError(f"encoder {encoder.name!r} has inputs={encoder.inputs!r}; use one of {ENCODER_INPUTS}")
 
 
-def _encode(encoder: FeatureEncoder, batch: list, expected: int) -> dict[str, torch.Tensor]:
+def encode_checked(encoder: FeatureEncoder, batch: list, expected: int) -> dict[str, torch.Tensor]:
     with torch.inference_mode():
         features = encoder.encode(batch)
     for name, tensor in features.items():
@@ -325,13 +325,19 @@ def _inputs_for(kind: str, records: Sequence[Record], size: tuple[int, int] | No
     return batch
 
 
-def _split_batch(per_encoder: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
+def merge_features(per_encoder: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The features of several encoders as one dict (two encoders may not return the same name)."""
     merged: dict[str, torch.Tensor] = {}
     for features in per_encoder:
         clash = merged.keys() & features.keys()
         if clash:
             raise CacheError(f"two encoders return the feature(s) {sorted(clash)}; rename one")
         merged.update(features)
+    return merged
+
+
+def _split_batch(per_encoder: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
+    merged = merge_features(per_encoder)
     # clone(): each sample owns its storage (safetensors refuses tensors that share memory)
     return [{name: t[i].detach().cpu().contiguous().clone() for name, t in merged.items()} for i in range(count)]
 
@@ -393,7 +399,7 @@ def build_cache(
         raise ValueError(f"share {share}: the rank must be in 0..processes-1")
     if processes > 1 and barrier is None:
         raise ValueError("a sharded build needs the processes' barrier")
-    _validate_encoders(encoders)
+    validate_encoders(encoders)
     cache_path = Path(cache_dir)
     _shard_dir(cache_path).mkdir(parents=True, exist_ok=True)
     identities = [e.identity for e in encoders]
@@ -407,7 +413,7 @@ def build_cache(
     def encode_missing(locations: dict[str, _Location], writer: _ShardWriter) -> int:
         encoded = 0
         if null_key and null_key not in locations and rank == 0:
-            null_features = [_encode(e, [_NULL_CAPTION], 1) for e in caption_encoders]
+            null_features = [encode_checked(e, [NULL_CAPTION], 1) for e in caption_encoders]
             writer.add(null_key, _split_batch(null_features, 1)[0])
             encoded += 1
         first_of_key: dict[str, int] = {}
@@ -424,7 +430,7 @@ def build_cache(
         with tqdm(total=sum(len(c) for _, c in mine), desc="encoding cache", unit="img", disable=not progress) as bar:
             for size, chunk in mine:
                 chunk_records = [records[i] for i in chunk]
-                outputs = [_encode(e, _inputs_for(e.inputs, chunk_records, size), len(chunk)) for e in encoders]
+                outputs = [encode_checked(e, _inputs_for(e.inputs, chunk_records, size), len(chunk)) for e in encoders]
                 for index, features in zip(chunk, _split_batch(outputs, len(chunk))):
                     writer.add(keys[index], features)
                 encoded += len(chunk)

@@ -588,15 +588,24 @@ _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
-def _expand_shards(pattern: str) -> list[str]:
+def expand_braces(pattern: str) -> list[str]:
+    """Every name a ``{000..009}`` range (several ranges multiply) stands for, zero-padded to the first bound's
+    width, in order; a pattern without a range is itself."""
     match = _BRACE_RANGE.search(pattern)
-    if match:
-        first, last = match.group(1), match.group(2)
-        width = len(first)
-        expanded: list[str] = []
-        for number in range(int(first), int(last) + 1):
-            expanded += _expand_shards(pattern[: match.start()] + str(number).zfill(width) + pattern[match.end():])
-        return expanded
+    if not match:
+        return [pattern]
+    first, last = match.group(1), match.group(2)
+    width = len(first)
+    expanded: list[str] = []
+    for number in range(int(first), int(last) + 1):
+        expanded += expand_braces(pattern[: match.start()] + str(number).zfill(width) + pattern[match.end():])
+    return expanded
+
+
+def _expand_shards(pattern: str) -> list[str]:
+    names = expand_braces(pattern)
+    if len(names) > 1:
+        return [shard for name in names for shard in _expand_shards(name)]
     if os.path.isdir(pattern):
         return sorted(glob.glob(os.path.join(pattern, "*.tar")))
     if glob.has_magic(pattern):
@@ -635,6 +644,9 @@ def _webdataset_candidates(
     pattern: str, caption_column: str | None, control_column: str | None
 ) -> Iterator[_Candidate | SkippedFile]:
     shards = _expand_shards(pattern)
+    if not shards and "://" in pattern:
+        raise DataSourceError(f"{pattern!r} is a URL: shards at URLs are read as a stream; set data.streaming: true "
+                              "and cache.mode: none")
     if not shards:
         raise DataSourceError(f"no .tar shards match {pattern!r}; data.path takes a glob, a folder or a {{000..009}} range")
     caption_extension = (caption_column or "txt").lower()

@@ -81,3 +81,37 @@ def base_feature_encoders(models: Any) -> list[Any]:
     when something is not cached yet."""
     return [LatentFeature(models.effnet, identity=models.weights_identity("effnet")),
             TextFeature(models.text_encoder, identity=models.weights_identity("text_encoder"))]
+
+
+class BatchEncoder:
+    """``cache.mode: none``: the run's feature encoders kept loaded, encoding each decoded batch as it is trained
+    on (in the training process, on the encoders' device), into the features a cached batch has.
+
+    A decoded batch (``data.decoded``) holds ``key``, ``caption``, ``image`` [B, 3, H, W] and, for methods that read
+    controls, ``control_image``; each encoder gets the input its ``inputs`` names, exactly as ``build_cache`` gives it.
+    """
+
+    def __init__(self, encoders: list[Any]) -> None:
+        from ..data.cache import validate_encoders
+
+        validate_encoders(encoders)
+        self.encoders = encoders
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from ..data.cache import encode_checked, merge_features
+
+        count = len(batch["caption"])
+        inputs = {"caption": list(batch["caption"]), "image": list(batch["image"]),
+                  "control_image": list(batch["control_image"]) if "control_image" in batch else None}
+        features = merge_features([encode_checked(e, inputs[e.inputs], count) for e in self.encoders])
+        # clone() outside inference mode: the loss step's autograd may save these inputs for backward
+        encoded = {name: tensor.clone() for name, tensor in features.items()}
+        return {"key": batch["key"], "caption": batch["caption"], **encoded}
+
+    def null_features(self) -> dict[str, torch.Tensor]:
+        """Caption-encoder features of the empty caption (no batch dim), for caption dropout and CFG."""
+        from ..data.cache import NULL_CAPTION, encode_checked, merge_features
+
+        caption_encoders = [e for e in self.encoders if e.inputs == "caption"]
+        merged = merge_features([encode_checked(e, [NULL_CAPTION], 1) for e in caption_encoders])
+        return {name: tensor[0].clone() for name, tensor in merged.items()}

@@ -91,7 +91,8 @@ class BatchPlan:
     grad_accum: int
     max_steps: int
     seed: int
-    train_samples: int
+    train_samples: int | None  # None: a stream, whose size is not known up front
+    workers: int | None = None  # a stream's order also depends on its readers per process (data-loader workers)
 
     @property
     def global_batch(self) -> int:
@@ -103,14 +104,15 @@ class BatchPlan:
 
     @property
     def data_order(self) -> str:
-        return f"seed={self.seed}/world_size={self.processes}"
+        order = f"seed={self.seed}/world_size={self.processes}"
+        return order if self.workers is None else f"{order}/workers={self.workers}"
 
     def describe(self) -> str:
-        epochs = self.samples / max(1, self.train_samples)
+        size = "a stream" if self.train_samples is None else \
+            f"{self.samples / max(1, self.train_samples):.1f} epochs of {self.train_samples:,}"
         return (f"global batch {self.global_batch} = {self.per_device_batch} per device x {self.processes} "
                 f"process(es) x {self.grad_accum} accumulation; schedule {self.max_steps} optimizer steps = "
-                f"{self.samples:,} samples ({epochs:.1f} epochs of {self.train_samples:,}); data order "
-                f"{self.data_order}")
+                f"{self.samples:,} samples ({size}); data order {self.data_order}")
 
     def params(self) -> dict[str, Any]:
         """What MLflow and the run's events record."""
@@ -160,8 +162,14 @@ def collate(samples: list[dict[str, Any]], extras: dict[str, torch.Tensor] | Non
     for key in samples[0]:
         values = [s[key] for s in samples]
         batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else values
+    return add_extras(batch, extras)
+
+
+def add_extras(batch: dict[str, Any], extras: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """``batch`` with the run's per-sample constants (the empty caption's features), one copy per sample."""
+    count = len(batch["key"]) if "key" in batch else len(next(iter(batch.values())))
     for key, value in (extras or {}).items():
-        batch[key] = value.unsqueeze(0).expand(len(samples), *value.shape).clone() if value.dim() >= 1 else value
+        batch[key] = value.unsqueeze(0).expand(count, *value.shape).clone() if value.dim() >= 1 else value
     return batch
 
 
@@ -180,16 +188,78 @@ class _BatchIndices:
             yield self.sampler.next_batch()
 
 
+class _Prefetched:
+    """Batches taken from the data loader by a thread of this process, ``depth`` ahead of the loop.
+
+    Receiving a batch from a DataLoader worker costs a few milliseconds of this process's time (the request for
+    the next batch, the pipe, unpickling, mapping shared tensors): 3-6 ms per batch on this project's 2 busy cores
+    even with the batch already waiting, 3-4% of a tiny step. A thread does it while the step computes (torch
+    releases the GIL), so the loop only takes a finished batch off a queue. The order is the loader's (one
+    consumer); errors in the loader are raised by ``next``; ``close`` stops the thread and with it the workers.
+    """
+
+    def __init__(self, iterator, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self._queue: Any = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(iter(iterator),), daemon=True,
+                                        name="cascade-studio-batches")
+        self._thread.start()
+
+    def _fill(self, iterator) -> None:
+        import queue
+
+        try:
+            for item in iterator:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(("batch", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the loop, which raises it
+            self._queue.put(("error", exc))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, value = self._queue.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        import queue
+
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)  # unblock a put; the thread then drops the loader (and its workers)
+            except queue.Empty:
+                pass
+
+
 def batch_stream(dataset, sampler: InfiniteSampler, extras: dict[str, torch.Tensor], num_workers: int,
-                 pin_memory: bool):
+                 pin_memory: bool) -> _Prefetched:
     """An endless iterator of collated host batches in the sampler's order, read by ``num_workers`` processes
-    (0: in this process) while the accelerator computes."""
+    (0: in this process) while the accelerator computes, and taken from them by a thread (``_Prefetched``).
+    ``close()`` it when done."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_sampler=_BatchIndices(sampler), collate_fn=functools.partial(collate, extras=extras),
-                        num_workers=num_workers, pin_memory=pin_memory,
-                        prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
-    return iter(loader)
+    if hasattr(dataset, "at"):  # a stream (data.streaming): it batches itself, from the run's position on
+        loader = DataLoader(dataset.at(sampler), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                            prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
+    else:
+        loader = DataLoader(dataset, batch_sampler=_BatchIndices(sampler),
+                            collate_fn=functools.partial(collate, extras=extras), num_workers=num_workers,
+                            pin_memory=pin_memory, prefetch_factor=2 if num_workers > 0 else None,
+                            persistent_workers=False)
+    return _Prefetched(loader)
 
 
 def _check_in_step(dataset, indices: list[int], batch: dict[str, Any]) -> None:
@@ -202,7 +272,7 @@ def _check_in_step(dataset, indices: list[int], batch: dict[str, Any]) -> None:
 def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: InfiniteSampler,
              settings: LoopSettings, tracker, events: EventLog, checkpoints, run_state: RunState,
              method_inputs: Callable | None, method_cfg: Any, extras: dict[str, torch.Tensor],
-             loss_step: LossStep,
+             loss_step: LossStep, encode_batch: Callable[[dict], dict] | None = None,
              save_adapter: Callable[[Path], None], preview: Callable[[int], None] | None = None,
              evaluate: Callable[[int], None] | None = None, start_step: int = 0,
              progress: bool = True, reduce_gradients: Callable[[list], None] | None = None) -> LoopResult:
@@ -211,9 +281,11 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
     Per optimizer step: ``grad_accum`` micro-batches (gradients all-reduced on the last one only, under
     ``accelerator.no_sync`` before it), each scored by ``loss_step`` (the diffusion loss or the method's own
     ``training_loss``), one host read (mean loss, gradient norm, whether every rank was finite), then the
-    optimizer step or a skip. ``evaluate(step)`` (the held-out loss) runs every ``eval_every`` steps before the
-    last; the run measures the last step itself, after training. ``reduce_gradients(params)`` averages the
-    gradients across processes where DDP does not (FSDP's whole adapter, ``trainers/sharding.py``).
+    optimizer step or a skip. ``encode_batch`` (``cache.mode: none``) turns each decoded batch into features in
+    this process; ``data_wait_share`` (logged) is the part of a step spent waiting for the loader.
+    ``evaluate(step)`` (the held-out loss) runs every ``eval_every`` steps before the last; the run measures the
+    last step itself, after training. ``reduce_gradients(params)`` averages the gradients across processes where
+    DDP does not (FSDP's whole adapter, ``trainers/sharding.py``).
     """
     from tqdm.auto import tqdm
 
@@ -231,10 +303,17 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
     while step < settings.max_steps:
         step_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
+        data_wait = 0.0
         for micro in range(settings.grad_accum):
             indices = sampler.next_batch()  # the position a checkpoint records: batches used, not prefetched
+            wait_start = time.perf_counter()
             host_batch = next(batches)
+            data_wait += time.perf_counter() - wait_start
             _check_in_step(dataset, indices, host_batch)
+            if hasattr(sampler, "consumed"):  # a stream: the batch says where its readers are
+                sampler.consumed(host_batch)
+            if encode_batch is not None:  # cache.mode none: decoded images and captions -> features, here
+                host_batch = add_extras(encode_batch(host_batch), extras)
             batch = batch_to_device(host_batch, device)
             # Seed the global RNG too (LoRA dropout draws from it): resume reproduces the same step.
             torch.manual_seed(settings.seed * 31 + step * settings.grad_accum + micro)
@@ -285,12 +364,14 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             if step % max(1, settings.log_every) == 0 or step == settings.max_steps:
                 metrics = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "it_per_s": 1.0 / max(seconds, 1e-9),
-                           "peak_memory_mb": peak_memory_mb(device), "nonfinite_skipped": result.skipped_nonfinite}
+                           "peak_memory_mb": peak_memory_mb(device), "nonfinite_skipped": result.skipped_nonfinite,
+                           "data_wait_share": data_wait / max(seconds, 1e-9)}
                 tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
                 remaining = (settings.max_steps - step) * (time.perf_counter() - t0) / max(1, step - start_step)
                 events.emit("step", step=step, max_steps=settings.max_steps, loss=mean_loss, lr=lr,
                             eta_seconds=round(remaining, 1), it_per_s=round(metrics["it_per_s"], 3),
-                            peak_memory_mb=round(metrics["peak_memory_mb"], 1))
+                            peak_memory_mb=round(metrics["peak_memory_mb"], 1),
+                            data_wait_share=round(metrics["data_wait_share"], 4))
         run_state.nonfinite_in_a_row = nonfinite_in_a_row
         run_state.skipped_steps_total = result.skipped_nonfinite
         if preview is not None and settings.preview_every and step % settings.preview_every == 0:
@@ -313,7 +394,7 @@ def run_loop(*, accelerator, model, optimizer, scheduler, dataset, sampler: Infi
                 events.emit("warning", step=step, message="checkpoint skipped: the adapter or the last step is "
                             "not finite; the previous checkpoint is kept")
     bar.close()
-    del batches  # stops the loader's workers
+    batches.close()  # stops the loader's workers
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -360,8 +441,9 @@ def _grad_norm(accelerator, params, max_norm: float) -> torch.Tensor:
 def save_checkpoint(accelerator, checkpoints, step, optimizer, scheduler, sampler, run_state, save_adapter, events):
     """Adapter tensors + optimizer + scheduler + sampler position, atomically (main process writes)."""
     accelerator.wait_for_everyone()
+    sampler_state = sampler.state_dict()  # on every process: a stream gathers the positions of all of them
     if accelerator.is_main_process:
-        state = dataclasses.replace(run_state, step=step, epoch=sampler.epoch, sampler_state=sampler.state_dict())
+        state = dataclasses.replace(run_state, step=step, epoch=sampler.epoch, sampler_state=sampler_state)
 
         def write(tmp_dir: Path) -> None:
             save_adapter(tmp_dir / "adapter.safetensors")
@@ -424,5 +506,6 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-__all__ = ["run_loop", "LoopSettings", "BatchPlan", "LoopResult", "InfiniteSampler", "collate", "save_checkpoint",
+__all__ = ["run_loop", "LoopSettings", "BatchPlan", "LoopResult", "InfiniteSampler", "collate", "add_extras",
+           "save_checkpoint",
            "restore_checkpoint", "NonFiniteLossError", "heldout_loss", "peak_memory_mb"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,21 +32,27 @@ SIZES = {
 LORA_CASES = [(size, "fp32", "no", ckpt) for size in SIZES for ckpt in ("none", "blocks", "selective")] + \
     [("tiny", "bf16", "bf16", "blocks"), ("c256", "bf16", "bf16", "none"), ("c256", "bf16", "bf16", "selective")]
 # ... and tiny sections of the other methods (no dropout: every step runs the same branch; the tiny ControlNet
-# backbone) on the tiny Stage C.
-METHOD_SECTIONS = {
-    "controlnet": ControlNetConfig(control="canny", bottleneck="effnet_tiny", backbone_init="random"),
-    "controlnet-frozen-backbone": ControlNetConfig(control="inpainting", bottleneck="effnet_tiny",
-                                                   backbone_init="random", freeze_backbone=True),
-    "ip_adapter": IPAdapterConfig(image_encoder="tiny", drop_image=0.0, drop_text=0.0, drop_both=0.0),
-    "lcm": LcmConfig(rank=8, alpha=8.0),
-}
-METHOD_CASES = [("controlnet", "fp32", "no", "none"), ("controlnet", "bf16", "bf16", "blocks"),
-                ("controlnet", "fp32", "no", "selective"),
-                ("controlnet-frozen-backbone", "fp32", "no", "blocks"),
-                ("controlnet-frozen-backbone", "bf16", "bf16", "blocks"),
-                ("ip_adapter", "fp32", "no", "none"), ("ip_adapter", "fp32", "no", "blocks"),
-                ("ip_adapter", "fp32", "no", "selective"), ("ip_adapter", "bf16", "bf16", "none"),
-                ("lcm", "fp32", "no", "none"), ("lcm", "fp32", "no", "blocks"), ("lcm", "bf16", "bf16", "none")]
+# backbone) on the tiny Stage C, each with its (model dtype, autocast, checkpointing) cases. Named by their method
+# (from the catalog) and a variant.
+_FP32, _BF16 = ("fp32", "no"), ("bf16", "bf16")
+_METHOD_CHECKS = [
+    ("", ControlNetConfig(control="canny", bottleneck="effnet_tiny", backbone_init="random"),
+     [(*_FP32, "none"), (*_BF16, "blocks"), (*_FP32, "selective")]),
+    ("frozen-backbone", ControlNetConfig(control="inpainting", bottleneck="effnet_tiny", backbone_init="random",
+                                         freeze_backbone=True), [(*_FP32, "blocks"), (*_BF16, "blocks")]),
+    ("", IPAdapterConfig(image_encoder="tiny", drop_image=0.0, drop_text=0.0, drop_both=0.0),
+     [(*_FP32, "none"), (*_FP32, "blocks"), (*_FP32, "selective"), (*_BF16, "none")]),
+    ("", LcmConfig(rank=8, alpha=8.0), [(*_FP32, "none"), (*_FP32, "blocks"), (*_BF16, "none")]),
+]
+
+
+def _check_name(variant: str, section: Any) -> str:
+    method = planner.Setup(adapter=section, stage_c=TINY).method
+    return f"{method}-{variant}" if variant else method
+
+
+METHOD_SECTIONS = {_check_name(variant, section): section for variant, section, _ in _METHOD_CHECKS}
+METHOD_CASES = [(_check_name(variant, section), *case) for variant, section, cases in _METHOD_CHECKS for case in cases]
 
 
 def lora_case_setup(size: str, dtype: str, mixed: str, ckpt: str) -> planner.Setup:
