@@ -354,11 +354,12 @@ def _shard(run: _Run) -> None:
 def _record_batch_plan(run: _Run) -> None:
     """Say at start what a step and the schedule mean at this world size (main process): printed, in the run's
     events, and as MLflow parameters of a new run (a resume adds an event; MLflow parameters cannot change)."""
+    from .config.schema import accumulation
     from .trainers.loop import BatchPlan
 
     recipe = run.recipe
     plan = BatchPlan(per_device_batch=recipe.train.batch_size, processes=run.accelerator.num_processes,
-                     grad_accum=recipe.train.grad_accum, max_steps=recipe.train.max_steps, seed=recipe.train.seed,
+                     grad_accum=accumulation(recipe.train, run.accelerator.num_processes), max_steps=recipe.train.max_steps, seed=recipe.train.seed,
                      train_samples=None if recipe.data.streaming else len(run.data[0]),
                      workers=max(1, recipe.train.num_workers) if recipe.data.streaming else None)
     if not run.is_main:
@@ -450,7 +451,8 @@ def _train_loop(run: _Run):
             reference = add_extras(run.encode_batch(sample) if run.encode_batch is not None else sample, extras)
         preview = make_preview_fn(recipe, run.models, run.unwrapped, run.adapter, run.tracker, run.events,
                                   run.folder.path, preview_embeddings, reference, run.method_inputs, run.method_cfg)
-    settings = LoopSettings.from_recipe(recipe, c_clip_img=run.models.c_clip_img())
+    settings = LoopSettings.from_recipe(recipe, c_clip_img=run.models.c_clip_img(),
+                                       processes=run.accelerator.num_processes)
     run.events.emit("phase", phase="train")
     run.model.train()
     run.unwrapped.stage_c.eval()

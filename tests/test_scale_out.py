@@ -232,3 +232,34 @@ def test_fsdp_refuses_a_quantized_base_with_what_to_use_instead():
     refuse_unshardable(load_recipe(RECIPE, overrides=["train.mixed_precision=bf16"]))  # bf16, no quantization: fine
     with pytest.raises(ShardingUnsupportedError, match=r"train.quantize_base=int8 .*use quantize_base=none"):
         refuse_unshardable(load_recipe(RECIPE, overrides=["train.quantize_base=int8"]))
+
+
+def test_train_global_batch_keeps_the_images_per_step_at_every_world_size():
+    """``train.global_batch`` fixes the images per optimizer step: the accumulation is worked out per world
+    size, a split that does not divide is refused with the process counts that work, and it cannot be set
+    beside ``train.grad_accum``."""
+    from cascade_studio.config import RecipeError, load_recipe
+    from cascade_studio.config.schema import accumulation
+
+    recipe = load_recipe(RECIPE, overrides=["train.batch_size=2", "train.global_batch=16"])
+    assert [accumulation(recipe.train, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(RecipeError, match=r"on 3 process\(es\).*launch 1, 2, 4, 8 process\(es\)"):
+        accumulation(recipe.train, 3)
+    assert accumulation(load_recipe(RECIPE, overrides=["train.grad_accum=3"]).train, 4) == 3
+    with pytest.raises(RecipeError, match="train.global_batch.*not a multiple of train.batch_size"):
+        load_recipe(RECIPE, overrides=["train.batch_size=4", "train.global_batch=6"])
+    with pytest.raises(RecipeError, match="train.grad_accum both set the accumulation"):
+        load_recipe(RECIPE, overrides=["train.grad_accum=2", "train.global_batch=8"])
+
+
+@pytest.mark.slow
+def test_a_global_batch_run_trains_what_the_same_accumulation_written_out_trains(tmp_path, capsys):
+    from cascade_studio.run import train
+
+    common = [f"data.path={DATA}", "train.max_steps=2", "train.checkpoint_every=0", "train.batch_size=2",
+              "preview.every=0", "tracking.enabled=false", f"cache.dir={tmp_path / 'cache'}"]
+    written = train(RECIPE, common + [f"workspace={tmp_path / 'a'}", "train.grad_accum=2"], progress=False)
+    derived = train(RECIPE, common + [f"workspace={tmp_path / 'b'}", "train.global_batch=4"], progress=False)
+    assert "global batch 4 = 2 per device x 1 process(es) x 2 accumulation" in capsys.readouterr().out
+    a, b = (load_file(str(r.exports[0])) for r in (written, derived))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -190,6 +190,10 @@ class TrainConfig:
     max_steps: int = setting(1000, "Optimizer steps to train.", minimum=1, example=1000)
     batch_size: int = setting(1, "Images per micro-batch.", minimum=1, example=1)
     grad_accum: int = setting(1, "Micro-batches accumulated per optimizer step.", minimum=1, example=1)
+    global_batch: Optional[int] = setting(None, "Images per optimizer step over all processes, kept at every "
+                                          "world size: the accumulation is worked out at start as global_batch / "
+                                          "(batch_size x processes), which must divide evenly; null = "
+                                          "batch_size x processes x grad_accum.", minimum=1, example=16)
     mixed_precision: str = setting("bf16", "Autocast precision for the forward pass: no or bf16 (fp16 "
                                    "overflows in Stage C).", choices=("no", "bf16"),
                                    refused={"fp16": _FP16_REASON, "float16": _FP16_REASON})
@@ -470,6 +474,15 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
         problems.append(Problem(path, value, message, hint))
 
     model, adapter, data = recipe.model, recipe.adapter, recipe.data
+    train = recipe.train
+    if ok("train.global_batch", "train.grad_accum", "train.batch_size") and train.global_batch is not None:
+        if train.grad_accum != 1:
+            add("train.global_batch", train.global_batch, "and train.grad_accum both set the accumulation",
+                "set one: global_batch keeps the images per step at every world size, grad_accum fixes the "
+                "micro-batches per step")
+        elif train.global_batch % train.batch_size:
+            add("train.global_batch", train.global_batch, f"is not a multiple of train.batch_size "
+                f"({train.batch_size})", f"e.g. {train.batch_size * max(1, round(train.global_batch / train.batch_size))}")
     if ok("name") and (any(sep in recipe.name for sep in "/\\") or recipe.name.strip() in (".", "..")):
         add("name", recipe.name, "names a run folder, so it cannot be '.', '..' or contain a slash or a backslash",
             "e.g. my-style")
@@ -549,3 +562,21 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
             said = ", ".join(f"{fmt} (a {' / '.join(owners[fmt])} format)" if owners[fmt] else fmt for fmt in wrong)
             add("export.formats", list(formats), f"a {method.label} cannot be exported as {said}; it exports as "
                 f"{catalog.format_help(method)}", f"e.g. [{method.default_format.name}]")
+
+
+def accumulation(train: TrainConfig, processes: int) -> int:
+    """Micro-batches per optimizer step on ``processes`` processes: ``train.grad_accum``, or the one that keeps
+    ``train.global_batch`` (a RecipeError when it does not divide)."""
+    if train.global_batch is None:
+        return train.grad_accum
+    per_step = train.batch_size * processes
+    if train.global_batch % per_step:
+        from .errors import Problem, RecipeError
+
+        fits = [n for n in range(1, 65) if train.global_batch % (train.batch_size * n) == 0]
+        raise RecipeError([Problem("train.global_batch", train.global_batch,
+                                   f"cannot be split into micro-batches of {train.batch_size} on {processes} "
+                                   f"process(es) ({per_step} images per micro-step)",
+                                   f"launch {', '.join(map(str, fits[:6]))} process(es), or change "
+                                   "train.global_batch or train.batch_size")])
+    return train.global_batch // per_step

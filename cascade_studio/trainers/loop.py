@@ -55,10 +55,13 @@ class LoopSettings:
     c_clip_img: int            # the base Stage C's image-embedding width (its preset, not the recipe)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, *, c_clip_img: int) -> LoopSettings:
-        """The loop's settings of ``recipe``; ``c_clip_img`` comes from the loaded base (``BaseModels``)."""
+    def from_recipe(cls, recipe: Recipe, *, c_clip_img: int, processes: int = 1) -> LoopSettings:
+        """The loop's settings of ``recipe`` on ``processes`` processes; ``c_clip_img`` comes from the loaded base
+        (``BaseModels``)."""
+        from ..config.schema import accumulation
+
         train = recipe.train
-        return cls(max_steps=train.max_steps, grad_accum=train.grad_accum, max_grad_norm=train.max_grad_norm,
+        return cls(max_steps=train.max_steps, grad_accum=accumulation(train, processes), max_grad_norm=train.max_grad_norm,
                    seed=train.seed, checkpoint_every=train.checkpoint_every, log_every=train.log_every,
                    eval_every=train.eval_every,
                    shift=train.shift, offset_noise=train.offset_noise,

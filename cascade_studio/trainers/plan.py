@@ -211,13 +211,14 @@ class Setup:
     @classmethod
     def from_recipe(cls, recipe: Any, device: str = "cuda") -> "Setup":
         from ..adapters import catalog
+        from ..config.schema import accumulation
         from ..models import get_preset
 
         preset = recipe.model.preset
         side = recipe.data.resolution // LATENT_STRIDE
         return cls(adapter=catalog.method_section(recipe), method=catalog.recipe_method(recipe).name,
                    stage_c=dict(get_preset(preset).stage_c), preset=preset,
-                   batch_size=recipe.train.batch_size, grad_accum=recipe.train.grad_accum, latent_h=side,
+                   batch_size=recipe.train.batch_size, grad_accum=accumulation(recipe.train, 1), latent_h=side,
                    latent_w=side, dtype=recipe.model.dtype, mixed_precision=recipe.train.mixed_precision,
                    checkpointing=recipe.train.checkpointing_mode,
                    quantize_base=recipe.train.quantize_base, optimizer=recipe.optimizer.name, device=device)

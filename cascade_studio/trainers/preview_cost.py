@@ -82,7 +82,8 @@ def preview_cost(recipe: Any) -> PreviewCost:
     """The preview cost of a validated recipe (``config.Recipe``)."""
     preview, train = recipe.preview, recipe.train
     previews = train.max_steps // preview.every if preview.every else 0
-    samples = train.max_steps * train.grad_accum * train.batch_size
+    # the images of one optimizer step: train.global_batch when set, else one process's micro-batches
+    samples = train.max_steps * (train.global_batch or train.grad_accum * train.batch_size)
     return PreviewCost(prompts=len(preview.prompts), seeds=len(preview.seeds), steps=preview.steps,
                        guidance=2 if get_sampler(preview.sampler).guided and preview.cfg != 1 else 1,
                        previews=previews,
