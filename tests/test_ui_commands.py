@@ -117,3 +117,23 @@ def test_comparison_folders_never_collide(ws: Workspace) -> None:
     second = new_comparison_dir(ws, now=0.0)
     assert second.name == f"{first.name}-2"
     assert new_comparison_dir(ws, now=0.0, taken=[str(second)]).name == f"{first.name}-3"
+
+
+def test_a_launch_with_a_shipped_accelerate_config_runs_it_and_refuses_one_that_needs_editing(ws: Workspace) -> None:
+    """The Launch page's "Launch with": a shipped config is passed to accelerate (its own process count unless
+    the form asks for more), over gloo on a machine without CUDA; multi-node.yaml needs per-machine edits, so the
+    studio refuses it and says what to run instead; an unknown name is refused."""
+    from cascade_studio.launch import has_cuda, shipped_configs
+
+    argv, env = train_command(TrainRequest(TINY_LORA, "two", launch="cpu-2proc"), ws)
+    assert argv[argv.index("--config_file") + 1] == str(shipped_configs()["cpu-2proc"])
+    assert "--num_processes" not in argv  # the file's count
+    assert (env.get("ACCELERATE_USE_CPU") == "true") is not has_cuda()
+    argv, _ = train_command(TrainRequest(TINY_LORA, "four", processes=4, launch="fsdp"), ws)
+    assert argv[argv.index("--config_file") + 1] == str(shipped_configs()["fsdp"])
+    assert argv[argv.index("--num_processes") + 1] == "4"
+    assert TrainRequest.from_args(TrainRequest(TINY_LORA, "x", launch="fsdp").to_args()).launch == "fsdp"
+    with pytest.raises(ValueError, match="2 machines.*--accelerate-config FILE RECIPE. on every machine"):
+        TrainRequest(TINY_LORA, "many", launch="multi-node").validate(ws)
+    with pytest.raises(ValueError, match="unknown launch 'deepspeed'"):
+        TrainRequest(TINY_LORA, "ds", launch="deepspeed").validate(ws)

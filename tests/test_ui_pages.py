@@ -642,3 +642,15 @@ def test_the_studio_never_imports_torch_for_its_pages(ws: Workspace) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=REPO_ROOT)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_launch_with_a_shipped_accelerate_config_is_in_the_ready_line_and_the_queued_job(ws: Workspace) -> None:
+    at = page("launch")
+    at.selectbox(key="launch_config").set_value("cpu-2proc").run()
+    assert "with accelerate config `cpu-2proc.yaml` (its process count)" in texts(at.success)
+    at.selectbox(key="launch_config").set_value("multi-node").run()
+    assert "starts processes on 2 machines" in texts(at.error) and not at.success
+    at.selectbox(key="launch_config").set_value("fsdp").run()
+    at.button(key="launch_queue").click().run()
+    [job] = JobQueue(ws).jobs()
+    assert job.args["launch"] == "fsdp"

@@ -62,6 +62,7 @@ class TrainRequest:
     overrides: tuple[str, ...] = ()
     processes: int = 1
     resume: bool = False  # continue the run's folder from its newest sound checkpoint (``train --resume``)
+    launch: str = ""  # a shipped accelerate config by name (``train --accelerate-config``); "" = plain launch
 
     @classmethod
     def resuming(cls, workspace: Workspace, run_dir: Path, max_steps: int | None = None) -> "TrainRequest":
@@ -90,6 +91,7 @@ class TrainRequest:
                              f"`{safe_filename(self.run_name)}`")
         if not 1 <= int(self.processes) <= 8:
             raise ValueError("processes must be between 1 and 8")
+        self.launch_config()
         for text in self.overrides:
             key, _ = parse_override(text)  # ValueError says how an override is written
             if key in _RESERVED_OVERRIDES:
@@ -145,9 +147,33 @@ class TrainRequest:
             target[leaf] = value
         return workspace.policy().recipe_problems(data)
 
+    def launch_config(self) -> Path | None:
+        """The shipped accelerate config this request launches with (checked), or None for the plain launch;
+        ``ValueError`` for an unknown name or a file that needs editing first (multi-node)."""
+        if not self.launch:
+            return None
+        from ..launch import LaunchConfigError, check_accelerate_config, shipped_configs
+
+        shipped = shipped_configs()
+        if self.launch not in shipped:
+            raise ValueError(f"unknown launch {self.launch!r}; the studio launches with one of: "
+                             f"{', '.join(shipped)}")
+        try:
+            config = check_accelerate_config(shipped[self.launch])
+        except LaunchConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if config.get("num_machines", 1) > 1:
+            raise ValueError(f"{self.launch}.yaml starts processes on {config['num_machines']} machines, which the "
+                             "studio on this one cannot do: copy it, set num_machines, machine_rank and "
+                             "main_process_ip, and run `cascade-studio train --accelerate-config FILE RECIPE` on "
+                             "every machine")
+        return shipped[self.launch]
+
     def to_args(self) -> dict[str, Any]:
         args = {"recipe": self.recipe, "run_name": self.run_name, "overrides": list(self.overrides),
                 "processes": int(self.processes)}
+        if self.launch:
+            args["launch"] = self.launch
         return {**args, "resume": True} if self.resume else args
 
     def parsed_overrides(self) -> list[tuple[str, Any]]:
@@ -157,7 +183,7 @@ class TrainRequest:
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "TrainRequest":
         return cls(str(args["recipe"]), str(args["run_name"]), tuple(args.get("overrides", ())),
-                   int(args.get("processes", 1)), bool(args.get("resume", False)))
+                   int(args.get("processes", 1)), bool(args.get("resume", False)), str(args.get("launch", "")))
 
 
 def train_command(request: TrainRequest, workspace: Workspace) -> tuple[list[str], dict[str, str]]:
@@ -166,9 +192,11 @@ def train_command(request: TrainRequest, workspace: Workspace) -> tuple[list[str
     from ..cli import accelerate_command, launch_env
 
     request.validate(workspace)
-    argv = accelerate_command(request.recipe, request.all_overrides(workspace), request.processes,
-                              resume=request.resume)
-    env = launch_env(request.processes)
+    config = request.launch_config()
+    processes = request.processes if config is None or request.processes > 1 else None  # None: the file's count
+    argv = accelerate_command(request.recipe, request.all_overrides(workspace), processes,
+                              resume=request.resume, config_file=config)
+    env = launch_env(processes, config)
     return argv + ["--no-progress"], env  # progress bars would fill the log; the studio reads events instead
 
 

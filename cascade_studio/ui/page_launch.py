@@ -72,8 +72,17 @@ def render() -> None:
                                        "with the recipe (workspace and name are set by the studio)")
     processes = int(st.number_input("Processes", min_value=1, max_value=8, value=1, step=1, key=_PROCESSES,
                                     help="Data-parallel processes (accelerate; on a CPU they use gloo)"))
+    from ..launch import shipped_configs
+
+    launch = st.selectbox("Launch with", ["", *shipped_configs()], key="launch_config",
+                          format_func=lambda name: f"accelerate config {name}.yaml" if name else
+                          "this machine, the processes above",
+                          help="A shipped accelerate config (README, Scaling out): DDP on the GPUs of this machine, "
+                               "FSDP (the frozen base sharded across them), or 2 CPU processes. Processes above "
+                               "1 replace the file's own count. Several machines: edit multi-node.yaml and run "
+                               "`cascade-studio train --accelerate-config FILE` on each.")
     overrides = tuple(line.strip() for line in overrides_text.splitlines() if line.strip())
-    request = TrainRequest(str(entry.path), run_name.strip(), overrides, processes)
+    request = TrainRequest(str(entry.path), run_name.strip(), overrides, processes, launch=launch)
     repeat = _repeated_launch(request, suggested)
     ready = repeat is not None or _check(request, ws, taken)
     if ready:
@@ -88,7 +97,7 @@ def render() -> None:
         else:
             job_queue.pump()  # start at once when nothing else runs
             # The form as launched and as reset: a quick second click arrives with either, and queues nothing.
-            reset = TrainRequest(request.recipe, request.run_name)
+            reset = TrainRequest(request.recipe, request.run_name, launch=request.launch)
             st.session_state[_LAST] = ((_form(request), _form(reset)), job.id, request.run_name)
             st.session_state[_LAUNCHES] = st.session_state.get(_LAUNCHES, 0) + 1  # a fresh run name next time
             st.session_state[_FLASH] = (f"Queued {job.label} (job {job.id}). The form is reset for the next "
@@ -106,7 +115,7 @@ def render() -> None:
 def _form(request: TrainRequest) -> tuple:
     """What makes two launches the same: the recipe, its overrides and the process count (not the run name the
     page suggests afresh after every launch)."""
-    return request.recipe, request.overrides, request.processes
+    return request.recipe, request.overrides, request.processes, request.launch
 
 
 def _repeated_launch(request: TrainRequest, suggested: str):
@@ -137,7 +146,10 @@ def _check(request: TrainRequest, ws, taken: list[str]) -> bool:
     changes = ("\n".join(f"- `{key}` = `{json.dumps(value)}`" for key, value in parsed) if parsed
                else "no overrides: the recipe as saved.")
     st.success(f"Ready: `cascade_studio.train {request.recipe}` as run **{request.run_name}**, "
-               f"{request.processes} process(es), with {len(parsed) or 'no'} override(s)"
+               + (f"with accelerate config `{request.launch}.yaml`"
+                  + (f" on {request.processes} processes" if request.processes > 1 else " (its process count)")
+                  if request.launch else f"{request.processes} process(es)")
+               + f", with {len(parsed) or 'no'} override(s)"
                + (":\n" + changes if parsed else "."))
     return True
 
