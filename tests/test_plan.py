@@ -234,3 +234,19 @@ def test_big_lcm_recipe_fits_in_16_gb(capsys, monkeypatch):
     assert "Fits in 16.0 GiB" in out and "teacher passes" in out
     peak = float(out.split("predicted peak")[1].split("GiB")[0])
     assert 6.69 < peak < 16  # at least the bf16 base's 6.69 GiB
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_smaller_batch_switch_keeps_the_global_batch_in_a_recipe_that_can_use(keep):
+    """Batch 1 with the accumulation that keeps the images per step; with train.global_batch the recipe keeps
+    them by itself, and a grad_accum beside it would be refused, so the switch is batch_size alone; applied to
+    the recipe, the advice validates."""
+    from cascade_studio.config import load_recipe
+
+    overrides = ["train.batch_size=8"] + (["train.grad_accum=1", "train.global_batch=16"] if keep else ["train.grad_accum=2"])
+    recipe = load_recipe(REPO / "recipes/lora/stage-c-big-style.yaml", overrides=overrides)
+    setup = planner.Setup.from_recipe(recipe)
+    advice = planner.suggest(setup, budget=1)  # nothing fits in 1 byte: every switch is applied in turn
+    [switch] = [override for override, _, _ in advice.applied if override.startswith("train.batch_size=")]
+    assert switch == ("train.batch_size=1" if keep else "train.batch_size=1 train.grad_accum=16")
+    load_recipe(REPO / "recipes/lora/stage-c-big-style.yaml", overrides=overrides + switch.split())

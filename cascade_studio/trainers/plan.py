@@ -191,6 +191,7 @@ class Setup:
     quantize_base: str = "none"
     optimizer: str = "adamw8bit"
     device: str = "cuda"
+    global_batch: bool = False  # the recipe sets train.global_batch: a smaller batch keeps it by itself
 
     def __post_init__(self) -> None:
         if not self.method:
@@ -221,7 +222,8 @@ class Setup:
                    batch_size=recipe.train.batch_size, grad_accum=accumulation(recipe.train, 1), latent_h=side,
                    latent_w=side, dtype=recipe.model.dtype, mixed_precision=recipe.train.mixed_precision,
                    checkpointing=recipe.train.checkpointing_mode,
-                   quantize_base=recipe.train.quantize_base, optimizer=recipe.optimizer.name, device=device)
+                   quantize_base=recipe.train.quantize_base, optimizer=recipe.optimizer.name, device=device,
+                   global_batch=recipe.train.global_batch is not None)
 
 
 def _method_of_section(section: Any) -> Any:
@@ -492,14 +494,16 @@ def plan_memory(setup: Setup, layout: Layout | None = None) -> MemoryPlan:
 @dataclass(frozen=True)
 class Switch:
     """A recipe change that lowers the peak. ``override`` is the command-line text, formatted with the setup
-    after the change (``accum`` = its grad_accum, ``method`` its method name, ``adapter`` its section)."""
+    after the change (``accum`` = " train.grad_accum=N" with its grad_accum, or nothing where the recipe's
+    train.global_batch keeps the batch by itself; ``method`` its method name, ``adapter`` its section)."""
 
     override: str  # what to add to the command line / recipe
     cost: str
     apply: Callable[[Setup], Setup | None]  # None = already on / not applicable
 
     def text(self, applied: Setup) -> str:
-        return self.override.format(accum=applied.grad_accum, method=applied.method, adapter=applied.adapter)
+        accum = "" if applied.global_batch else f" train.grad_accum={applied.grad_accum}"
+        return self.override.format(accum=accum, method=applied.method, adapter=applied.adapter)
 
 
 SWITCHES: tuple[Switch, ...] = (
@@ -514,7 +518,7 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("model.dtype=bf16 train.mixed_precision=bf16", "bf16 rounding of the frozen base",
            lambda s: None if (s.dtype, s.mixed_precision) == ("bf16", "bf16")
            else replace(s, dtype="bf16", mixed_precision="bf16")),
-    Switch("train.batch_size=1 train.grad_accum={accum}", "same effective batch, more steps per update",
+    Switch("train.batch_size=1{accum}", "same effective batch, more steps per update",
            lambda s: None if s.batch_size == 1 else replace(s, batch_size=1, grad_accum=s.batch_size * s.grad_accum)),
     Switch("train.quantize_base=int8", "int8 rounding of the frozen Linears (~1% output change), slower matmuls",
            lambda s: None if s.quantize_base != "none" else replace(s, quantize_base="int8")),
