@@ -71,7 +71,14 @@ def build_pair(cfg: dict):
     from cascade_studio.models import build_stage_c
     from cascade_studio.models.random_init import make_learnable
 
+    from cascade_studio.models.blocks import GlobalResponseNorm
+
     ours = make_learnable(build_stage_c(**cfg)).eval().requires_grad_(False)
+    with torch.no_grad():  # the official init zeroes GRN's gamma and beta (GRN = identity): give them values, so
+        for module in ours.modules():  # the denoiser check covers GRN as a trained model runs it
+            if isinstance(module, GlobalResponseNorm):
+                module.gamma.normal_(0, 0.5)
+                module.beta.normal_(0, 0.1)
     theirs = diffusers_stage_c(cfg)
     theirs.load_state_dict(studio_to_diffusers(ours.state_dict()), strict=True)
     return ours, theirs.eval().requires_grad_(False)

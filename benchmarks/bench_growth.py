@@ -64,7 +64,7 @@ def _trainer(cfg: dict, rank: int):
     """(train_step(batch, step) -> seconds, tensors resident for the run) for the studio's LoRA step."""
     from cascade_studio.trainers.steps import diffusion_training_loss, step_generator
 
-    model, params = _studio_model(cfg, rank, checkpointing=False)
+    model, params = _studio_model(cfg, rank, checkpointing="none")
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     c_img = cfg.get("c_clip_img", 768)
 
