@@ -120,11 +120,16 @@ def test_loop_settings_have_no_defaults_of_their_own():
 
 
 def test_loop_settings_carry_every_value_of_the_recipe():
-    settings = LoopSettings.from_recipe(CHANGED, c_clip_img=7)
+    # train.global_batch, when set, decides the accumulation instead of train.grad_accum (checked below)
+    recipe = dataclasses.replace(CHANGED, train=dataclasses.replace(CHANGED.train, global_batch=None))
+    settings = LoopSettings.from_recipe(recipe, c_clip_img=7)
     for f in dataclasses.fields(LoopSettings):
         source = loop_source(f.name)
-        expected = 7 if source is None else get_setting(CHANGED, source)
+        expected = 7 if source is None else get_setting(recipe, source)
         assert getattr(settings, f.name) == expected, (f.name, source)
+    per_step = dataclasses.replace(CHANGED.train, grad_accum=1, global_batch=CHANGED.train.batch_size * 6)
+    recipe = dataclasses.replace(CHANGED, train=per_step)
+    assert LoopSettings.from_recipe(recipe, c_clip_img=7, processes=3).grad_accum == 2
 
 
 def test_loop_settings_of_the_default_recipe_are_the_schemas_defaults():

@@ -577,6 +577,6 @@ def accumulation(train: TrainConfig, processes: int) -> int:
         raise RecipeError([Problem("train.global_batch", train.global_batch,
                                    f"cannot be split into micro-batches of {train.batch_size} on {processes} "
                                    f"process(es) ({per_step} images per micro-step)",
-                                   f"launch {', '.join(map(str, fits[:6]))} process(es), or change "
-                                   "train.global_batch or train.batch_size")])
+                                   (f"launch {', '.join(map(str, fits[:6]))} process(es), or change "
+                                    if fits else "change ") + "train.global_batch or train.batch_size")])
     return train.global_batch // per_step
