@@ -95,12 +95,15 @@ def accelerate_command(recipe: str, overrides: Sequence[str], processes: int | N
         cmd += ["--config_file", str(config_file)]
         if processes is not None:
             cmd += ["--num_processes", str(processes)]
+        config = _read_config(config_file)
+        if int(config.get("num_machines", 1) or 1) == 1 and "main_process_port" not in config:
+            cmd += ["--main_process_port", str(free_port())]
     else:
         processes = processes or 1
         cmd += ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
                 "--num_processes", str(processes)]
         if processes > 1:
-            cmd.append("--multi_gpu")
+            cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
         elif not has_cuda():
             cmd.append("--cpu")
     cmd += ["-m", "cascade_studio.train", recipe, *overrides]
@@ -109,6 +112,27 @@ def accelerate_command(recipe: str, overrides: Sequence[str], processes: int | N
     if no_progress:
         cmd.append("--no-progress")
     return cmd
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a one-machine launch's rendezvous: torchrun's default (29500) is
+    taken by any other multi-process run on the machine (two trainings on different GPUs, or the studio's job
+    beside a command-line run), and the second launch then fails with "address already in use"."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _read_config(path: str | os.PathLike[str]) -> dict:
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}  # accelerate reports an unreadable file itself
+    return config if isinstance(config, dict) else {}
 
 
 def launch_env(processes: int | None, config_file: str | os.PathLike[str] | None = None) -> dict[str, str]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cascade_studio.launch import shipped_configs
+from cascade_studio.launch import free_port, shipped_configs
 from cascade_studio.trainers.events import read_events
 from subprocess_env import child_env
 
@@ -42,7 +42,8 @@ def runs(tmp_path_factory):
     env = child_env()
     env.pop("ACCELERATE_USE_CPU", None)  # the run itself must find the CPU and use gloo
     ddp = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          str(shipped_configs()["cpu-2proc"]), "-m", "cascade_studio.train", RECIPE, *common,
+                          str(shipped_configs()["cpu-2proc"]), "--main_process_port", str(free_port()),
+                          "-m", "cascade_studio.train", RECIPE, *common,
                           "name=ddp", "preview.every=4", "--no-progress"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
@@ -263,3 +264,40 @@ def test_a_global_batch_run_trains_what_the_same_accumulation_written_out_trains
     assert "global batch 4 = 2 per device x 1 process(es) x 2 accumulation" in capsys.readouterr().out
     a, b = (load_file(str(r.exports[0])) for r in (written, derived))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_one_machine_launch_gets_its_own_rendezvous_port_and_multi_node_keeps_its_file_s(tmp_path):
+    """Two multi-process runs on one machine at once (two GPUs' trainings, the studio's job beside a
+    command-line run) must not both take torchrun's default port 29500: the second would fail with "address
+    already in use". A multi-node file's port is the one every machine was told, so it is kept."""
+    from cascade_studio.launch import accelerate_command
+
+    def port(cmd):
+        return int(cmd[cmd.index("--main_process_port") + 1]) if "--main_process_port" in cmd else None
+
+    plain = [port(accelerate_command("r.yaml", [], 2)) for _ in range(2)]
+    shipped = port(accelerate_command("r.yaml", [], None, config_file=shipped_configs()["cpu-2proc"]))
+    assert None not in plain and shipped is not None and 29500 not in plain + [shipped]
+    assert port(accelerate_command("r.yaml", [], 1)) is None  # one process: no rendezvous
+    assert port(accelerate_command("r.yaml", [], None, config_file=shipped_configs()["multi-node"])) is None
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\nmain_process_port: 31337\n")
+    assert port(accelerate_command("r.yaml", [], None, config_file=fixed)) is None  # the file's own port
+
+
+@pytest.mark.slow
+def test_two_two_process_runs_started_together_both_train(tmp_path):
+    from cascade_studio.launch import accelerate_command, launch_env
+
+    procs = []
+    for name in ("left", "right"):
+        overrides = [f"data.path={DATA}", f"workspace={tmp_path / name}", "train.max_steps=1", "preview.every=0",
+                     "train.checkpoint_every=0", "tracking.enabled=false", f"name={name}"]
+        config = shipped_configs()["cpu-2proc"]  # a config file's launch: static rendezvous on a fixed port
+        env = {**child_env(), **launch_env(2, config)}
+        procs.append(subprocess.Popen(accelerate_command(RECIPE, overrides, None, config_file=config, no_progress=True),
+                                      cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert all((tmp_path / n / "runs" / n / "export").is_dir() for n in ("left", "right"))
