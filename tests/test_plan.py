@@ -52,7 +52,9 @@ def test_checkpointing_prediction_tracks_the_measured_saving():
         predicted = planner.plan_memory(setup).parts["activations"] / predicted_none
         ratios[mode] = measure_training_step(setup)[1] / measured_none
         assert abs(predicted - ratios[mode]) < 0.1, (mode, predicted, ratios[mode])
-    assert ratios["blocks"] < 0.5 and ratios["blocks"] < ratios["selective"] < 0.9, ratios
+    # Measured 1 : 0.92 : 0.33 since GELU and GRN keep one tensor between them (0.8 before: selective had recomputed
+    # the other two, which no checkpointing now keeps either).
+    assert ratios["blocks"] < 0.5 and ratios["blocks"] < ratios["selective"] < 0.95, ratios
 
 
 def test_meta_parameter_counts_match_the_published_models():
@@ -141,13 +143,13 @@ def test_big_recipe_without_checkpointing_is_advised_to_enable_it(capsys, monkey
     """Selective checkpointing (the cheaper one in time) when it is enough; whole blocks, instead of it, when not."""
     monkeypatch.chdir(REPO)
     advice = {}
-    for budget in ("10", "8.5"):
+    for budget in ("9.5", "8.5"):  # the plan: 9.86 GiB without checkpointing, 9.16 selective, 7.87 blocks
         out = _plan_cli("recipes/lora/stage-c-big-style.yaml", "train.gradient_checkpointing=false", "--gpu-gb",
                         budget, capsys=capsys)
         assert f"Does NOT fit in {float(budget):.1f} GiB" in out
         advice[budget] = [line.split()[0] for line in
                           out.split("in order (each adds to the ones above):")[1].strip().splitlines()[:-2]]
-    assert advice == {"10": ["train.checkpointing=selective"], "8.5": ["train.checkpointing=blocks"]}
+    assert advice == {"9.5": ["train.checkpointing=selective"], "8.5": ["train.checkpointing=blocks"]}
 
 
 def test_suggestions_follow_cost_order_and_stop_when_it_fits():

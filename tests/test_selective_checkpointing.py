@@ -117,10 +117,10 @@ def training_step_peak(mode: str) -> int:
 
 def test_selective_keeps_less_than_none_and_more_than_whole_blocks():
     peaks = {mode: training_step_peak(mode) for mode in ("none", "selective", "blocks")}
-    # Measured at 16x16 latents, batch 2: about 1.0 : 0.8 : 0.3 (norm, GELU and GRN inputs recomputed; the
-    # matmul outputs and every block's input kept).
+    # Measured at 16x16 latents, batch 2: about 1.0 : 0.9 : 0.3 (norm inputs recomputed; the widening matmul
+    # outputs and every block's input kept; without checkpointing GELU and GRN keep only GELU's input too).
     assert peaks["none"] > peaks["selective"] > peaks["blocks"], peaks
-    assert peaks["selective"] < 0.9 * peaks["none"], peaks
+    assert peaks["selective"] < 0.97 * peaks["none"], peaks
 
 
 def test_the_policy_keeps_matmuls_recomputes_cheap_ops_and_low_rank_up_projections():
@@ -132,6 +132,10 @@ def test_the_policy_keeps_matmuls_recomputes_cheap_ops_and_low_rank_up_projectio
     x, w_wide, w_up = torch.ones(8, 64), torch.ones(64, 256), torch.ones(4, 64)
     assert policy(None, aten.mm.default, x, w_wide) == P.MUST_SAVE  # channelwise.0: 64 -> 256
     assert policy(None, aten.mm.default, torch.ones(8, 4), w_up) == P.PREFER_RECOMPUTE  # a rank-4 LoRA B
+    # contracting: channelwise.4 (256 -> 64, its output feeds only the residual add) and a LoRA A (64 -> 4)
+    assert policy(None, aten.addmm.default, torch.ones(64), torch.ones(8, 256), w_wide.T) == P.PREFER_RECOMPUTE
+    assert policy(None, aten.mm.default, x, w_up.T) == P.PREFER_RECOMPUTE
+    assert policy(None, aten.mm.default, x, torch.ones(64, 64)) == P.MUST_SAVE  # square: q/k/v/out
     assert policy(None, aten.gelu.default, x) == P.PREFER_RECOMPUTE
     # Dropout: recomputed eagerly (the RNG state is restored); kept inside compiled regions, whose recomputation
     # cannot replay RNG ops (tests/test_compile.py checks the compiled gradients with dropout on).

@@ -10,10 +10,16 @@ element: recomputing the first is nearly free, recomputing the second is what ma
 
 :data:`SELECTIVE_POLICY` is the one table of what ``selective`` keeps per block kind (``C`` ResBlock, ``A``
 AttnBlock, ``T`` TimestepBlock: the letters of ``level_config``); the memory planner (``trainers/plan.py``) reads
-the same table to predict what the mode keeps. A low-rank up-projection (a LoRA's ``lora_B``: contraction at most
-1/:data:`LOW_RANK_RATIO` of its output width) is a matmul too cheap to keep: its output is as wide as the base
-layer's and costs ``rank`` multiply-adds per element, so it is recomputed from the (kept) rank-wide ``lora_A``
-output.
+the same table to predict what the mode keeps. Two kinds of matmul are not kept (:func:`_matmul_kept`):
+
+* a low-rank up-projection (a LoRA's ``lora_B``: contraction at most 1/:data:`LOW_RANK_RATIO` of its output
+  width): its output is as wide as the base layer's and costs ``rank`` multiply-adds per element, so it is
+  recomputed from the rank-wide ``lora_A`` output;
+* a contracting one (output narrower than its contraction: a ResBlock's 4c -> c ``channelwise.4``, a LoRA's
+  ``lora_A``): in Stage C's blocks no backward formula reads such an output (``channelwise.4`` feeds the residual
+  add), so keeping it only held memory, and the recomputation stops before reaching it (checkpointing's early
+  stop: it ends once every tensor the backward needs is back). ``lora_A``'s rank-wide output costs ``width``
+  multiply-adds per element to recompute, the ``1/rank`` share of its base layer's.
 
 The table and :data:`MODES` import no torch (the recipe schema reads the modes); the mechanics do, on use.
 """
@@ -44,8 +50,9 @@ class BlockPolicy:
 
 
 SELECTIVE_POLICY: dict[str, BlockPolicy] = {
-    "C": BlockPolicy(True, ("matmul",), "keep the two channelwise Linear outputs (4c and c wide); recompute the "
-                     "depthwise conv (kernel_size^2 multiply-adds per element), LayerNorm, GELU, GRN and dropout"),
+    "C": BlockPolicy(True, ("matmul",), "keep the 4c-wide channelwise.0 output (GELU and GRN's backward reads it); "
+                     "recompute the depthwise conv (kernel_size^2 multiply-adds per element), LayerNorm, GELU, GRN "
+                     "and dropout; channelwise.4's output is read by no backward formula"),
     "A": BlockPolicy(True, ("matmul", "attention"), "keep q/k/v/kv_mapper/out_proj and the attention output; "
                      "recompute LayerNorm, SiLU and the self-attention concatenation"),
     "T": BlockPolicy(False, (), "not checkpointed: it keeps nothing large, checkpointing would keep its input"),
@@ -78,15 +85,17 @@ def _packets(classes: tuple[str, ...]) -> frozenset:
     return frozenset(getattr(torch.ops.aten, name) for name in names if hasattr(torch.ops.aten, name))
 
 
-def _matmul_is_low_rank(op: Any, args: tuple) -> bool:
-    """A matmul whose contraction is at most 1/LOW_RANK_RATIO of its output width (a LoRA up-projection)."""
+def _matmul_kept(op: Any, args: tuple) -> bool:
+    """Whether ``selective`` keeps a matmul's output: not when it is low-rank (contraction at most
+    1/LOW_RANK_RATIO of its output width: a LoRA up-projection) or contracting (output narrower than its
+    contraction); see the module docstring."""
     import torch
 
     aten = torch.ops.aten
     if op.overloadpacket in (aten.addmm, aten.baddbmm):
         args = args[1:]  # addmm(bias, a, b)
-    a, b = args[0], args[1]
-    return a.shape[-1] * LOW_RANK_RATIO <= b.shape[-1]
+    contraction, width = args[0].shape[-1], args[1].shape[-1]
+    return width // LOW_RANK_RATIO < contraction <= width
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,7 +113,7 @@ def policy_fn(kind: str, keep_random: bool = False) -> Callable[..., Any]:
 
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         packet = getattr(op, "overloadpacket", None)
-        if packet in saved and not (packet in matmuls and _matmul_is_low_rank(op, args)):
+        if packet in saved and (packet not in matmuls or _matmul_kept(op, args)):
             return CheckpointPolicy.MUST_SAVE
         if keep_random and torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
             return CheckpointPolicy.MUST_SAVE

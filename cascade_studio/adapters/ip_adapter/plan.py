@@ -6,8 +6,10 @@ meta build, Stage C's width, c_cond and attention blocks from the layout), so it
 counted exactly. Its activations, per attention block (the branch of ``adapter._make_hook``), for ``T`` image
 tokens, ``N`` image-prompt tokens and width ``c``:
 
-* the branch's attention output ``[T x c]`` and its log-sum-exp (SDPA keeps both for its backward), in the
-  adapter's fp32; under bf16 autocast also the fp32 copy of the block's bf16 queries that the branch attends with;
+* the branch's attention output ``[T x c]``, its log-sum-exp (SDPA keeps both for its backward) and the copies
+  of the block's queries the branch attends with: :data:`BRANCH_BYTES` bytes per element of ``[T x c]``, measured
+  per precision (an fp32 base keeps the output and reuses the queries; a bf16 base without autocast keeps fp32
+  copies of both; under autocast SDPA keeps bf16 casts, and the scaled output too);
 * over the N prompt tokens (a handful): the frozen ``kv_mapper``'s SiLU input, the ``to_k_ip`` / ``to_v_ip``
   input and the keys and values;
 
@@ -22,6 +24,11 @@ from typing import Any
 from ...trainers.plan import Layout, PlannedAdapter, Setup
 
 __all__ = ["plan_adapter", "build_on_meta"]
+
+# Bytes the branch keeps per element of one [image tokens x c] tensor, log-sum-exp included, keyed by
+# (model.dtype, train.mixed_precision): saved-tensor hooks around the attention hooks of a tiny-preset training
+# step (storages the block had not already saved), less the prompt-token part below.
+BRANCH_BYTES = {("fp32", "no"): 4.2, ("bf16", "no"): 8.0, ("bf16", "bf16"): 5.6, ("fp32", "bf16"): 6.9}
 
 
 def build_on_meta(section: Any, layout: Layout):
@@ -45,13 +52,11 @@ def plan_adapter(section: Any, layout: Layout, setup: Setup) -> PlannedAdapter:
     adapter = build_on_meta(section, layout)
     attention = [b for b in layout.blocks if b.kind == "A"]
     batch, tokens, prompt = setup.batch_size, setup.tokens, setup.batch_size * section.num_tokens
-    autocast = setup.mixed_precision == "bf16"
+    per_element = BRANCH_BYTES[(setup.dtype, setup.mixed_precision)]
     kept: dict[str, float] = {}
     for block in attention:
         c = block.width
-        heads = max(1, c // 64)  # only the log-sum-exp depends on it, at 4 bytes per head and token
-        branch = 4 * c * tokens + 4 * heads * tokens + (4 * c * tokens if autocast else 0)
-        kept[block.path] = float(branch + 4 * prompt * (layout.c_cond + 3 * c))
+        kept[block.path] = float(per_element * c * tokens + 4 * prompt * (layout.c_cond + 3 * c))
     own = 4 * batch * (adapter.embed_dim + 2 * section.num_tokens * layout.c_cond)
     return PlannedAdapter(
         trainable=tuple(p.numel() for p in adapter.trainable_parameters()),
