@@ -23,6 +23,7 @@ from torch import nn
 
 from cascade_studio.devices import to_host
 from cascade_studio.diffusion.samplers import DEFAULT_SAMPLER, get_sampler, sample_with
+from cascade_studio.models.reuse import reusing_constant_inputs
 
 __all__ = [
     "DTYPES",
@@ -482,8 +483,10 @@ def sample_stage_c(
     cond = {"clip_text": emb.hidden, "clip_text_pooled": emb.pooled, "clip_img": image_embeds, **extra_cond}
     shared = {key: value for key, value in extra_cond.items() if key not in base_uncond}
     uncond = {**base_uncond, **shared, **extra_uncond}
-    cond, uncond = ({k: _to_device(v, device) for k, v in d.items()} for d in (cond, uncond))
-    with torch.no_grad(), _eval_mode(stage_c):
+    # In the model's dtype once, so every step gets the very same input tensors and what depends on them alone
+    # (conditioning tokens, ControlNet residuals, image-prompt keys) is computed once per run (models/reuse).
+    cond, uncond = ({k: _cast(_to_device(v, device), dtype) for k, v in d.items()} for d in (cond, uncond))
+    with torch.no_grad(), _eval_mode(stage_c), reusing_constant_inputs():
         return sample_with(
             settings.sampler, _casting(stage_c, dtype), shape, cond, uncond, settings.steps_c, settings.cfg_c,
             settings.rho, settings.shift_c, generator=_generator(settings.seed, _STREAM_STAGE_C_STEPS),

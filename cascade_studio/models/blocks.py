@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .reuse import reuse
 
 AttentionHook = Callable[[torch.Tensor], torch.Tensor]
 
@@ -257,7 +258,7 @@ class AttnBlock(nn.Module):
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        kv = self.kv_mapper(kv)
+        kv = reuse(self, "kv", (kv,), lambda: self.kv_mapper(kv))  # the same at every sampling step
         return x + self.attention(self.norm(x), kv, self_attn=self.self_attn)
 
 

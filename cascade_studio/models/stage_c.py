@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, UpDownBlock2d
 from .checkpointing import block_kind, checkpoint_contexts, checkpoints, compiled_selective_call
+from .reuse import reuse
 
 
 class LevelStack(nn.Module):
@@ -379,7 +380,8 @@ class StageC(LevelStack):
         """
         dtype = self.embedding[1].weight.dtype
         r_embed = self._timestep_embedding(r, {"sca": sca, "crp": crp}).to(dtype)
-        clip = self.gen_c_embeddings(clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype))
+        clip = reuse(self, "clip", (clip_text, clip_text_pooled, clip_img), lambda: self.gen_c_embeddings(
+            clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype)))
         h = self.embedding(x.to(dtype))
         next_cnet = self._cnet_feeder(cnet)
         level_outputs = self._down_encode(h, r_embed, clip, next_cnet)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ...models.official import StateDictMismatchError, load_official_state_dict, official_state_dict
 from ...models.presets import PRESETS, build_controlnet
+from ...models.reuse import reuse
 from ..base import AdapterMismatchError, merge_cnet, stage_c_width
 
 # Channels of the hint each control produces (STABLE_CASCADE.md section 6): canny edges are one channel,
@@ -214,7 +215,9 @@ class ControlNetAdapter(nn.Module):
                 f"[B, {self.spec.c_in}, H, W]> ({self.spec.control}) to the model, or disable the adapter.")
         if self.enabled and self.strength != 0.0:
             # Strength 0 skips the ControlNet entirely: the base model's output, bit for bit, at no cost.
-            stage_c_kwargs["cnet"] = merge_cnet(stage_c_kwargs.get("cnet"), self.residuals(hint))
+            # The hint is the same at every sampling step: its residuals are computed once per run (models/reuse).
+            residuals = reuse(self, ("residuals", self.strength), (hint,), lambda: self.residuals(hint))
+            stage_c_kwargs["cnet"] = merge_cnet(stage_c_kwargs.get("cnet"), residuals)
         return contextlib.nullcontext()
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...devices import host_floats
+from ...models.reuse import reuse
 from ..base import AdapterMismatchError, check_adapter_tensors
 
 MULTI_IMAGE_MODES = ("average", "concat")
@@ -288,11 +289,13 @@ class IPAdapter(nn.Module):
             return contextlib.nullcontext()
         if not self._blocks:
             raise RuntimeError(f"IP-Adapter {self.name!r} is not attached; add it with AdaptedStageC.add_adapter")
-        tokens, token_valid, sample_valid = self.image_tokens(embeds)
+        # The image prompt is the same at every sampling step: its tokens are made once per run (models/reuse).
+        tokens, token_valid, sample_valid = reuse(self, "image_tokens", (embeds,), lambda: self.image_tokens(embeds))
         training = torch.is_grad_enabled()
         if not training:
             # One host read at inference: how many samples have no image, and how many tokens are empty.
-            samples_without, empty_tokens = host_floats((~sample_valid).sum(), (~token_valid).sum())
+            samples_without, empty_tokens = reuse(self, "empty", (embeds,), lambda: host_floats(
+                (~sample_valid).sum(), (~token_valid).sum()))
             if samples_without == sample_valid.shape[0]:
                 return contextlib.nullcontext()
         # Samples without any image would make a softmax over nothing (NaN); let them attend to every token and
@@ -358,11 +361,15 @@ class IPAdapter(nn.Module):
                 valid = valid.expand(b)
             # The block's frozen conditioning mapper. Its Linear is int8/NF4 on a quantized base, so the tokens
             # go in the mapper's floating compute dtype (bitsandbytes casts internally), never the packed weight's.
-            kv = block.kv_mapper(toks.to(_compute_dtype(block.kv_mapper, q.dtype)))
             dtype = layer.to_k_ip.weight.dtype
-            kv = kv.to(dtype)
-            k = layer.to_k_ip(kv).view(b, -1, nhead, head_dim).transpose(1, 2)
-            v = layer.to_v_ip(kv).view(b, -1, nhead, head_dim).transpose(1, 2)
+
+            def keys_values() -> tuple[torch.Tensor, torch.Tensor]:
+                kv = block.kv_mapper(toks.to(_compute_dtype(block.kv_mapper, q.dtype))).to(dtype)
+                return (layer.to_k_ip(kv).view(b, -1, nhead, head_dim).transpose(1, 2),
+                        layer.to_v_ip(kv).view(b, -1, nhead, head_dim).transpose(1, 2))
+
+            # Functions of the image tokens alone: the same at every sampling step (models/reuse).
+            k, v = reuse(layer, ("keys_values", b, nhead, q.dtype), (tokens,), keys_values)
             out = F.scaled_dot_product_attention(q.to(dtype), k, v, attn_mask=mask)
             # torch.where (not a multiply) so an empty sample's row is an exact zero whatever the branch held.
             out = torch.where(valid.view(b, 1, 1, 1), out * scale, torch.zeros((), dtype=dtype, device=out.device))
