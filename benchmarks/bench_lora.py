@@ -349,7 +349,7 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float, pea
              f"GFLOP/s: the step's model FLOPs (matmuls, convolutions, attention, forward + backward, recomputation "
              f"included; torch's FlopCounterMode; studio-fast does studio-speed's arithmetic) over its time; % peak: "
              f"against this machine's measured fp32 GEMM peak at the same threads, {peak['fp32'] / 1e9:.0f} GFLOP/s "
-             f"(bf16: {peak['bf16'] / 1e9:.0f}).", "",
+             f"(bf16: {peak['bf16'] / 1e9:.{0 if peak['bf16'] >= 1e10 else 1}f}).", "",
              "| size | config | variant | LoRA params | step (s) | step vs diffusers | peak RSS delta (MiB) | "
              "RSS vs diffusers | peak tensor bytes (MiB) | tensors vs diffusers | GFLOP/step | GFLOP/s | % peak |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

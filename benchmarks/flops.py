@@ -29,11 +29,24 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def gemm_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an ``size x size`` matrix multiply in ``dtype`` on the CPU, the best of ``repeats`` timed calls."""
+def gemm_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5, budget: float = 2.0) -> float:
+    """FLOP/s of an ``size x size`` matrix multiply in ``dtype`` on the CPU, the best of ``repeats`` timed calls.
+
+    A dtype the CPU has no fast kernel for (bf16 without AVX-512 BF16 or AMX runs a reference loop, ~1 GFLOP/s)
+    would take minutes at full size: the size shrinks (by halves, down to 256) until one call fits in
+    ``budget / repeats`` seconds, judged on a 256 warm-up call, which is enough to tell a slow path from a fast one."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(dtype)
-    b = torch.randn(size, size, generator=generator).to(dtype)
+
+    def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(n, n, generator=generator).to(dtype), torch.randn(n, n, generator=generator).to(dtype))
+
+    a, b = operands(256)
+    start = time.perf_counter()
+    torch.mm(a, b)
+    per_flop = (time.perf_counter() - start) / (2 * 256**3)
+    while size > 256 and per_flop * 2 * size**3 > budget / repeats:
+        size //= 2
+    a, b = operands(size)
     torch.mm(a, b)  # warm-up: kernels chosen, pages touched
     best = float("inf")
     for _ in range(repeats):
