@@ -383,13 +383,15 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
 
 
 def _casting(model: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
-    """Run `model` in `dtype` while the sampler keeps its state in float32 (bf16 latents lose detail).
+    """Run `model` on latents in `dtype` while the sampler keeps its state in float32 (bf16 latents lose detail).
 
-    `r` stays float32: its sinusoidal embedding multiplies it by 10000, where bf16 rounding would be coarse
-    (the official code computes it in float32 under autocast too).
+    The other inputs are the caller's, cast once with `_cast` before sampling: every step then passes the very
+    same tensors, so what depends on them alone is computed once per run (models/reuse). `r` stays float32: its
+    sinusoidal embedding multiplies it by 10000, where bf16 rounding would be coarse (the official code computes
+    it in float32 under autocast too).
     """
     def call(x: torch.Tensor, r: torch.Tensor, **inputs: Any) -> torch.Tensor:
-        return model(x.to(dtype), r, **{k: _cast(v, dtype) for k, v in inputs.items()}).float()
+        return model(x.to(dtype), r, **inputs).float()
     return call
 
 
@@ -559,12 +561,13 @@ def _sample_stage_b(
         device = _module_device(stage_b)
         size = stage_b_latent_size(settings.height, settings.width, _stage_b_multiple(stage_b))
         shape = (stage_c_latents.shape[0], STAGE_A_CHANNELS, *size)
+        dtype = _module_dtype(stage_b, settings.torch_dtype)
         effnet = stage_c_latents.to(device)
-        cond = {"effnet": effnet, "clip": text.pooled.to(device)}
-        uncond = {"effnet": torch.zeros_like(effnet), "clip": text.uncond_pooled.to(device)}
+        cond = {"effnet": _cast(effnet, dtype), "clip": _cast(text.pooled.to(device), dtype)}
+        uncond = {"effnet": _cast(torch.zeros_like(effnet), dtype), "clip": _cast(text.uncond_pooled.to(device), dtype)}
         with torch.no_grad(), _eval_mode(stage_b):
             latents = sample_with(
-                STAGE_B_SAMPLER, _casting(stage_b, _module_dtype(stage_b, settings.torch_dtype)), shape, cond,
+                STAGE_B_SAMPLER, _casting(stage_b, dtype), shape, cond,
                 uncond, settings.steps_b, settings.cfg_b, settings.rho, settings.shift_b,
                 generator=_generator(settings.seed, _STREAM_STAGE_B_STEPS),
                 noise=initial_noise(shape, _derived_seed(settings.seed, _STREAM_STAGE_B_NOISE)).to(device),
