@@ -298,3 +298,14 @@ def test_generate_and_compare_on_the_toy_preset_draw_the_toy_cascade_in_a_fresh_
     assert done.returncode == 0, done.stderr[-2000:]
     cell = np.asarray(Image.open(grid / "cells" / "r0_c0.png").convert("RGB"), dtype=np.float32) / 255
     assert np.abs(cell - red).max() < 2 / 255  # the base column is what `generate` draws
+
+
+def test_generate_on_a_built_in_preset_without_preview_says_its_decoder_is_random(tmp_path, capsys):
+    """The tiny/toy Stage B and A are random weights, so the whole cascade draws noise: generate says so and
+    names --preview (compare defaults to the previewer there); with --preview it says nothing of the kind."""
+    code, _, err = run_cli(["generate", "--preset", "tiny", "--prompt", "a red circle", *FAST,
+                            "--out", tmp_path / "full.png"], capsys)
+    assert code == 0 and "Stage B and A are random weights" in err and "--preview" in err
+    code, _, err = run_cli(["generate", "--preset", "tiny", "--prompt", "a red circle", *FAST, "--preview",
+                            "--out", tmp_path / "preview.png"], capsys)
+    assert code == 0 and "random weights" not in err

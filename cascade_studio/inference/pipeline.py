@@ -134,10 +134,22 @@ class CascadeComponents:
     def warn_if_slow(self, settings: GenerateSettings | None = None, preview_hint: str = "preview=True") -> None:
         """Print a one-time note when a real-size preset is about to run on the CPU. The note suggests the
         preview (``preview_hint``: how the caller spells it) only when ``settings`` does not use it already."""
-        if self._warned or self.device.type != "cpu" or self.spec.preset not in ("big", "lite"):
+        previewing = settings is not None and settings.preview
+        if self._warned:
+            return
+        from cascade_studio.models.presets import get_preset
+
+        if (settings is not None and not previewing and get_preset(self.spec.preset).built_in and not self.spec.source("stage_b")
+                and "stage_b" not in self._injected):
+            # The built-in presets' Stage B and A are random weights (only the toy Stage C and previewer are
+            # trained): the whole cascade decodes to noise, which compare avoids by defaulting to the previewer.
+            self._warned = True
+            print(f"note: the {self.spec.preset} preset's Stage B and A are random weights, so the whole cascade "
+                  f"draws noise; {preview_hint} decodes with the previewer instead.", file=sys.stderr)
+            return
+        if self.device.type != "cpu" or self.spec.preset not in ("big", "lite"):
             return
         self._warned = True
-        previewing = settings is not None and settings.preview
         advice = "Use a CUDA GPU" + ("" if previewing else f", or {preview_hint} to skip Stage B and A")
         print(f"note: running the {self.spec.preset} Stable Cascade models on the CPU; expect minutes per "
               f"image and tens of GB of RAM. {advice}.", file=sys.stderr)
