@@ -75,7 +75,7 @@ def test_analytic_lora_count_matches_peft(lora_type):
     assert sorted(sizes) == sorted(p.numel() for p in adapter.trainable_parameters())
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "nf4"])
 def test_quantized_weight_bytes_match_bitsandbytes(mode):
     stage_c = build_stage_c(**TINY).eval().requires_grad_(False)
     quantize_frozen_linears(stage_c, mode)

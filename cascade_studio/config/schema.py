@@ -226,8 +226,10 @@ class TrainConfig:
                               minimum=0, example=50)
     max_nonfinite_steps: int = setting(5, "Stop after this many consecutive steps with a NaN/inf loss (each is "
                                        "skipped).", minimum=1, example=5)
-    quantize_base: str = setting("none", "Quantize the frozen Stage C to save memory: none, int8 or nf4 "
-                                 "(bitsandbytes).", choices=("none", "int8", "nf4"))
+    quantize_base: str = setting("none", "Hold the frozen Stage C's Linears smaller to save memory: none; bf16 "
+                                 "(with model.dtype: fp32: half the memory, matmuls still in fp32; exact on the "
+                                 "published bf16 weights, which are rounded so); int8 or nf4 (bitsandbytes).",
+                                 choices=("none", "bf16", "int8", "nf4"))
     num_workers: int = setting(0, "Data loader worker processes that read cached batches (with cache.mode: none, "
                                "read, decode and crop images) ahead of the accelerator (0 = read in the main "
                                "process; 2-4 on a GPU). A stream's order depends on it.", minimum=0, example=2)
@@ -538,6 +540,11 @@ def check_relations(recipe: Recipe, bad: set[str], problems: list[Problem]) -> N
         add("train.checkpointing", train.checkpointing, "contradicts train.gradient_checkpointing: true, which means "
             "checkpointing: blocks", f"keep train.checkpointing: {train.checkpointing} and remove "
             "train.gradient_checkpointing (or set it false); train.checkpointing alone says which mode")
+
+    if ok("train.quantize_base", "model.dtype") and train.quantize_base == "bf16" and recipe.model.dtype != "fp32":
+        add("train.quantize_base", train.quantize_base, f"holds fp32 Linear weights in bf16, but model.dtype is "
+            f"{recipe.model.dtype}: the weights are bf16 already", "remove train.quantize_base (or set model.dtype: "
+            "fp32 to compute in fp32 with the weights held in bf16)")
 
     if ok("schedule.warmup_steps", "train.max_steps") and recipe.schedule.warmup_steps >= recipe.train.max_steps:
         add("schedule.warmup_steps", recipe.schedule.warmup_steps,

@@ -10,9 +10,9 @@ by name ("the planner does not model <label> recipes yet").
 
 Parts of the peak (each printed by ``cascade-studio plan``):
 
-* **frozen weights**: Stage C's parameters in ``model.dtype``, or bitsandbytes int8/NF4 for the quantized
-  Linears (``train.quantize_base``). Counted on the meta device: the 3.6B model "builds" in a fraction of a
-  second and allocates nothing.
+* **frozen weights**: Stage C's parameters in ``model.dtype``, or bf16 / bitsandbytes int8 / NF4 for the
+  Linears ``train.quantize_base`` converts (bf16 ones compute in fp32: activations as for an fp32 model).
+  Counted on the meta device: the 3.6B model "builds" in a fraction of a second and allocates nothing.
 * **adapter weights**, **gradients**: the adapter's trainable tensors, fp32 (adapters stay fp32 on a bf16 base),
   plus the resident tensors of the adapter that do not train (a frozen ControlNet backbone, BatchNorm statistics).
   The hooks count them exactly: analytically for LoRA/LoHa, otherwise by building the adapter on the meta device.
@@ -323,7 +323,9 @@ def frozen_weight_bytes(layout: Layout, setup: Setup) -> int:
         if any(p.fullmatch(name) for p in skip):
             continue
         weights = fan_in * fan_out
-        if setup.quantize_base == "int8":
+        if setup.quantize_base == "bf16":
+            quantized = 2 * weights
+        elif setup.quantize_base == "int8":
             quantized = weights + 4 * fan_out  # int8 values + one fp32 scale per output row
         else:
             blocks = math.ceil(weights / NF4_BLOCK)
@@ -467,8 +469,8 @@ def plan_memory(setup: Setup, layout: Layout | None = None) -> MemoryPlan:
     planned = plan_adapter(layout, setup)
     n_trainable = planned.n_trainable
     activations = activation_bytes(layout, setup, planned)
-    quant = {"none": setup.dtype, "int8": f"int8 Linears, rest {setup.dtype}",
-             "nf4": f"NF4 Linears, rest {setup.dtype}"}[setup.quantize_base]
+    quant = {"none": setup.dtype, "bf16": f"bf16 Linears (fp32 matmuls), rest {setup.dtype}",
+             "int8": f"int8 Linears, rest {setup.dtype}", "nf4": f"NF4 Linears, rest {setup.dtype}"}[setup.quantize_base]
     parts = {
         "frozen weights": frozen_weight_bytes(layout, setup),
         "adapter weights": 4 * n_trainable + planned.frozen_bytes,

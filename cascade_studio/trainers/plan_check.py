@@ -19,6 +19,7 @@ from ..models import build_stage_c, get_preset
 from ..models.random_init import make_learnable
 from . import plan as planner
 from .optim import build_optimizer
+from .quantize import quantize_frozen_linears
 from .steps import diffusion_training_loss, step_generator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -81,6 +82,7 @@ def measure_training_step(setup: planner.Setup) -> tuple[int, int]:
     go through its method's ``training_inputs``, as in training."""
     torch.manual_seed(0)
     stage_c = make_learnable(build_stage_c(**setup.stage_c)).to(DTYPES[setup.dtype]).eval().requires_grad_(False)
+    quantize_frozen_linears(stage_c, setup.quantize_base)  # before the adapter, as a run does
     stage_c.checkpointing = setup.checkpointing
     model = AdaptedStageC(stage_c)
     method = catalog.get(setup.method)

@@ -1,4 +1,5 @@
-"""Quantize the frozen Stage C's Linear layers with bitsandbytes (QLoRA-style: int8 or NF4 base, fp32 adapter).
+"""Quantize the frozen Stage C's Linear layers with bitsandbytes (QLoRA-style: int8 or NF4 base, fp32 adapter), or
+hold them in bf16 (``bf16``: no bitsandbytes; see :class:`Bf16StoredLinear`).
 
 Only the frozen base is quantized; adapter weights stay in fp32 and train through the quantized layers. PEFT has
 LoRA layers made for bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (they dequantize for merge/unmerge and cast
@@ -20,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-MODES = ("none", "int8", "nf4")
+MODES = ("none", "bf16", "int8", "nf4")
 # Kept in the model dtype: the TimestepBlock mappers (r -> scale/shift of every block) and the CLIP mappers
 # (the conditioning tokens every attention reads). Together about 2% of the big Stage C's parameters, and every
 # block's output depends on them, so their rounding error would reach everything.
@@ -30,6 +31,59 @@ DEFAULT_SKIP = (r"(.+\.)?mapper(_\w+)?", r"clip_(txt|txt_pooled|img)_mapper")
 EMPTY_CACHE_EVERY = 32
 # bitsandbytes' blockwise 4-bit layout: one absmax per 64 weights (QLoRA's NF4 default), double-quantized.
 NF4_BLOCKSIZE = 64
+
+
+class _CastWeightLinear(torch.autograd.Function):
+    """``linear(x, weight, bias)`` with the frozen ``weight`` cast to ``x``'s dtype inside the node: the backward
+    pass keeps the stored (bf16) weight and casts it again, so no full-precision copy outlives the call.
+
+    The weight is held as a plain reference, not through ``save_for_backward``: it is a frozen parameter that lives
+    anyway, and a saved tensor would count as an activation for activation checkpointing, whose recomputation
+    then could not stop early (it ran a ResBlock's last, contracting Linear again only to "recover" its weight:
+    +15% FLOPs per step at the mid size under ``selective``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight
+        return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        return (grad @ ctx.weight.to(grad.dtype) if ctx.needs_input_grad[0] else None), None, None
+
+
+class Bf16StoredLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is held in bf16 while the matmul runs in the input's dtype.
+
+    ``train.quantize_base: bf16`` on an fp32 model: the frozen base takes half the memory and computes in fp32,
+    exactly as the fp32 model would with bf16-rounded weights (the precision of the published ``*_bf16`` files:
+    lossless on those). Under autocast the weight is used as autocast uses any weight (it casts it to the autocast
+    dtype). A subclass of ``nn.Linear``, so PEFT wraps it with its ordinary LoRA layer; the bias keeps the model
+    dtype. A trainable weight would need a weight gradient this layer does not compute: it is refused.
+    """
+
+    weight_is_storage_only = True  # the dtype it computes in is its input's (read by ip_adapter._compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:
+            raise RuntimeError("Bf16StoredLinear holds a frozen weight; a trainable weight needs nn.Linear")
+        if torch.is_autocast_enabled(x.device.type):
+            return nn.functional.linear(x, self.weight, self.bias)
+        if x.dtype == self.weight.dtype:
+            return nn.functional.linear(x, self.weight, None if self.bias is None else self.bias.to(x.dtype))
+        return _CastWeightLinear.apply(x, self.weight, self.bias)
+
+
+def _bf16_linear(linear: nn.Linear) -> nn.Module:
+    """A :class:`Bf16StoredLinear` copy of ``linear`` on the same device, frozen, in its train/eval mode."""
+    has_bias = linear.bias is not None
+    new = Bf16StoredLinear(linear.in_features, linear.out_features, bias=has_bias, device="meta")
+    new.weight = nn.Parameter(linear.weight.data.to(torch.bfloat16), requires_grad=False)
+    if has_bias:
+        new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    new.train(linear.training)
+    return new
 
 
 class QuantizationUnsupportedError(RuntimeError):
@@ -111,7 +165,8 @@ def _quantized_linear(linear: nn.Linear, mode: str, bnb, compute_dtype: torch.dt
 def quantize_frozen_linears(stage_c: nn.Module, mode: str, skip: Iterable[str] = DEFAULT_SKIP,
                             compute_dtype: torch.dtype | None = None) -> list[str]:
     """Replace every frozen ``nn.Linear`` of ``stage_c`` whose path does not fully match a ``skip`` pattern by
-    a bitsandbytes ``Linear8bitLt`` (``int8``) or NF4 ``Linear4bit`` (``nf4``), in place.
+    a bitsandbytes ``Linear8bitLt`` (``int8``), an NF4 ``Linear4bit`` (``nf4``) or a :class:`Bf16StoredLinear`
+    (``bf16``: only on a model held in fp32; a bf16 model has nothing to gain), in place.
 
     ``compute_dtype`` is the 4-bit layers' matmul dtype (default: each layer's weight dtype, i.e. the model's).
     Returns the quantized module paths; ``mode='none'`` changes nothing. Linears with trainable parameters are
@@ -121,7 +176,7 @@ def quantize_frozen_linears(stage_c: nn.Module, mode: str, skip: Iterable[str] =
         return []
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; use one of {MODES}")
-    bnb = _import_bnb(mode)
+    bnb = None if mode == "bf16" else _import_bnb(mode)
     _refuse_adapters(stage_c)
     patterns = [re.compile(p) for p in skip]
     # Names only, then one layer at a time: a list of the modules themselves would keep every replaced
@@ -138,7 +193,11 @@ def quantize_frozen_linears(stage_c: nn.Module, mode: str, skip: Iterable[str] =
         parent = stage_c.get_submodule(parent_name) if parent_name else stage_c
         original = getattr(parent, child)
         any_cuda |= original.weight.device.type == "cuda"
-        setattr(parent, child, _quantized_linear(original, mode, bnb, compute_dtype))
+        if mode == "bf16" and original.weight.dtype != torch.float32:
+            raise ValueError(f"train.quantize_base=bf16 holds fp32 Linear weights in bf16, and {name} is already "
+                             f"{original.weight.dtype}: keep model.dtype: fp32 with it, or set quantize_base: none")
+        setattr(parent, child, _bf16_linear(original) if mode == "bf16"
+                else _quantized_linear(original, mode, bnb, compute_dtype))
         del original  # the last reference: the full-precision weight is freed here
         done.append(name)
         # Freed blocks stay in PyTorch's cache; hand them back now and then so bitsandbytes and other processes
@@ -175,7 +234,7 @@ def check_quantization_supported(mode: str, device: torch.device | str, dtype: t
     The check is a real forward and backward through one quantized Linear (with a LoRA-like trainable input),
     compared with the unquantized layer: an import error, a missing kernel or a wrong result all fail it.
     """
-    if mode == "none":
+    if mode in ("none", "bf16"):  # bf16: a dtype cast, which every device has
         return
     if mode not in MODES:
         raise QuantizationUnsupportedError(f"train.quantize_base={mode!r} is not a mode; use one of {MODES}")

@@ -115,10 +115,13 @@ def float_weight(linear: nn.Module) -> torch.Tensor:
 
 def _compute_dtype(module: nn.Module, fallback: torch.dtype) -> torch.dtype:
     """The dtype ``module`` computes in: its first floating-point parameter's. On a quantized base the weights
-    are int8/uint8 but the biases keep the model dtype; ``fallback`` when nothing is floating."""
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
+    are int8/uint8 but the biases keep the model dtype, and a weight held only for storage (a bf16-held Linear
+    of an fp32 base, ``weight_is_storage_only``) is passed over the same way; ``fallback`` when nothing is left."""
+    for layer in module.modules():
+        storage_only = getattr(layer, "weight_is_storage_only", False)
+        for name, param in layer.named_parameters(recurse=False):
+            if param.is_floating_point() and not (storage_only and name == "weight"):
+                return param.dtype
     return fallback
 
 
