@@ -14,14 +14,15 @@ call, sets the time, as at the real sizes. Reports the median of ``--reps`` time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
 import time
 
 
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up
+def _time(fn, reps: int, warmup=None) -> float:
+    (warmup or fn)()  # warm-up: lazy initialisations, allocator pools
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -99,7 +100,9 @@ def bench_mid(reps: int, batch: int) -> dict:
                             sampler="lcm", steps_c=4)
     base = AdaptedStageC(stage_c)
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/lcm/stage-c-lite.yaml")
-    guided_s = _time(lambda: sample_stage_c(base, text, guided), reps)
+    # A 20-step guided run takes about a minute here: the warm-up runs 2 steps of it (the same shapes and kernels).
+    short = dataclasses.replace(guided, steps_c=2)
+    guided_s = _time(lambda: sample_stage_c(base, text, guided), reps, lambda: sample_stage_c(base, text, short))
     catalog.get("lcm").load().create_adapter(recipe.adapter.lcm, base, None)
     lcm_s = _time(lambda: sample_stage_c(base, text, fast), reps)
     return {"preset": f"mid (c {cfg['c_hidden'][0]}, {side}x{side} latents, Stage C only)", "guided_s": guided_s,
@@ -152,12 +155,14 @@ def main() -> None:
     from results import RESULTS, write_section
 
     torch.set_num_threads(args.threads)
+    # A mid run is a minute of arithmetic: its time scatters little, and 2 runs keep `make bench` short.
+    mid_reps = max(2, args.reps // 10)
     about = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{args.threads} thread(s), load average at start {os.getloadavg()[0]:.1f}, median of {args.reps} "
-             f"(mid: {max(3, args.reps // 5)})")
+             f"(mid: {mid_reps})")
     rows = []
     for preset in args.sizes.split(","):
-        row = bench_mid(max(3, args.reps // 5), args.batch) if preset == "mid" else bench(preset, args.reps, args.batch)
+        row = bench_mid(mid_reps, args.batch) if preset == "mid" else bench(preset, args.reps, args.batch)
         rows.append({**row, "batch": args.batch})
         print(row, flush=True)
     command = "python benchmarks/bench_lcm.py" + (f" --sizes {args.sizes}" if args.sizes != "tiny,toy,mid" else "") \

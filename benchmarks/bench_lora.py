@@ -4,7 +4,9 @@ Variants (each measurement is its own process, variants alternate, several repet
 
 * ``studio-speed``: our ``StageC`` + ``LoraAdapter`` (PEFT on to_q/to_k/to_v/out_proj) inside ``AdaptedStageC``,
   our loss step (``trainers.steps.diffusion_training_loss``), torch AdamW, no checkpointing;
-* ``studio-memory``: the same with gradient checkpointing and bitsandbytes 8-bit AdamW (the memory switches);
+* ``studio-memory``: the same with the memory switches: the frozen Linears held in bf16 and computed in fp32
+  (``train.quantize_base: bf16``; the published weights are bf16, so nothing is rounded there) and whole-block
+  checkpointing, torch AdamW;
 * ``studio-selective``: studio-speed with selective activation checkpointing (``train.checkpointing=selective``:
   matmul and attention outputs kept, norms/GELU/GRN/SiLU/depthwise conv recomputed), torch AdamW;
 * ``diffusers``: diffusers' ``StableCascadeUNet`` with the same config, PEFT ``inject_adapter_in_model`` on
@@ -47,11 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flops import count_flops, gemm_peak  # noqa: E402 - sibling modules, importable however the script starts
 from results import write_section  # noqa: E402
 VARIANTS = ("diffusers", "studio-speed", "studio-fast", "studio-memory", "studio-selective")
-# The studio variants: (train.checkpointing, optimizer, train.compile). studio-blocks (whole-block checkpointing with
-# torch AdamW) is not in the table; benchmarks/bench_checkpointing.py runs it beside studio-speed and studio-selective.
-STUDIO = {"studio-speed": ("none", "adamw", False), "studio-fast": ("none", "adamw", True),
-          "studio-memory": ("blocks", "adamw8bit", False), "studio-selective": ("selective", "adamw", False),
-          "studio-blocks": ("blocks", "adamw", False)}
+# The studio variants: (train.checkpointing, optimizer, train.compile, train.quantize_base). studio-blocks
+# (whole-block checkpointing with torch AdamW) is not in the table; benchmarks/bench_checkpointing.py runs it beside
+# studio-speed and studio-selective. 8-bit AdamW is left out of studio-memory: a LoRA's optimizer state is a few
+# MiB, and bitsandbytes runs it unfused per tensor on the CPU.
+STUDIO = {"studio-speed": ("none", "adamw", False, "none"), "studio-fast": ("none", "adamw", True, "none"),
+          "studio-memory": ("blocks", "adamw", False, "bf16"),
+          "studio-selective": ("selective", "adamw", False, "none"), "studio-blocks": ("blocks", "adamw", False, "none")}
 TINY_TEXT = dict(c_clip_text=64, c_clip_text_pooled=64, c_clip_img=32)
 SIZES = {
     # name: (Stage C kwargs, batch, latent side, LoRA rank, timed steps per process)
@@ -99,13 +103,15 @@ def _diffusers_model(cfg: dict, rank: int):
     return unet, params
 
 
-def _studio_model(cfg: dict, rank: int, checkpointing: str, compile_blocks: bool = False):
+def _studio_model(cfg: dict, rank: int, checkpointing: str, compile_blocks: bool = False, quantize: str = "none"):
     from cascade_studio.adapters.base import AdaptedStageC
     from cascade_studio.adapters.lora import LoraAdapter, LoraSpec
     from cascade_studio.models import build_stage_c
     from cascade_studio.models.random_init import make_learnable
+    from cascade_studio.trainers.quantize import quantize_frozen_linears
 
     stage_c = make_learnable(build_stage_c(**cfg)).requires_grad_(False).eval()
+    quantize_frozen_linears(stage_c, quantize)  # train.quantize_base, before the adapter (as the trainer does)
     stage_c.checkpointing = checkpointing
     if compile_blocks:
         stage_c.compile_blocks()  # train.compile: on
@@ -116,9 +122,11 @@ def _studio_model(cfg: dict, rank: int, checkpointing: str, compile_blocks: bool
 
 
 def worker(variant: str, size: str, steps: int | None, profile: bool = False) -> dict:
-    """Timed steps and peak RSS (``profile=False``), or the peak tensor bytes of one profiled step (``True``).
+    """Timed steps and peak RSS; with ``profile``, then also the peak tensor bytes of one profiled step and the
+    FLOPs of one more.
 
-    The profiled step runs in its own process: the profiler's bookkeeping would inflate RSS and step times."""
+    The profiled steps run after the timed ones and after RSS was read: the profiler's bookkeeping would inflate
+    both. (Each used to run in a process of its own: 10 more processes, a quarter of the benchmark's time.)"""
     # The same imports in every variant, before the RSS baseline, so the delta is the training's own memory.
     import bitsandbytes  # noqa: F401
     import diffusers  # noqa: F401
@@ -157,8 +165,9 @@ def worker(variant: str, size: str, steps: int | None, profile: bool = False) ->
                          clip_img=batch["clip_img"], return_dict=False)[0]
             return torch.nn.functional.mse_loss(pred.float(), noise.float())
     else:
-        checkpointing, optimizer_name, compiled = STUDIO[variant]
-        model, params = _studio_model(cfg, rank, checkpointing=checkpointing, compile_blocks=compiled)
+        checkpointing, optimizer_name, compiled, quantize = STUDIO[variant]
+        model, params = _studio_model(cfg, rank, checkpointing=checkpointing, compile_blocks=compiled,
+                                      quantize=quantize)
         optimizer = build_optimizer(params, OptimizerConfig(name=optimizer_name, lr=1e-4))
 
         def loss_fn(step: int):
@@ -175,22 +184,23 @@ def worker(variant: str, size: str, steps: int | None, profile: bool = False) ->
     losses = [train_step(0)]  # warm-up: optimizer state, lazy kernels
     result = {"variant": variant, "size": size, "trainable": sum(p.numel() for p in params),
               "threads": torch.get_num_threads()}
-    if profile:
-        tensors = list(model.parameters()) + list(model.buffers()) + [
-            v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-        resident = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-        live_peak, _ = measure_peak_tensor_bytes(lambda: train_step(1))
-        # Model FLOPs of one step (matmuls, convolutions, attention; recomputation included). The compiler's
-        # graphs hide their ops from the counter, and they do the same arithmetic as the eager model.
-        flops = None if variant in STUDIO and STUDIO[variant][2] else count_flops(lambda: train_step(2))
-        return {**result, "tensor_peak": resident + live_peak, "flops": flops}
     times = []
     for step in range(1, steps + 1):
         start = time.perf_counter()
         losses.append(train_step(step))
         times.append(time.perf_counter() - start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {**result, "step_s": times, "rss_delta": peak_rss - baseline_rss, "losses": losses}
+    result.update(step_s=times, rss_delta=peak_rss - baseline_rss, losses=losses)
+    if profile:
+        tensors = list(model.parameters()) + list(model.buffers()) + [
+            v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        resident = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+        live_peak, _ = measure_peak_tensor_bytes(lambda: train_step(steps + 1))
+        # Model FLOPs of one step (matmuls, convolutions, attention; recomputation included). The compiler's
+        # graphs hide their ops from the counter, and they do the same arithmetic as the eager model.
+        flops = None if variant in STUDIO and STUDIO[variant][2] else count_flops(lambda: train_step(steps + 2))
+        result.update(tensor_peak=resident + live_peak, flops=flops)
+    return result
 
 
 def cache_worker() -> dict:
@@ -310,14 +320,14 @@ def main(argv: list[str] | None = None) -> int:
             # Rotate the order every repetition so drifting machine load hits every variant alike.
             order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
             for variant in order:
-                result = _run_worker(["--worker", variant, size, *steps])
+                # The first repetition's process also measures the (deterministic) tensor bytes and FLOPs.
+                result = _run_worker(["--worker", variant, size, *steps] + (["--profile"] if rep == 0 else []))
                 results.setdefault((size, variant), []).append(result)
+                if rep == 0:
+                    tensor_peaks[(size, variant)] = result
                 print(f"{size:5s} {variant:14s} rep {rep}: step {statistics.median(result['step_s']):.3f} s, "
-                      f"RSS +{result['rss_delta'] / 2**20:.0f} MiB", flush=True)
-        for variant in VARIANTS:  # deterministic: one process each
-            tensor_peaks[(size, variant)] = _run_worker(["--worker", variant, size, "--profile"])
-            print(f"{size:5s} {variant:14s} tensors {tensor_peaks[(size, variant)]['tensor_peak'] / 2**20:.0f} MiB",
-                  flush=True)
+                      f"RSS +{result['rss_delta'] / 2**20:.0f} MiB" + (
+                          f", tensors {result['tensor_peak'] / 2**20:.0f} MiB" if rep == 0 else ""), flush=True)
     cache = _run_worker(["--cache-worker"])
     peak = _run_worker(["--gemm-worker"])  # the same threads as the step workers
     print(f"GEMM peak: {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} GFLOP/s bf16", flush=True)
@@ -342,10 +352,13 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float, pea
     lines = ["## LoRA step benchmark: Cascade Studio vs a diffusers + PEFT baseline (bench_lora.py)", "",
              f"Machine: {about}.", f"Command: `{command}` (or `make bench`), {seconds / 60:.1f} min in all.",
              f"Step time and RSS: median over {args.reps} processes per variant (variants alternate), each the "
-             "median of its timed steps (5 tiny, 1 mid/lite, after one warm-up step). Tensor bytes: one more "
-             "process per variant. fp32, frozen base in eval mode, LoRA on q/k/v/out of every attention block, "
-             "AdamW (8-bit for studio-memory); studio-fast is studio-speed with `train.compile: on` (Stage C "
-             "compiled block by block); studio-selective is studio-speed with selective checkpointing.",
+             "median of its timed steps (5 tiny, 1 mid/lite, after one warm-up step). Tensor bytes and FLOPs: "
+             "two more steps in each variant's first process, after its timing. fp32, frozen base in eval mode, "
+             "LoRA on q/k/v/out of every attention block, AdamW; studio-fast is studio-speed with "
+             "`train.compile: on` (Stage C compiled block by block); studio-memory holds the frozen Linears in bf16 "
+             "and computes in fp32 (`train.quantize_base: bf16`; the published weights are bf16, so it rounds "
+             "nothing there) with whole-block checkpointing; studio-selective is studio-speed with selective "
+             "checkpointing.",
              f"GFLOP/s: the step's model FLOPs (matmuls, convolutions, attention, forward + backward, recomputation "
              f"included; torch's FlopCounterMode; studio-fast does studio-speed's arithmetic) over its time; % peak: "
              f"against this machine's measured fp32 GEMM peak at the same threads, {peak['fp32'] / 1e9:.0f} GFLOP/s "
@@ -391,13 +404,17 @@ def render(results, tensor_peaks, cache, sizes, about, args, seconds: float, pea
                   f"- step time, studio-speed / diffusers: **{speed:.2f}** (target <= 1.0: "
                   f"{'met' if speed <= 1.0 else 'NOT met'}); single processes scattered up to "
                   f"{100 * spread:.0f}% around their variant's median, so ratios within that are parity.",
-                  f"- peak memory, studio-memory (checkpointing + 8-bit AdamW) / diffusers: **{memory:.2f}** of "
+                  f"- peak memory, studio-memory (bf16-held base + block checkpointing) / diffusers: **{memory:.2f}** of "
                   f"the RSS delta (target <= 0.7: {'met' if memory <= 0.7 else 'NOT met'}), "
                   f"{tensor_peaks[('mid', 'studio-memory')]['tensor_peak'] / base_tensor:.2f} of the tensor bytes.",
-                  "- studio-memory pays for its memory in time: checkpointing recomputes every block's forward "
-                  "during the backward pass (with a frozen base the backward costs about one forward, so about "
-                  "+50%), and bitsandbytes' 8-bit AdamW runs unfused per tensor on the CPU (most of the tiny "
-                  "overhead; on CUDA it is one fused kernel).",
+                  f"- studio-memory pays for its memory in time: block checkpointing recomputes every block's "
+                  f"forward during the backward pass "
+                  f"({tensor_peaks[('mid', 'studio-memory')]['flops'] / tensor_peaks[('mid', 'studio-speed')]['flops']:.2f}x "
+                  "studio-speed's FLOPs). Holding the frozen Linears in bf16 costs no measurable time (each weight "
+                  "is cast to fp32 in its forward and again in its backward pass) and takes the base to half its "
+                  "fp32 size. A mode between selective and blocks (attention blocks recomputed whole, ResBlocks "
+                  "selectively) was measured at 0.44x the tensor bytes but took as long as whole blocks (the CPU's "
+                  "attention forward is slow to recompute), so it is not offered.",
                   f"- studio-selective (selective checkpointing, AdamW): {ratio('studio-selective', 'step_s'):.2f} of "
                   f"diffusers' step time at {tensor_peaks[('mid', 'studio-selective')]['tensor_peak'] / base_tensor:.2f} "
                   "of its tensor bytes: the matmul outputs stay, only norms and activations are recomputed.", ""]
