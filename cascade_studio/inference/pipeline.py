@@ -139,8 +139,8 @@ class CascadeComponents:
             return
         from cascade_studio.models.presets import get_preset
 
-        if (settings is not None and not previewing and get_preset(self.spec.preset).built_in and not self.spec.source("stage_b")
-                and "stage_b" not in self._injected):
+        if (settings is not None and not previewing and get_preset(self.spec.preset).built_in
+                and not self.spec.source("stage_b") and "stage_b" not in self._injected):
             # The built-in presets' Stage B and A are random weights (only the toy Stage C and previewer are
             # trained): the whole cascade decodes to noise, which compare avoids by defaulting to the previewer.
             self._warned = True

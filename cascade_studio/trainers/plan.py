@@ -470,7 +470,8 @@ def plan_memory(setup: Setup, layout: Layout | None = None) -> MemoryPlan:
     n_trainable = planned.n_trainable
     activations = activation_bytes(layout, setup, planned)
     quant = {"none": setup.dtype, "bf16": f"bf16 Linears (fp32 matmuls), rest {setup.dtype}",
-             "int8": f"int8 Linears, rest {setup.dtype}", "nf4": f"NF4 Linears, rest {setup.dtype}"}[setup.quantize_base]
+             "int8": f"int8 Linears, rest {setup.dtype}",
+             "nf4": f"NF4 Linears, rest {setup.dtype}"}[setup.quantize_base]
     parts = {
         "frozen weights": frozen_weight_bytes(layout, setup),
         "adapter weights": 4 * n_trainable + planned.frozen_bytes,
