@@ -53,8 +53,9 @@ def test_checkpointing_prediction_tracks_the_measured_saving():
         ratios[mode] = measure_training_step(setup)[1] / measured_none
         assert abs(predicted - ratios[mode]) < 0.1, (mode, predicted, ratios[mode])
     # Measured 1 : 0.92 : 0.33 since GELU and GRN keep one tensor between them (0.8 before: selective had recomputed
-    # the other two, which no checkpointing now keeps either).
-    assert ratios["blocks"] < 0.5 and ratios["blocks"] < ratios["selective"] < 0.95, ratios
+    # the other two, which no checkpointing now keeps either), and 1 : 0.95 : 0.34 since attention projects the
+    # image and cond keys apart (no checkpointing no longer keeps their concatenated input).
+    assert ratios["blocks"] < 0.5 and ratios["blocks"] < ratios["selective"] < 0.97, ratios
 
 
 def test_meta_parameter_counts_match_the_published_models():

@@ -162,7 +162,7 @@ class TimestepBlock(nn.Module):
         for i, name in enumerate(self.conds):
             ac, bc = getattr(self, f"mapper_{name}")(chunks[i + 1])[:, :, None, None].chunk(2, dim=1)
             a, b = a + ac, b + bc
-        return x * (1 + a) + b
+        return torch.addcmul(b, x, 1 + a)  # x * (1 + a) + b in one pass over x
 
 
 class AttentionHookHandle:
@@ -218,11 +218,20 @@ class Attention(nn.Module):
         b, n, c = t.shape
         return t.view(b, n, self.nhead, c // self.nhead).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, L, C] queries, ``kv`` [B, S, C] keys/values -> [B, L, C]."""
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(kv))
-        v = self._split_heads(self.to_v(kv))
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, self_attn: bool = False) -> torch.Tensor:
+        """``x`` [B, L, C] queries, ``kv`` [B, S, C] keys/values -> [B, L, C]; with ``self_attn`` the keys and
+        values are ``cat([x, kv])``, L + S of them.
+
+        ``kv`` (the conditioning tokens) is the same at every sampling step, so its key and value projections
+        are computed once per sampling run (models/reuse); with ``self_attn`` only the queries' own rows are
+        projected at every step. The projections are row-wise, so projecting the two parts apart is
+        projecting their concatenation; the sampled image is the same with or without the reuse.
+        """
+        q_proj = self.to_q(x)
+        k, v = reuse(self, "kv", (kv,), lambda: (self.to_k(kv), self.to_v(kv)))
+        if self_attn:
+            k, v = torch.cat([self.to_k(x), k], dim=1), torch.cat([self.to_v(x), v], dim=1)
+        q, k, v = self._split_heads(q_proj), self._split_heads(k), self._split_heads(v)
         # MultiheadAttention's dropout acts on the attention weights; SDPA's dropout_p is the same thing.
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         if self.attention_hooks:
@@ -241,9 +250,7 @@ class Attention2D(nn.Module):
     def forward(self, x: torch.Tensor, kv: torch.Tensor, self_attn: bool = False) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h * w).permute(0, 2, 1)
-        if self_attn:
-            kv = torch.cat([tokens, kv], dim=1)
-        out = self.attn(tokens, kv)
+        out = self.attn(tokens, kv, self_attn=self_attn)
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 
 
