@@ -242,3 +242,46 @@ def test_two_runs_starting_together_on_a_new_workspace_share_one_database(tmp_pa
     deadline = time.monotonic() + 300
     assert [child.wait(timeout=max(1.0, deadline - time.monotonic())) for child in children] == [0, 0]
     assert sorted(r["run_name"] for r in list_runs(uri(tmp_path), EXPERIMENT)) == ["a", "b"]
+
+
+def test_a_second_database_in_one_process_is_a_copy_pointing_at_its_own_artifacts(tmp_path, monkeypatch):
+    """A process that makes several workspaces (the studio, a test session) migrates MLflow's schema once: later
+    databases are copies of the first, whose Default experiment points at their own artifact folder."""
+    from mlflow.store.tracking import sqlalchemy_store
+
+    from cascade_studio.tracking import sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "_TEMPLATES", {})
+    made = []
+    real_store = sqlalchemy_store.SqlAlchemyStore
+
+    class counting_store(real_store):
+        def __init__(self, uri, *args, **kwargs):
+            made.append(uri)
+            super().__init__(uri, *args, **kwargs)
+
+    monkeypatch.setattr(sqlalchemy_store, "SqlAlchemyStore", counting_store)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for workspace in (first, second):
+        workspace.mkdir()
+        assert sqlite_store.prepare_sqlite_store(workspace / "mlflow.db", None)
+    assert len(made) == 1 and ".creating-" in made[0]  # only the first database ran the migrations
+    monkeypatch.setattr(sqlalchemy_store, "SqlAlchemyStore", real_store)
+
+    def default_experiment(workspace: Path) -> tuple:
+        connection = sqlite3.connect(workspace / "mlflow.db")
+        try:
+            return connection.execute("SELECT name, artifact_location, creation_time FROM experiments "
+                                      "WHERE experiment_id = 0").fetchone()
+        finally:
+            connection.close()
+
+    name, location, created = default_experiment(second)
+    assert name == "Default" and location == (second / "mlartifacts").as_uri() + "/0"
+    assert default_experiment(first)[1] == (first / "mlartifacts").as_uri() + "/0"
+    assert created >= default_experiment(first)[2]
+    tracker = start(second, "in-the-copy")  # MLflow takes the copy as a complete database and logs into it
+    tracker.log_metrics({"loss": 0.25}, step=1)
+    tracker.end("FINISHED")
+    assert [r["run_name"] for r in list_runs(uri(second), EXPERIMENT)] == ["in-the-copy"]
+    assert list_runs(uri(first), EXPERIMENT) == []

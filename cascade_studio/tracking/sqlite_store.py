@@ -130,6 +130,45 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+# The first database a process creates, kept as bytes (with the artifact root it was made for) per schema
+# revision: every later one is a copy with its Default experiment moved to its own artifact root, instead of
+# running MLflow's migrations again (about 2 s each here; a process such as the studio or a test session makes
+# many workspaces).
+_TEMPLATES: dict[str, tuple[bytes, str]] = {}
+
+
+def _default_experiment_location(path: Path) -> Optional[str]:
+    connection = sqlite3.connect(str(path), timeout=_LOCK_WAIT_S)
+    try:
+        row = connection.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0").fetchone()
+    finally:
+        connection.close()
+    return row[0] if row else None
+
+
+def _from_template(temporary: Path, root: str, head: Optional[str]) -> bool:
+    """Write the process's template database to ``temporary`` for ``root``; False when there is none to use."""
+    template = _TEMPLATES.get(head) if head is not None else None
+    if template is None:
+        return False
+    data, template_root = template
+    temporary.write_bytes(data)
+    connection = sqlite3.connect(str(temporary), timeout=_LOCK_WAIT_S)
+    try:
+        location = connection.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0").fetchone()
+        if location is None or not str(location[0]).startswith(template_root):
+            return False
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(experiments)")}
+        now = int(time.time() * 1000)
+        stamps = [column for column in ("creation_time", "last_update_time") if column in columns]
+        connection.execute(f"UPDATE experiments SET artifact_location = ?{''.join(f', {c} = ?' for c in stamps)} "
+                           "WHERE experiment_id = 0", (root + str(location[0])[len(template_root):], *[now] * len(stamps)))
+        connection.commit()
+    finally:
+        connection.close()
+    return _is_complete(_inspect(temporary), head)
+
+
 def _create(path: Path, artifact_root: Optional[str]) -> None:
     """Create and migrate a new MLflow database beside ``path`` and rename it into place when complete."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -137,11 +176,17 @@ def _create(path: Path, artifact_root: Optional[str]) -> None:
     temporary = path.with_name(f".{path.name}{_CREATING}{os.getpid()}")
     _remove(temporary)
     temporary_uri = f"{SQLITE_PREFIX}{temporary.as_posix()}"
+    root = artifact_root or (path.parent / "mlartifacts").as_uri()
+    head = _head_revision()
     try:
-        try:
-            SqlAlchemyStore(temporary_uri, artifact_root or (path.parent / "mlartifacts").as_uri())
-        finally:
-            _forget_engines(temporary)
+        if not _from_template(temporary, root, head):
+            _remove(temporary)
+            try:
+                SqlAlchemyStore(temporary_uri, root)
+            finally:
+                _forget_engines(temporary)
+            if head is not None and _default_experiment_location(temporary) is not None:
+                _TEMPLATES.setdefault(head, (temporary.read_bytes(), root))
         _fsync(temporary)
         os.replace(temporary, path)
         _fsync(path.parent)
