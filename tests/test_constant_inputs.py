@@ -55,8 +55,14 @@ def test_conditioning_and_kv_mappers_run_once_per_run_and_images_are_identical(m
     mappers = _counter(b.kv_mapper for b in blocks)
     norms = _counter([stage_c.clip_norm])
     calls = _counter([stage_c])
+    keys: list[int] = []  # the token count of every key projection
+    for block in blocks:
+        block.attention.attn.to_k.register_forward_hook(lambda _m, args, _out: keys.append(args[0].shape[1]))
     reused = sample_stage_c(stage_c, _text(), _settings())
     assert (calls[0], norms[0], mappers[0]) == (STEPS, 1, len(blocks))  # one batched CFG call per step
+    # The image tokens' keys at every step, the conditioning tokens' once per block
+    image_tokens = reused.shape[-2] * reused.shape[-1]
+    assert (keys.count(image_tokens), len(keys) - keys.count(image_tokens)) == (STEPS * len(blocks), len(blocks))
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "reusing_constant_inputs", contextlib.nullcontext)
         stepwise = sample_stage_c(stage_c, _text(), _settings())
