@@ -137,13 +137,9 @@ def _fsync(path: Path) -> None:
 _TEMPLATES: dict[str, tuple[bytes, str]] = {}
 
 
-def _default_experiment_location(path: Path) -> Optional[str]:
-    connection = sqlite3.connect(str(path), timeout=_LOCK_WAIT_S)
-    try:
-        row = connection.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0").fetchone()
-    finally:
-        connection.close()
-    return row[0] if row else None
+def _default_experiment_location(connection: sqlite3.Connection) -> Optional[str]:
+    row = connection.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0").fetchone()
+    return None if row is None else str(row[0])
 
 
 def _from_template(temporary: Path, root: str, head: Optional[str]) -> bool:
@@ -155,14 +151,13 @@ def _from_template(temporary: Path, root: str, head: Optional[str]) -> bool:
     temporary.write_bytes(data)
     connection = sqlite3.connect(str(temporary), timeout=_LOCK_WAIT_S)
     try:
-        location = connection.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0").fetchone()
-        if location is None or not str(location[0]).startswith(template_root):
+        location = _default_experiment_location(connection)
+        if location is None or not location.startswith(template_root):
             return False
         columns = {row[1] for row in connection.execute("PRAGMA table_info(experiments)")}
-        now = int(time.time() * 1000)
-        stamps = [column for column in ("creation_time", "last_update_time") if column in columns]
-        connection.execute(f"UPDATE experiments SET artifact_location = ?{''.join(f', {c} = ?' for c in stamps)} "
-                           "WHERE experiment_id = 0", (root + str(location[0])[len(template_root):], *[now] * len(stamps)))
+        stamps = "".join(f", {c} = :now" for c in ("creation_time", "last_update_time") if c in columns)
+        connection.execute(f"UPDATE experiments SET artifact_location = :location{stamps} WHERE experiment_id = 0",
+                           {"location": root + location[len(template_root):], "now": int(time.time() * 1000)})
         connection.commit()
     finally:
         connection.close()
@@ -185,7 +180,7 @@ def _create(path: Path, artifact_root: Optional[str]) -> None:
                 SqlAlchemyStore(temporary_uri, root)
             finally:
                 _forget_engines(temporary)
-            if head is not None and _default_experiment_location(temporary) is not None:
+            if head is not None:
                 _TEMPLATES.setdefault(head, (temporary.read_bytes(), root))
         _fsync(temporary)
         os.replace(temporary, path)
