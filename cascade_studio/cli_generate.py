@@ -6,6 +6,7 @@ Argument parsing only; the work is in ``inference.pipeline``, ``inference.adapte
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -105,7 +106,9 @@ def _add_generate(sub) -> None:
         description="Generate images; LoRAs, ControlNets and an IP-Adapter can be combined in one call.",
         epilog=_SPEC_HELP, formatter_class=_SpecHelpFormatter)
     p.add_argument("--prompt", action="append", required=True, help="caption (repeat for several)")
-    p.add_argument("--out", default="generated.png", help="PNG path (several images add -0, -1, ...)")
+    p.add_argument("--out", default="generated.png",
+                   help="image file (.png, .jpg, .webp ...; no extension: .png) or folder (gets generated.png); "
+                        "several images add -0, -1, ...")
     _add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0)
@@ -137,10 +140,31 @@ def generate_specs(args) -> list:
     return specs + [parse_adapter_spec(text, **settings) for text in args.adapter]
 
 
+def image_out_path(out: str) -> Path:
+    """Where ``generate --out`` writes: a folder (an existing one, or a path ending in a separator) gets
+    ``generated.png`` inside it, a name without an extension gets ``.png``; an extension Pillow cannot write
+    is refused with the ones it can."""
+    from PIL import Image
+
+    path = Path(out).expanduser()
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        return path / "generated.png"
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    writable = Image.registered_extensions()
+    Image.init()
+    if writable.get(path.suffix.lower()) not in Image.SAVE:
+        known = ", ".join(ext for ext in (".png", ".jpg", ".webp", ".tif", ".bmp") if writable.get(ext) in Image.SAVE)
+        raise ValueError(f"--out {out}: cannot write {path.suffix!r} images; give a file name ending in one of "
+                         f"{known}, or a folder")
+    return path
+
+
 def cmd_generate(args) -> int:
     from .inference.adapters import generate_with_adapters
     from .inference.pipeline import CascadeComponents, GenerateSettings, generate
 
+    out = image_out_path(args.out)  # before any model loads: a bad --out must not cost the generation
     specs = generate_specs(args)
     prompt = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
     settings = GenerateSettings(prompt=prompt, seed=args.seed, batch=args.batch, preview=args.preview,
@@ -155,7 +179,6 @@ def cmd_generate(args) -> int:
             print(f"adapter: {item.label} <- {item.path}")
     else:
         images = generate(components, settings)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")

@@ -257,11 +257,28 @@ def test_mismatched_adapter_is_refused_with_a_clear_message(files, tmp_path, cap
     (["--image-prompt", "red.png"], "--image-prompt needs an IP-Adapter"),
     (["--lora", "missing.safetensors"], "missing.safetensors does not exist"),
     (["--lora", "run:0123456789abcdef0123456789abcdef"], "MLflow run 0123456789abcdef0123456789abcdef"),
+    (["--out", "picture.txt"], "cannot write '.txt' images; give a file name ending in one of .png"),
 ])
 def test_bad_flags_fail_before_any_model_loads(flags, message, tmp_path, capsys):
     code, _, err = run_cli(["generate", "--prompt", "x", "--preview", *FAST, "--out", tmp_path / "x.png",
                             "--workspace", tmp_path, *flags], capsys)
     assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_out_may_be_a_folder_or_a_name_without_extension(tmp_path, capsys):
+    """A folder gets generated.png inside it (it used to fail after the whole generation: "unknown file
+    extension"), a bare name gets .png, and several images are numbered."""
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for out, written in ((folder, folder / "generated.png"), (str(tmp_path / "new") + "/", tmp_path / "new" / "generated.png"),
+                         (tmp_path / "bare", tmp_path / "bare.png"), (tmp_path / "photo.jpg", tmp_path / "photo.jpg")):
+        code, stdout, err = run_cli(["generate", "--prompt", "a red circle", "--preview", *FAST, "--out", out], capsys)
+        assert code == 0, err
+        assert f"wrote {written} " in stdout and min(Image.open(written).size) > 0
+    code, stdout, err = run_cli(["generate", "--prompt", "a red circle", "--prompt", "a blue square", "--preview",
+                                 *FAST, "--out", folder], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in folder.glob("generated-*.png")) == ["generated-0.png", "generated-1.png"]
 
 
 def test_adapter_inputs_without_their_images_are_explained(files, tmp_path, capsys):
