@@ -122,6 +122,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="SPEC",
                    help="any adapter in the spec syntax below (repeatable)")
     _add_input_args(p, repeat_control=True)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_generate)
 
 
@@ -160,6 +161,30 @@ def image_out_path(out: str) -> Path:
     return path
 
 
+class StepBars:
+    """``progress(stage, step, total)`` for the pipeline: a tqdm bar (stderr) for each sampling pass, Stage C then
+    Stage B (one per image when it decodes them one by one)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.stage, self.bar = enabled, None, None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None or stage != self.stage or step <= self.bar.n:
+            from tqdm.auto import tqdm
+
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage.replace("_", " ").title(), unit="step", dynamic_ncols=True)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def cmd_generate(args) -> int:
     from .inference.adapters import generate_with_adapters
     from .inference.pipeline import CascadeComponents, GenerateSettings, generate
@@ -171,14 +196,18 @@ def cmd_generate(args) -> int:
                                 **_sampling_kwargs(args))
     components = CascadeComponents(_model_spec(args), device=args.device)
     components.warn_if_slow(settings, preview_hint="--preview")  # the command line's spelling
-    if specs:
-        images, resolved = generate_with_adapters(components, settings, specs, workspace=args.workspace,
-                                                  tracking_uri=args.tracking_uri,
-                                                  ip_image_encoder=args.ip_image_encoder, force=args.force)
-        for item in resolved:
-            print(f"adapter: {item.label} <- {item.path}")
-    else:
-        images = generate(components, settings)
+    bars = StepBars(enabled=not args.no_progress)
+    try:
+        if specs:
+            images, resolved = generate_with_adapters(components, settings, specs, workspace=args.workspace,
+                                                      tracking_uri=args.tracking_uri, progress=bars,
+                                                      ip_image_encoder=args.ip_image_encoder, force=args.force)
+            for item in resolved:
+                print(f"adapter: {item.label} <- {item.path}")
+        else:
+            images = generate(components, settings, progress=bars)
+    finally:
+        bars.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")

@@ -326,3 +326,14 @@ def test_generate_on_a_built_in_preset_without_preview_says_its_decoder_is_rando
     code, _, err = run_cli(["generate", "--preset", "tiny", "--prompt", "a red circle", *FAST, "--preview",
                             "--out", tmp_path / "preview.png"], capsys)
     assert code == 0 and "random weights" not in err
+
+
+def test_generate_shows_a_bar_per_sampling_stage_unless_told_not_to(tmp_path, capsys):
+    code, _, err = run_cli(["generate", "--prompt", "a red circle", *FAST, "--out", tmp_path / "a.png"], capsys)
+    assert code == 0, err
+    bars = [line.split("|")[0].strip() + " " + line.split("|")[2].split()[0]
+            for line in err.replace("\r", "\n").splitlines() if "100%" in line]
+    assert bars == ["Stage C: 100% 2/2", "Stage B: 100% 2/2"], err
+    code, _, err = run_cli(["generate", "--prompt", "a red circle", *FAST, "--out", tmp_path / "b.png",
+                            "--no-progress"], capsys)
+    assert code == 0 and "Stage C" not in err and "step/s" not in err, err

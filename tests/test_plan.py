@@ -253,3 +253,20 @@ def test_the_smaller_batch_switch_keeps_the_global_batch_in_a_recipe_that_can_us
     [switch] = [override for override, _, _ in advice.applied if override.startswith("train.batch_size=")]
     assert switch == ("train.batch_size=1" if keep else "train.batch_size=1 train.grad_accum=16")
     load_recipe(REPO / "recipes/lora/stage-c-big-style.yaml", overrides=overrides + switch.split())
+
+
+def test_an_fp32_setup_is_advised_to_hold_its_base_in_bf16_before_computing_in_bf16():
+    """fp32 (the CPU's dtype): holding the frozen Linears in bf16 halves them and keeps fp32 arithmetic, so it
+    comes before switching the model to bf16; when that is needed too, the bf16 model makes it moot and the advice
+    drops it (the recipe schema refuses train.quantize_base=bf16 on a bf16 model)."""
+    layout = planner.stage_c_layout({})
+    setup = planner.Setup(adapter=LoraConfig(), batch_size=1, dtype="fp32", mixed_precision="no", optimizer="adamw8bit",
+                          checkpointing="blocks")
+    held = planner.plan_memory(replace(setup, quantize_base="bf16"), layout).peak
+    assert held < planner.plan_memory(setup, layout).peak
+    advice = planner.suggest(setup, held + 2**20, layout)
+    assert advice.fits and [text for text, _, _ in advice.applied] == ["train.quantize_base=bf16"]
+    advice = planner.suggest(setup, held - 2**30, layout)
+    texts = [text for text, _, _ in advice.applied]
+    assert texts[0] == "model.dtype=bf16 train.mixed_precision=bf16" and "train.quantize_base=bf16" not in texts
+    assert advice.final.setup.quantize_base != "bf16"

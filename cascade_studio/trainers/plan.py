@@ -507,6 +507,7 @@ class Switch:
     override: str  # what to add to the command line / recipe
     cost: str
     apply: Callable[[Setup], Setup | None]  # None = already on / not applicable
+    supersedes: str = ""  # an earlier switch's override this one makes moot (dropped from the advice)
 
     def text(self, applied: Setup) -> str:
         accum = "" if applied.global_batch else f" train.grad_accum={applied.grad_accum}"
@@ -522,13 +523,20 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("optimizer.name=adamw8bit", "none measurable (8-bit Adam state)",
            lambda s: None if s.optimizer in ("adamw8bit", "lion8bit", "adafactor")
            else replace(s, optimizer="adamw8bit")),
+    # An fp32 model (the CPU's dtype) keeps computing in fp32 with its frozen Linears held in bf16: half their
+    # bytes, each weight cast back per use (bench_lora's studio-memory); the published weights are bf16 already.
+    Switch("train.quantize_base=bf16", "bf16 rounding of the frozen Linears (the published weights are bf16), "
+           "computed in fp32; a few % slower steps", lambda s: None if (s.quantize_base, s.dtype) != ("none", "fp32")
+           else replace(s, quantize_base="bf16")),
     Switch("model.dtype=bf16 train.mixed_precision=bf16", "bf16 rounding of the frozen base",
            lambda s: None if (s.dtype, s.mixed_precision) == ("bf16", "bf16")
-           else replace(s, dtype="bf16", mixed_precision="bf16")),
+           else replace(s, dtype="bf16", mixed_precision="bf16",
+                        quantize_base="none" if s.quantize_base == "bf16" else s.quantize_base),
+           supersedes="train.quantize_base=bf16"),  # a bf16 model holds its weights in bf16 already
     Switch("train.batch_size=1{accum}", "same effective batch, more steps per update",
            lambda s: None if s.batch_size == 1 else replace(s, batch_size=1, grad_accum=s.batch_size * s.grad_accum)),
     Switch("train.quantize_base=int8", "int8 rounding of the frozen Linears (~1% output change), slower matmuls",
-           lambda s: None if s.quantize_base != "none" else replace(s, quantize_base="int8")),
+           lambda s: None if s.quantize_base not in ("none", "bf16") else replace(s, quantize_base="int8")),
     Switch("train.quantize_base=nf4", "NF4 rounding of the frozen Linears (QLoRA; ~10% output change)",
            lambda s: None if s.quantize_base == "nf4" else replace(s, quantize_base="nf4")),
 )  # then the adapter's own switch, if its method has one (PlannedAdapter.smaller)
@@ -560,6 +568,7 @@ def suggest(setup: Setup, budget: int, layout: Layout | None = None) -> Advice:
                 break
             setup, plan = changed, candidate
             text = switch.text(setup)
+            applied = [item for item in applied if not switch.supersedes or item[0] != switch.supersedes]
             if applied and applied[-1][0].split("=")[0] == text.split("=")[0]:
                 # rank 16 -> 8 -> 4, or int8 -> nf4: only the last value is the advice
                 applied[-1] = (text, switch.cost, plan.peak)
