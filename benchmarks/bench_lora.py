@@ -1,6 +1,7 @@
 """LoRA training step: this studio against the baseline a diffusers user would write, on one machine, in one run.
 
-Variants (each measurement is its own process, variants alternate, several repetitions, medians reported):
+Variants (each measurement is its own process, forked from the orchestrator after the imports they share; variants
+alternate, several repetitions, medians reported):
 
 * ``studio-speed``: our ``StageC`` + ``LoraAdapter`` (PEFT on to_q/to_k/to_v/out_proj) inside ``AdaptedStageC``,
   our loss step (``trainers.steps.diffusion_training_loss``), torch AdamW, no checkpointing;
@@ -250,6 +251,57 @@ def cache_worker() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ orchestrator
+def preload() -> None:
+    """The step workers' imports, once, in the orchestrator that forks them (:func:`forked_worker`).
+
+    A fresh Python process spent ~17 s on these imports here, before its ~10 s of measuring: over half of the
+    benchmark's time, 30 times. Imports only: no torch op runs in the orchestrator before its forks, so no
+    OpenMP thread pool is inherited (a forked child of a process whose pool is up can hang in its first
+    parallel region)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import bitsandbytes  # noqa: F401
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    from diffusers import DDPMWuerstchenScheduler  # noqa: F401
+    from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet  # noqa: F401
+
+    import cascade_studio.adapters.lora  # noqa: F401
+    from cascade_studio.adapters.base import AdaptedStageC  # noqa: F401
+    from cascade_studio.models import build_stage_c  # noqa: F401
+    from cascade_studio.trainers import optim, plan, quantize, steps  # noqa: F401
+
+
+def forked_worker(variant: str, size: str, steps: int | None = None, profile: bool = False) -> dict:
+    """:func:`worker` in a process forked from this one (after :func:`preload`): a process of its own per
+    measurement, as before, without paying the imports again. Its RSS baseline is read in the child, after the
+    fork, so the delta is still what the training added."""
+    import multiprocessing
+    import traceback
+
+    def child(writer) -> None:
+        try:
+            writer.send((True, worker(variant, size, steps, profile=profile)))
+        except BaseException:  # noqa: BLE001 - everything goes back to the orchestrator, which raises it
+            writer.send((False, traceback.format_exc()))
+        finally:
+            writer.close()
+
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    process = context.Process(target=child, args=(writer,))
+    process.start()
+    writer.close()
+    try:
+        ok, payload = reader.recv()
+    except EOFError:
+        ok, payload = False, "the worker died without a result"
+    process.join()
+    if not ok or process.exitcode != 0:
+        raise RuntimeError(f"worker {variant} {size} failed (exit code {process.exitcode}):\n{payload}")
+    return payload
+
+
 def _run_worker(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -314,14 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     about = machine()
     results: dict[tuple[str, str], list[dict]] = {}
     tensor_peaks: dict[tuple[str, str], dict] = {}
-    steps = ["--steps", str(args.steps)] if args.steps else []
+    preload()
     for size in sizes:
         for rep in range(args.reps):
             # Rotate the order every repetition so drifting machine load hits every variant alike.
             order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
             for variant in order:
                 # The first repetition's process also measures the (deterministic) tensor bytes and FLOPs.
-                result = _run_worker(["--worker", variant, size, *steps] + (["--profile"] if rep == 0 else []))
+                result = forked_worker(variant, size, args.steps, profile=rep == 0)
                 results.setdefault((size, variant), []).append(result)
                 if rep == 0:
                     tensor_peaks[(size, variant)] = result
