@@ -270,3 +270,6 @@ def test_an_fp32_setup_is_advised_to_hold_its_base_in_bf16_before_computing_in_b
     texts = [text for text, _, _ in advice.applied]
     assert texts[0] == "model.dtype=bf16 train.mixed_precision=bf16" and "train.quantize_base=bf16" not in texts
     assert advice.final.setup.quantize_base != "bf16"
+    everything = planner.suggest(setup, 2**20, layout)  # nothing fits: every switch is advised, each key once
+    keys = [part.split("=")[0] for text, _, _ in everything.applied for part in text.split()]
+    assert not everything.fits and len(keys) == len(set(keys)) and "train.quantize_base" in keys, keys

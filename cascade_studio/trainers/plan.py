@@ -507,7 +507,7 @@ class Switch:
     override: str  # what to add to the command line / recipe
     cost: str
     apply: Callable[[Setup], Setup | None]  # None = already on / not applicable
-    supersedes: str = ""  # an earlier switch's override this one makes moot (dropped from the advice)
+    supersedes: str = ""  # earlier advice this one makes moot (overrides starting with it are dropped)
 
     def text(self, applied: Setup) -> str:
         accum = "" if applied.global_batch else f" train.grad_accum={applied.grad_accum}"
@@ -536,9 +536,11 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("train.batch_size=1{accum}", "same effective batch, more steps per update",
            lambda s: None if s.batch_size == 1 else replace(s, batch_size=1, grad_accum=s.batch_size * s.grad_accum)),
     Switch("train.quantize_base=int8", "int8 rounding of the frozen Linears (~1% output change), slower matmuls",
-           lambda s: None if s.quantize_base not in ("none", "bf16") else replace(s, quantize_base="int8")),
+           lambda s: None if s.quantize_base not in ("none", "bf16") else replace(s, quantize_base="int8"),
+           supersedes="train.quantize_base="),
     Switch("train.quantize_base=nf4", "NF4 rounding of the frozen Linears (QLoRA; ~10% output change)",
-           lambda s: None if s.quantize_base == "nf4" else replace(s, quantize_base="nf4")),
+           lambda s: None if s.quantize_base == "nf4" else replace(s, quantize_base="nf4"),
+           supersedes="train.quantize_base="),
 )  # then the adapter's own switch, if its method has one (PlannedAdapter.smaller)
 
 
@@ -568,7 +570,7 @@ def suggest(setup: Setup, budget: int, layout: Layout | None = None) -> Advice:
                 break
             setup, plan = changed, candidate
             text = switch.text(setup)
-            applied = [item for item in applied if not switch.supersedes or item[0] != switch.supersedes]
+            applied = [item for item in applied if not (switch.supersedes and item[0].startswith(switch.supersedes))]
             if applied and applied[-1][0].split("=")[0] == text.split("=")[0]:
                 # rank 16 -> 8 -> 4, or int8 -> nf4: only the last value is the advice
                 applied[-1] = (text, switch.cost, plan.peak)
