@@ -15,8 +15,8 @@ def add_commands(sub) -> None:
     from .trainers.plan import DEFAULT_GPU_GIB
 
     p.add_argument("--gpu-gb", type=float, default=DEFAULT_GPU_GIB,
-                   help="GPU memory in GiB (what nvidia-smi shows / 1024; a '12 GB' card has 12 GiB); "
-                        f"default {DEFAULT_GPU_GIB:g}")
+                   help="the memory to fit in, GiB: the GPU's (what nvidia-smi shows / 1024; a '12 GB' card has "
+                        f"12 GiB), or with --device cpu the RAM to spare; default {DEFAULT_GPU_GIB:g}")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="plan for a CUDA GPU (adds the CUDA context and workspace) or for the CPU's RAM")
     p.add_argument("--json", action="store_true",
