@@ -152,8 +152,7 @@ def image_out_path(out: str) -> Path:
         return path / "generated.png"
     if not path.suffix:
         return path.with_name(path.name + ".png")
-    writable = Image.registered_extensions()
-    Image.init()
+    writable = Image.registered_extensions()  # loads every plugin, so Image.SAVE is complete
     if writable.get(path.suffix.lower()) not in Image.SAVE:
         known = ", ".join(ext for ext in (".png", ".jpg", ".webp", ".tif", ".bmp") if writable.get(ext) in Image.SAVE)
         raise ValueError(f"--out {out}: cannot write {path.suffix!r} images; give a file name ending in one of "
