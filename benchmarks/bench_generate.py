@@ -29,7 +29,7 @@ trajectories are compared after every step. The last step differs by constructio
 Then both are timed at their published settings (median; the two stacks alternate).
 
     python benchmarks/bench_generate.py [--sizes tiny,mid] [--reps 5] [--mid-reps 1] [--threads 1]
-                                        [--aligned-sizes tiny]
+                                        [--mid-threads 0] [--aligned-sizes tiny]
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def diffusers_pipeline(prior, aligned: bool = False):
     return pipe
 
 
-def run_diffusers(pipe, text, size: int, noise: torch.Tensor, generator=None, on_step=None) -> torch.Tensor:
+def run_diffusers(pipe, text, size: int, noise: torch.Tensor, generator=None, on_step=None,
+                  steps: int = STEPS) -> torch.Tensor:
     callback = None
     if on_step is not None:
         def callback(_pipe, _i, _t, tensors):
@@ -134,7 +135,7 @@ def run_diffusers(pipe, text, size: int, noise: torch.Tensor, generator=None, on
     with torch.no_grad():
         return pipe(prompt_embeds=text.hidden, prompt_embeds_pooled=text.pooled,
                     negative_prompt_embeds=text.uncond_hidden, negative_prompt_embeds_pooled=text.uncond_pooled,
-                    height=size, width=size, num_inference_steps=STEPS, guidance_scale=CFG, latents=noise.clone(),
+                    height=size, width=size, num_inference_steps=steps, guidance_scale=CFG, latents=noise.clone(),
                     generator=generator, callback_on_step_end=callback).image_embeddings
 
 
@@ -185,9 +186,10 @@ class ModelClock:
         self.seconds += time.perf_counter() - self._start
 
 
-def compare(size: str, reps: int, aligned_sampler: bool, seed: int = 0) -> dict:
+def compare(size: str, reps: int, aligned_sampler: bool, threads: int, seed: int = 0) -> dict:
     from cascade_studio.inference import pipeline as P
 
+    torch.set_num_threads(threads)
     cfg, _, side, _, _ = SIZES[size]
     torch.manual_seed(seed)
     ours, theirs = build_pair(cfg)
@@ -216,7 +218,7 @@ def compare(size: str, reps: int, aligned_sampler: bool, seed: int = 0) -> dict:
     pipe = diffusers_pipeline(theirs)
     run_ours(ours, text, P.GenerateSettings(prompt="x", seed=seed, width=pixels, height=pixels, dtype="fp32",
                                             steps_c=2), noise)  # warm-up: lazy kernels, allocator
-    run_diffusers(pipe, text, pixels, noise)
+    run_diffusers(pipe, text, pixels, noise, steps=2)  # 2 steps: the same shapes and kernels as 20
     clocks = {"ours": ModelClock(ours), "diffusers": ModelClock(theirs)}
     runs = {"ours": lambda: run_ours(ours, text, published, noise), "diffusers": lambda: run_diffusers(
         pipe, text, pixels, noise)}
@@ -230,7 +232,7 @@ def compare(size: str, reps: int, aligned_sampler: bool, seed: int = 0) -> dict:
     for name, pairs in times.items():
         row[f"{name}_s"] = statistics.median(total for total, _ in pairs)
         row[f"{name}_outside_s"] = statistics.median(total - model for total, model in pairs)
-    row.update(reps=reps, ratio=row["ours_s"] / row["diffusers_s"])
+    row.update(reps=reps, threads=torch.get_num_threads(), ratio=row["ours_s"] / row["diffusers_s"])
     return row
 
 
@@ -256,10 +258,10 @@ def render(rows: list[dict], about: str, command: str) -> str:
               "alternating runs after a warm-up; 'outside the model' is the run's time minus the time inside the "
               "20 Stage C calls (forward hooks): the sampler, guidance and the pipeline's own work.", "",
               "| size | ours (s) | diffusers (s) | ours / diffusers | ours outside the model (s) | "
-              "diffusers outside the model (s) | runs |", "|---|---|---|---|---|---|---|"]
+              "diffusers outside the model (s) | runs | threads |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['size']} | {row['ours_s']:.3f} | {row['diffusers_s']:.3f} | **{row['ratio']:.2f}** | "
-                     f"{row['ours_outside_s']:.3f} | {row['diffusers_outside_s']:.3f} | {row['reps']} |")
+                     f"{row['ours_outside_s']:.3f} | {row['diffusers_outside_s']:.3f} | {row['reps']} | {row['threads']} |")
     met = [r["size"] for r in rows if r["ratio"] <= TARGET]
     lines += ["", f"Target: ours / diffusers <= {TARGET}: met on {', '.join(met) if met else 'no size'}."]
     return "\n".join(lines)
@@ -269,26 +271,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="tiny,mid")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per stack, tiny")
-    parser.add_argument("--mid-reps", type=int, default=1, help="timed runs per stack, mid (~20 s each)")
+    parser.add_argument("--mid-reps", type=int, default=1, help="timed runs per stack, mid (~40 s each on 2 cores)")
     parser.add_argument("--aligned-sizes", default="tiny", help="sizes whose aligned 20-step sampler is compared "
-                        "step by step (mid adds two more ~20 s generations)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine two "
-                        "threads spin-wait on each other and small kernels run many times slower)")
+                        "step by step (mid adds two more ~40 s generations)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for tiny (1: on a shared 2-core "
+                        "machine two threads spin-wait on each other and small kernels run many times slower)")
+    parser.add_argument("--mid-threads", type=int, default=0, help="torch threads for mid (0: torch's default, every "
+                        "core, as bench_lora's steps run; its matmuls are large enough to share)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    all_cores = torch.get_num_threads()
     about = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} thread(s), load average at start {os.getloadavg()[0]:.1f}")
+             f"load average at start {os.getloadavg()[0]:.1f}")
     started = time.perf_counter()
     rows = []
     for size in args.sizes.split(","):
-        row = compare(size, args.mid_reps if size == "mid" else args.reps, size in args.aligned_sizes.split(","))
+        mid = size == "mid"
+        row = compare(size, args.mid_reps if mid else args.reps, size in args.aligned_sizes.split(","),
+                      (args.mid_threads or all_cores) if mid else args.threads)
         rows.append(row)
         print(row, flush=True)
     about += f", load average at end {os.getloadavg()[0]:.1f}, {(time.perf_counter() - started) / 60:.1f} min"
     command = "python benchmarks/bench_generate.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in (("sizes", args.sizes), ("reps", args.reps),
                                                       ("mid_reps", args.mid_reps), ("threads", args.threads),
+                                                      ("mid_threads", args.mid_threads),
                                                       ("aligned_sizes", args.aligned_sizes))
         if v != parser.get_default(k))
     report = render(rows, about, command)

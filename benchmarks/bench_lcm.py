@@ -9,7 +9,7 @@ sampler. ``mid`` is Stage C alone at the LoRA benchmark's mid size (c 512, 24x24
 of a sampler does not depend on what the weights learnt), where the model's arithmetic, not the fixed cost of a
 call, sets the time, as at the real sizes. Reports the median of ``--reps`` timed runs after a warm-up.
 
-    python benchmarks/bench_lcm.py [--reps 20] [--threads 1] [--batch 1] [--sizes tiny,toy,mid]
+    python benchmarks/bench_lcm.py [--reps 20] [--threads 1] [--mid-threads 0] [--batch 1] [--sizes tiny,toy,mid]
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def bench_mid(reps: int, batch: int) -> dict:
                             sampler="lcm", steps_c=4)
     base = AdaptedStageC(stage_c)
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/lcm/stage-c-lite.yaml")
-    # A 20-step guided run takes about a minute here: the warm-up runs 2 steps of it (the same shapes and kernels).
+    # A 20-step guided run takes most of a minute here: the warm-up runs 2 steps of it (the same shapes and kernels).
     short = dataclasses.replace(guided, steps_c=2)
     guided_s = _time(lambda: sample_stage_c(base, text, guided), reps, lambda: sample_stage_c(base, text, short))
     catalog.get("lcm").load().create_adapter(recipe.adapter.lcm, base, None)
@@ -144,7 +144,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for tiny and toy (small kernels)")
+    parser.add_argument("--mid-threads", type=int, default=0, help="torch threads for mid (0: torch's default, every "
+                        "core; its matmuls are large enough to share)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--sizes", default="tiny,toy,mid", help="comma list of tiny, toy, mid")
     parser.add_argument("--out", default=None, help="RESULTS.md to write the lcm section of (default: the repository's)")
@@ -154,19 +156,22 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from results import RESULTS, write_section
 
-    torch.set_num_threads(args.threads)
-    # A mid run is a minute of arithmetic: its time scatters little, and 2 runs keep `make bench` short.
-    mid_reps = max(2, args.reps // 10)
+    mid_threads = args.mid_threads or torch.get_num_threads()
+    # A guided mid run is 40 s of arithmetic on 2 cores, 20 Stage C calls: its time scatters little (the LCM
+    # run's ratio sits well inside its target), and one run keeps `make bench` short.
+    mid_reps = max(1, args.reps // 20)
     about = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{args.threads} thread(s), load average at start {os.getloadavg()[0]:.1f}, median of {args.reps} "
-             f"(mid: {mid_reps})")
+             f"{args.threads} thread(s) (mid: {mid_threads}), load average at start {os.getloadavg()[0]:.1f}, "
+             f"median of {args.reps} (mid: {mid_reps})")
     rows = []
     for preset in args.sizes.split(","):
+        torch.set_num_threads(mid_threads if preset == "mid" else args.threads)
         row = bench_mid(mid_reps, args.batch) if preset == "mid" else bench(preset, args.reps, args.batch)
         rows.append({**row, "batch": args.batch})
         print(row, flush=True)
     command = "python benchmarks/bench_lcm.py" + (f" --sizes {args.sizes}" if args.sizes != "tiny,toy,mid" else "") \
-        + (f" --reps {args.reps}" if args.reps != 20 else "") + (f" --batch {args.batch}" if args.batch != 1 else "")
+        + (f" --reps {args.reps}" if args.reps != 20 else "") + (f" --batch {args.batch}" if args.batch != 1 else "") \
+        + (f" --mid-threads {args.mid_threads}" if args.mid_threads else "")
     report = render(rows, about, command)
     write_section("lcm", report, Path(args.out) if args.out else RESULTS)
     print(report)

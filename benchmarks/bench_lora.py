@@ -197,8 +197,9 @@ def worker(variant: str, size: str, steps: int | None, profile: bool = False) ->
             v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         resident = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
         live_peak, _ = measure_peak_tensor_bytes(lambda: train_step(steps + 1))
-        # Model FLOPs of one step (matmuls, convolutions, attention; recomputation included). The compiler's
-        # graphs hide their ops from the counter, and they do the same arithmetic as the eager model.
+        # Model FLOPs of one step (matmuls, convolutions, attention; recomputation included), in a step of its own:
+        # under the counter's dispatch mode checkpointed blocks keep more (tiny studio-memory: 12 MiB, not 7).
+        # The compiler's graphs hide their ops from the counter, and they do the same arithmetic as the eager model.
         flops = None if variant in STUDIO and STUDIO[variant][2] else count_flops(lambda: train_step(steps + 2))
         result.update(tensor_peak=resident + live_peak, flops=flops)
     return result
@@ -276,12 +277,25 @@ def forked_worker(variant: str, size: str, steps: int | None = None, profile: bo
     """:func:`worker` in a process forked from this one (after :func:`preload`): a process of its own per
     measurement, as before, without paying the imports again. Its RSS baseline is read in the child, after the
     fork, so the delta is still what the training added."""
+    return forked(f"worker {variant} {size}", worker, variant, size, steps, profile=profile)
+
+
+def _gemm_peaks() -> dict:
+    import torch
+
+    if os.environ.get("CASCADE_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
+    return {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
+
+
+def forked(label: str, fn, *args, **kwargs) -> dict:
+    """``fn(*args, **kwargs)`` in a process forked from this one; its result comes back through a pipe."""
     import multiprocessing
     import traceback
 
     def child(writer) -> None:
         try:
-            writer.send((True, worker(variant, size, steps, profile=profile)))
+            writer.send((True, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - everything goes back to the orchestrator, which raises it
             writer.send((False, traceback.format_exc()))
         finally:
@@ -298,7 +312,7 @@ def forked_worker(variant: str, size: str, steps: int | None = None, profile: bo
         ok, payload = False, "the worker died without a result"
     process.join()
     if not ok or process.exitcode != 0:
-        raise RuntimeError(f"worker {variant} {size} failed (exit code {process.exitcode}):\n{payload}")
+        raise RuntimeError(f"{label} failed (exit code {process.exitcode}):\n{payload}")
     return payload
 
 
@@ -342,23 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--cache-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--gemm-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         os.environ["CASCADE_BENCH_THREADS"] = str(args.threads)  # inherited by the workers
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.steps, profile=args.profile)))
-        return 0
-    if args.cache_worker:
-        print(json.dumps(cache_worker()))
-        return 0
-    if args.gemm_worker:
-        import torch
-
-        if os.environ.get("CASCADE_BENCH_THREADS"):
-            torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
-        print(json.dumps({"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}))
         return 0
 
     sizes = [s for s in args.sizes.split(",") if s] + (["lite"] if args.lite and "lite" not in args.sizes else [])
@@ -380,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{size:5s} {variant:14s} rep {rep}: step {statistics.median(result['step_s']):.3f} s, "
                       f"RSS +{result['rss_delta'] / 2**20:.0f} MiB" + (
                           f", tensors {result['tensor_peak'] / 2**20:.0f} MiB" if rep == 0 else ""), flush=True)
-    cache = _run_worker(["--cache-worker"])
-    peak = _run_worker(["--gemm-worker"])  # the same threads as the step workers
+    cache = forked("cache worker", cache_worker)
+    peak = forked("GEMM peak", _gemm_peaks)  # the same threads as the step workers
     print(f"GEMM peak: {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} GFLOP/s bf16", flush=True)
     print(f"cache: {cache}", flush=True)
     report = render(results, tensor_peaks, cache, sizes, about, args, time.perf_counter() - started, peak)
