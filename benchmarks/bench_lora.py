@@ -69,6 +69,15 @@ SIZES = {
 
 
 # ------------------------------------------------------------------------------------------------------ worker
+def _worker_threads() -> None:
+    """Set a measuring process's torch threads to ``--threads`` (in ``CASCADE_BENCH_THREADS``), if given. Called in
+    the worker itself, never before a fork: the orchestrator starts no OpenMP pool its children could inherit."""
+    import torch
+
+    if os.environ.get("CASCADE_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/status") as handle:
         for line in handle:
@@ -140,8 +149,7 @@ def worker(variant: str, size: str, steps: int | None, profile: bool = False) ->
     from cascade_studio.trainers.plan import measure_peak_tensor_bytes
     from cascade_studio.trainers.steps import diffusion_training_loss, step_generator
 
-    if os.environ.get("CASCADE_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
+    _worker_threads()
     cfg, batch_size, side, rank, default_steps = SIZES[size]
     steps = steps or default_steps
     baseline_rss = _rss_bytes()
@@ -210,8 +218,7 @@ def cache_worker() -> dict:
     os.chdir(REPO)
     import torch
 
-    if os.environ.get("CASCADE_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
+    _worker_threads()
 
     from cascade_studio.config.schema import DataConfig
     from cascade_studio.data import build_cache, scan_source
@@ -283,8 +290,7 @@ def forked_worker(variant: str, size: str, steps: int | None = None, profile: bo
 def _gemm_peaks() -> dict:
     import torch
 
-    if os.environ.get("CASCADE_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["CASCADE_BENCH_THREADS"]))
+    _worker_threads()
     return {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
 
 
